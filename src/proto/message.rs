@@ -1,0 +1,301 @@
+//! From bytes to messages: frame decoding, in-place unmasking, fragment reassembly, incremental UTF-8
+//! validation, close validation and size limits, as one state machine per connection.
+//!
+//! The shape follows rustls' unbuffered API: [`Assembler::feed`] works inside the caller's buffer,
+//! returns how many bytes it consumed and at most one [`Event`]. The common case (a whole
+//! unfragmented message inside one read) is zero-copy: the payload is unmasked in place and the
+//! event borrows it. A data frame that is only partly there is consumed as it arrives (unmasked,
+//! validated, appended to the assembler's own buffer), so a text message fails on its first invalid
+//! byte, not at its end. Only a partial frame header or a partial control frame (at most 139 bytes)
+//! is left unconsumed for the caller to keep.
+//!
+//! Must never: buffer more than the message size limit, accept a rule violation, or panic on input.
+//! After an error the assembler is poisoned: the caller closes the connection with
+//! [`ProtocolError::close_code`].
+
+use super::ProtocolError;
+use super::close::{CloseFrame, parse_close_body};
+use super::frame::{Decoded, FrameHeader, OpCode};
+use super::mask::apply_mask;
+use super::utf8::Utf8Validator;
+
+/// Which side of the connection we are: it decides which masking the peer must use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// We are the server: every frame we receive must be masked.
+    Server,
+    /// We are the client: no frame we receive may be masked.
+    Client,
+}
+
+/// Size limits that bound the memory one connection can make us hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest message (all fragments together), in bytes. Larger ones close with 1009.
+    pub max_message_size: usize,
+    /// The largest single frame, in bytes. Larger ones close with 1009.
+    pub max_frame_size: usize,
+}
+
+impl Default for Limits {
+    /// 1 MiB messages and frames: generous for chat and events, small enough that 10,000
+    /// connections sending at once cannot exhaust a machine.
+    fn default() -> Self {
+        Limits { max_message_size: 1 << 20, max_frame_size: 1 << 20 }
+    }
+}
+
+/// Whether a data message is text or binary. A text payload has been validated as UTF-8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// UTF-8 text; the payload is guaranteed valid.
+    Text,
+    /// Arbitrary bytes.
+    Binary,
+}
+
+impl MessageKind {
+    /// The opcode that starts a message of this kind, for echoing or relaying it unchanged.
+    pub fn opcode(self) -> OpCode {
+        match self {
+            MessageKind::Text => OpCode::Text,
+            MessageKind::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// Something complete that the peer sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A whole data message, reassembled from its fragments, unmasked.
+    Message {
+        /// Text (valid UTF-8) or binary.
+        kind: MessageKind,
+        /// The unmasked payload; borrows the caller's buffer or the assembler's own.
+        payload: &'a [u8],
+    },
+    /// A Ping: the RFC requires a Pong with the same payload.
+    Ping(&'a [u8]),
+    /// A Pong, solicited or not.
+    Pong(&'a [u8]),
+    /// The peer started (or answered) the closing handshake; `None` if it gave no status code.
+    /// The assembler ignores any bytes after this.
+    Close(Option<CloseFrame<'a>>),
+}
+
+/// The result of one [`Assembler::feed`] call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Progress<'a> {
+    /// How many bytes from the front of the input were used; the caller drops them. Anything left
+    /// is either more frames (call `feed` again) or an incomplete header or control frame (keep it
+    /// and call again when more bytes arrive).
+    pub consumed: usize,
+    /// A complete event, if the consumed bytes finished one.
+    pub event: Option<Event<'a>>,
+}
+
+/// A data frame whose payload is arriving across reads.
+#[derive(Clone, Copy, Debug)]
+struct StreamingFrame {
+    header: FrameHeader,
+    /// Payload bytes already consumed (the masking key's phase).
+    done: u64,
+}
+
+/// The per-connection receive state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Assembler {
+    role: Role,
+    limits: Limits,
+    /// RSV bits that a negotiated extension gives meaning to; any other set bit is an error.
+    allowed_rsv: u8,
+    /// A data frame whose payload is partly consumed.
+    streaming: Option<StreamingFrame>,
+    /// The kind of the message being assembled in `buffer`, from its first frame on.
+    message: Option<MessageKind>,
+    /// Payload of the message being assembled when it did not arrive whole in one read.
+    buffer: Vec<u8>,
+    /// `buffer` holds a message already handed out as an event; recycle it on the next call.
+    delivered: bool,
+    utf8: Utf8Validator,
+    closed: bool,
+}
+
+/// A buffer larger than this is freed once its message is delivered rather than kept for reuse, so
+/// that an idle connection does not pin the memory of the largest message it ever received.
+const RETAINED_BUFFER_CAPACITY: usize = 16 * 1024;
+
+impl Assembler {
+    /// A fresh state machine for one connection, with no extensions negotiated.
+    pub fn new(role: Role, limits: Limits) -> Self {
+        Assembler {
+            role,
+            limits,
+            allowed_rsv: 0,
+            streaming: None,
+            message: None,
+            buffer: Vec::new(),
+            delivered: false,
+            utf8: Utf8Validator::new(),
+            closed: false,
+        }
+    }
+
+    /// Whether a Close frame has been received; later input is discarded.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Bytes held for a message in progress (counted towards a connection's memory).
+    pub fn buffered_len(&self) -> usize {
+        if self.delivered { 0 } else { self.buffer.len() }
+    }
+
+    /// Consumes bytes from the front of `input` and returns at most one event.
+    ///
+    /// `input` is unmasked in place. Call again with the unconsumed rest until it returns no event
+    /// and consumes nothing; then wait for more bytes (appending them after the rest).
+    pub fn feed<'a>(&'a mut self, input: &'a mut [u8]) -> Result<Progress<'a>, ProtocolError> {
+        if self.delivered {
+            self.recycle_buffer();
+        }
+        if self.closed {
+            return Ok(Progress { consumed: input.len(), event: None });
+        }
+        if let Some(frame) = self.streaming {
+            return self.stream_payload(frame, input, 0);
+        }
+
+        let (header, header_len) = match FrameHeader::decode(input)? {
+            Decoded::Partial => return Ok(Progress { consumed: 0, event: None }),
+            Decoded::Header(header, len) => (header, len),
+        };
+        self.check_header(&header)?;
+        // The length fits in usize: check_header bounded it by a limit that is a usize.
+        let payload_len = header.payload_len as usize;
+        let frame_len = header_len + payload_len;
+
+        if header.opcode.is_control() {
+            if input.len() < frame_len {
+                return Ok(Progress { consumed: 0, event: None });
+            }
+            let payload = &mut input[header_len..frame_len];
+            unmask(payload, &header, 0);
+            let event = self.control_event(header.opcode, payload)?;
+            return Ok(Progress { consumed: frame_len, event: Some(event) });
+        }
+
+        if header.fin && self.message.is_none() && input.len() >= frame_len {
+            // The common case: a whole message in one read. Zero-copy.
+            let payload = &mut input[header_len..frame_len];
+            unmask(payload, &header, 0);
+            let kind = if header.opcode == OpCode::Text {
+                simdutf8::basic::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?;
+                MessageKind::Text
+            } else {
+                MessageKind::Binary
+            };
+            let event = Event::Message { kind, payload };
+            return Ok(Progress { consumed: frame_len, event: Some(event) });
+        }
+
+        match header.opcode {
+            OpCode::Text => self.message = Some(MessageKind::Text),
+            OpCode::Binary => self.message = Some(MessageKind::Binary),
+            _ => {}
+        }
+        let frame = StreamingFrame { header, done: 0 };
+        self.streaming = Some(frame);
+        self.buffer.reserve(payload_len.min(RETAINED_BUFFER_CAPACITY));
+        self.stream_payload(frame, &mut input[header_len..], header_len)
+    }
+
+    /// Rules that depend on this connection's role, extensions and fragmentation state.
+    fn check_header(&self, header: &FrameHeader) -> Result<(), ProtocolError> {
+        if header.rsv & !self.allowed_rsv != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        match (self.role, header.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        match (header.opcode, self.message.is_some()) {
+            (OpCode::Continuation, false) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Text | OpCode::Binary, true) => return Err(ProtocolError::ExpectedContinuation),
+            _ => {}
+        }
+        if !header.opcode.is_control() {
+            if header.payload_len > self.limits.max_frame_size as u64 {
+                return Err(ProtocolError::FrameTooBig);
+            }
+            let total = self.buffer.len() as u64 + header.payload_len;
+            if total > self.limits.max_message_size as u64 {
+                return Err(ProtocolError::MessageTooBig);
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes as much of a streaming data frame's payload as `input` holds. `already` is what this
+    /// call consumed before (the header), added to the reported total.
+    fn stream_payload<'a>(
+        &'a mut self,
+        mut frame: StreamingFrame,
+        input: &mut [u8],
+        already: usize,
+    ) -> Result<Progress<'a>, ProtocolError> {
+        let remaining = frame.header.payload_len - frame.done;
+        let take = remaining.min(input.len() as u64) as usize;
+        let piece = &mut input[..take];
+        unmask(piece, &frame.header, frame.done as usize);
+        if self.message == Some(MessageKind::Text) {
+            self.utf8.feed(piece)?;
+        }
+        self.buffer.extend_from_slice(piece);
+        frame.done += take as u64;
+        let consumed = already + take;
+
+        if frame.done < frame.header.payload_len {
+            self.streaming = Some(frame);
+            return Ok(Progress { consumed, event: None });
+        }
+        self.streaming = None;
+        if !frame.header.fin {
+            return Ok(Progress { consumed, event: None });
+        }
+        let kind = self.message.take().unwrap_or(MessageKind::Binary);
+        if kind == MessageKind::Text {
+            self.utf8.finish()?;
+        }
+        self.delivered = true;
+        Ok(Progress { consumed, event: Some(Event::Message { kind, payload: &self.buffer }) })
+    }
+
+    fn control_event<'a>(&mut self, opcode: OpCode, payload: &'a [u8]) -> Result<Event<'a>, ProtocolError> {
+        Ok(match opcode {
+            OpCode::Ping => Event::Ping(payload),
+            OpCode::Pong => Event::Pong(payload),
+            _ => {
+                let close = parse_close_body(payload)?;
+                self.closed = true;
+                Event::Close(close)
+            }
+        })
+    }
+
+    fn recycle_buffer(&mut self) {
+        self.delivered = false;
+        if self.buffer.capacity() > RETAINED_BUFFER_CAPACITY {
+            self.buffer = Vec::new();
+        } else {
+            self.buffer.clear();
+        }
+    }
+}
+
+fn unmask(payload: &mut [u8], header: &FrameHeader, offset: usize) {
+    if let Some(key) = header.mask {
+        apply_mask(payload, key, offset);
+    }
+}
