@@ -1,10 +1,15 @@
 //! ringgate: an io_uring WebSocket gateway for Linux.
 //!
 //! The crate is layered so that each layer can be tested on its own: [`proto`] is RFC 6455 with no
-//! I/O at all, shared by the gateway and the bundled load generator. Dependencies point one way,
-//! towards `proto`.
+//! I/O at all, shared by the gateway and the bundled load generator; [`gateway`] decides what
+//! happens to messages without knowing about sockets; [`io`] is the io_uring layer that owns every
+//! socket. Dependencies point one way: `io -> gateway -> proto`.
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod gateway;
+pub mod io;
+pub mod metrics;
 pub mod proto;

@@ -228,6 +228,15 @@ pub fn find_header_end(buf: &[u8], scanned: usize) -> Option<usize> {
     None
 }
 
+/// The request target (path and query) of a request line at the start of `buf`, without validating
+/// anything else, so that routing can answer an unknown path with 404 before judging the upgrade.
+pub fn request_target(buf: &[u8]) -> Option<&str> {
+    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n')?;
+    let mut parts = buf[..line_end].split(|&b| b == b' ');
+    let _method = parts.next()?;
+    std::str::from_utf8(parts.next()?).ok().filter(|target| target.starts_with('/'))
+}
+
 /// A validated WebSocket upgrade request. Everything borrows the caller's buffer.
 #[derive(Debug)]
 pub struct Request<'h, 'b> {

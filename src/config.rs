@@ -1,0 +1,197 @@
+//! The gateway's configuration: command-line flags, validated once at start with errors that tell the
+//! operator what to change. Every default is something an operator could deploy as is.
+//!
+//! Must never: let an inconsistent configuration reach the workers (a zero timeout, a frame limit
+//! above the message limit, no listen address).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// ringgate: an io_uring WebSocket gateway.
+///
+/// Starts one worker per core, each with its own io_uring and SO_REUSEPORT listener. Routes:
+/// `/echo` echoes every message. SIGTERM or SIGINT drains gracefully (close 1001 to every
+/// connection, up to --drain-timeout); a second signal exits at once.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringgate", version, about, long_about)]
+pub struct Config {
+    /// Address to listen on; repeat for several. Port 0 picks a free port (printed at start).
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Worker threads, each with its own io_uring and listener [default: number of cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Listen backlog per worker socket (the kernel caps it at net.core.somaxconn).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// Most connections open at once, all workers together; excess ones get a fast 503.
+    /// Also capped by the open-file limit (RLIMIT_NOFILE), which is raised to its hard limit at start.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub max_conns: usize,
+
+    /// Largest message accepted (all fragments together); larger ones close with 1009.
+    /// Accepts B, KiB, MiB, GiB suffixes.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Largest single frame accepted; larger ones close with 1009 [default: --max-message-size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_frame_size: Option<usize>,
+
+    /// Bytes that may wait to be sent to one client; while over it, that client is not read from.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_backpressure: usize,
+
+    /// Time a client has to complete its upgrade request before the connection is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A connection with no traffic for this long is closed (1001); a ping goes out at half of it.
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, time connections get to finish their closing handshakes before exit.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Origin allowed to connect (repeatable); none means all. Requests without Origin (non-browser
+    /// clients) are always allowed.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+}
+
+/// A configuration the gateway cannot run with, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The worker count after applying the default.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+    }
+
+    /// The frame limit after applying the default.
+    pub fn frame_limit(&self) -> usize {
+        self.max_frame_size.unwrap_or(self.max_message_size)
+    }
+
+    /// Checks the relations between flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if self.listen.is_empty() {
+            return fail("at least one --listen address is needed".into());
+        }
+        if self.worker_count() == 0 || self.worker_count() > 1024 {
+            return fail(format!("--workers must be 1..=1024, got {}", self.worker_count()));
+        }
+        if self.max_conns == 0 {
+            return fail("--max-conns must be at least 1".into());
+        }
+        if self.max_message_size == 0 {
+            return fail("--max-message-size must be at least 1 byte".into());
+        }
+        if self.frame_limit() > self.max_message_size {
+            return fail(format!(
+                "--max-frame-size ({}) is larger than --max-message-size ({}); a frame is part of a message",
+                self.frame_limit(),
+                self.max_message_size
+            ));
+        }
+        for (name, value) in
+            [("--handshake-timeout", self.handshake_timeout), ("--idle-timeout", self.idle_timeout)]
+        {
+            if value.is_zero() {
+                return fail(format!("{name} must be more than zero"));
+            }
+        }
+        if self.max_backpressure < 1024 {
+            return fail("--max-backpressure must be at least 1KiB".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `16MiB`, `64KiB`, `1GiB`, `512B` or plain bytes (`4096`). Binary units: a KiB is 1024.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits.parse().map_err(|_| format!("'{text}' is not a size like 64KiB or 1MiB"))?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}' (use B, KiB, MiB or GiB)")),
+    };
+    number.checked_mul(multiplier).ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime syntax) or plain seconds (`10`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration like 10s or 500ms: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("ringgate").chain(args.iter().copied())).expect("valid flags")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.listen, vec!["127.0.0.1:8080".parse().expect("addr")]);
+        assert_eq!(config.max_message_size, 1 << 20);
+        assert_eq!(config.frame_limit(), 1 << 20);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn frame_limit_above_message_limit_is_refused() {
+        let config = parse(&["--max-message-size", "1KiB", "--max-frame-size", "2KiB"]);
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn repeated_listen_flags_are_kept() {
+        let config = parse(&["--listen", "127.0.0.1:1", "--listen", "127.0.0.2:2"]);
+        assert_eq!(config.listen.len(), 2);
+    }
+}

@@ -1,0 +1,553 @@
+//! One connection, from the first byte of its upgrade request to the close of its socket.
+//!
+//! A connection is one task with at most one readiness poll and one write in flight. The task never
+//! drops an in-flight io_uring op: the op futures live across loop iterations, and to end early the
+//! task shuts the socket down (which completes them) and waits for them. Bytes are read into the
+//! worker's scratch buffer and processed in place: the handshake is parsed there, frames are unmasked
+//! there, and only an unfinished tail (a partial header, at most a few hundred bytes) is copied into
+//! the connection's own buffer, which is released as soon as it is empty. Outbound frames are
+//! encoded into one staging buffer and written with one write per batch.
+//!
+//! Lifecycle: `Handshake` -> `Open` -> `Closing` (we sent Close, waiting for the peer's) ->
+//! `Flushing` (everything queued goes out, then we send FIN) -> `Lingering` (reading and discarding
+//! until the peer closes too, so that it sees our last bytes rather than a reset) -> done.
+//!
+//! Must never: hold a read buffer while idle, queue more than `max_backpressure` bytes before it
+//! stops reading, or leave a socket open after the task ends.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_uring::net::TcpStream;
+use tokio_uring::{InFlightOneshot, WriteData, WriteTransform};
+use tracing::debug;
+
+use super::buffers::{Received, recv, with_scratch};
+use super::readiness::{self, Readable};
+use crate::gateway::router::{Route, Router};
+use crate::gateway::{Outbox, echo};
+use crate::metrics::{HandshakeFailure, WorkerStats, add};
+use crate::proto::close::{CloseCode, write_close_body};
+use crate::proto::frame::{OpCode, write_frame};
+use crate::proto::handshake::{
+    DEFAULT_MAX_HEADERS, HandshakeError, Parsed, StaticPolicy, accept, find_header_end, parse_request,
+    request_target, write_error_response,
+};
+use crate::proto::message::{Assembler, Event, Limits, MessageKind, Role};
+
+/// How long we wait for the peer's Close after sending ours.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long we keep reading after our FIN, so the peer reads our last bytes before the socket goes.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What every connection of a worker shares: configuration, routes and counters.
+pub struct WorkerContext {
+    /// Frame and message size limits.
+    pub limits: Limits,
+    /// Bytes that may be queued for one client before we stop reading from it.
+    pub max_backpressure: usize,
+    /// Bound on the request's header section.
+    pub max_header_bytes: usize,
+    /// Time to complete the upgrade request.
+    pub handshake_timeout: Duration,
+    /// Time without traffic before the connection is closed (a ping goes out at half).
+    pub idle_timeout: Duration,
+    /// Origin allow-list and subprotocols.
+    pub policy: StaticPolicy,
+    /// Path to route.
+    pub router: Router,
+    /// This worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// Connections open on all workers, for `--max-conns`.
+    pub open_connections: Arc<AtomicUsize>,
+    /// Becomes `true` when the gateway starts draining.
+    pub draining: watch::Receiver<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Open,
+    Closing,
+    Flushing,
+    Lingering,
+    Done,
+}
+
+type Writing = InFlightOneshot<WriteData<Bytes>, WriteTransform<Bytes>>;
+
+/// Frames waiting to be written, encoded once into one buffer.
+#[derive(Default)]
+struct Outbound {
+    staging: Vec<u8>,
+    messages: u64,
+}
+
+impl Outbox for Outbound {
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) {
+        write_frame(&mut self.staging, kind.opcode(), payload, None);
+        self.messages += 1;
+    }
+}
+
+impl Outbound {
+    fn control(&mut self, opcode: OpCode, payload: &[u8]) {
+        write_frame(&mut self.staging, opcode, payload, None);
+    }
+}
+
+/// The state of one connection, apart from its in-flight ops.
+struct Connection {
+    ctx: Rc<WorkerContext>,
+    stream: TcpStream,
+    fd: RawFd,
+    phase: Phase,
+    route: Option<Route>,
+    assembler: Assembler,
+    /// Unconsumed bytes: a partial request, frame header or control frame.
+    tail: Vec<u8>,
+    /// How much of `tail` has been searched for the end of the request headers.
+    header_scanned: usize,
+    out: Outbound,
+    in_flight_bytes: usize,
+    last_activity: Instant,
+    ping_sent: bool,
+    peer_closed_tcp: bool,
+    deadline: Instant,
+}
+
+/// Serves one accepted connection to the end. Counts it open until it returns.
+pub async fn serve(stream: TcpStream, ctx: Rc<WorkerContext>) {
+    let deadline = Instant::now() + ctx.handshake_timeout;
+    let conn = Connection::new(stream, ctx, Phase::Handshake, deadline);
+    conn.run().await;
+}
+
+/// Answers a connection over `--max-conns` with a 503 and closes it, without reading its request.
+pub async fn reject_over_capacity(stream: TcpStream, ctx: Rc<WorkerContext>) {
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    let mut conn = Connection::new(stream, ctx, Phase::Flushing, deadline);
+    write_error_response(
+        &mut conn.out.staging,
+        503,
+        &[("Retry-After", "1")],
+        "the gateway is at its connection limit; retry shortly\n",
+    );
+    conn.run().await;
+}
+
+impl Connection {
+    fn new(stream: TcpStream, ctx: Rc<WorkerContext>, phase: Phase, deadline: Instant) -> Self {
+        let fd = stream.as_raw_fd();
+        // Echo and request/response traffic want each message on the wire now, not batched by Nagle.
+        let _ = stream.set_nodelay(true);
+        let assembler = Assembler::new(Role::Server, ctx.limits);
+        Connection {
+            ctx,
+            stream,
+            fd,
+            phase,
+            route: None,
+            assembler,
+            tail: Vec::new(),
+            header_scanned: 0,
+            out: Outbound::default(),
+            in_flight_bytes: 0,
+            last_activity: Instant::now(),
+            ping_sent: false,
+            peer_closed_tcp: false,
+            deadline,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut readable: Option<Readable> = None;
+        let mut writing: Option<Writing> = None;
+        let mut draining = self.ctx.draining.clone();
+        let mut drain_seen = *draining.borrow();
+        if drain_seen {
+            self.on_drain();
+        }
+        let timer = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(timer);
+
+        loop {
+            if writing.is_none() && !self.out.staging.is_empty() {
+                writing = Some(self.submit_write());
+            }
+            if writing.is_none() && self.phase == Phase::Flushing {
+                self.finish_flushing();
+            }
+            if self.phase == Phase::Done {
+                break;
+            }
+            if readable.is_none() && self.wants_read() {
+                readable = Some(readiness::readable(self.fd));
+            }
+            if timer.deadline() != self.deadline {
+                timer.as_mut().reset(self.deadline);
+            }
+
+            tokio::select! {
+                biased;
+                result = in_flight(&mut writing) => {
+                    writing = None;
+                    if let Some(rest) = self.on_written(result) {
+                        writing = Some(self.submit_bytes(rest));
+                    }
+                }
+                result = in_flight(&mut readable) => {
+                    readable = None;
+                    match result {
+                        Ok(_) => self.on_readable(),
+                        Err(error) => self.on_io_error(&error),
+                    }
+                }
+                () = &mut timer => self.on_timer(),
+                changed = draining.changed(), if !drain_seen => {
+                    drain_seen = true;
+                    if changed.is_ok() && *draining.borrow() {
+                        self.on_drain();
+                    }
+                }
+            }
+        }
+
+        // Complete every op still in flight before the socket goes: shutting it down wakes a
+        // pending poll at once and makes a pending write fail fast.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(op) = readable.take() {
+            let _ = op.await;
+        }
+        if let Some(op) = writing.take() {
+            let _ = op.await;
+        }
+        self.ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn wants_read(&self) -> bool {
+        match self.phase {
+            Phase::Done => false,
+            _ if self.peer_closed_tcp => false,
+            Phase::Open => self.queued_bytes() < self.ctx.max_backpressure,
+            _ => true,
+        }
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.out.staging.len() + self.in_flight_bytes
+    }
+
+    fn submit_write(&mut self) -> Writing {
+        let batch = Bytes::from(std::mem::take(&mut self.out.staging));
+        if self.out.messages > 0 {
+            add(&self.ctx.stats.messages_out, self.out.messages);
+            self.out.messages = 0;
+        }
+        self.submit_bytes(batch)
+    }
+
+    fn submit_bytes(&mut self, bytes: Bytes) -> Writing {
+        self.in_flight_bytes = bytes.len();
+        self.stream.write(bytes).submit()
+    }
+
+    /// Returns the unwritten rest of a short write, to be written before anything else.
+    fn on_written(&mut self, (result, mut bytes): (io::Result<usize>, Bytes)) -> Option<Bytes> {
+        self.in_flight_bytes = 0;
+        match result {
+            Ok(written) => {
+                add(&self.ctx.stats.bytes_out, written as u64);
+                if written < bytes.len() {
+                    let _ = bytes.split_to(written);
+                    return Some(bytes);
+                }
+                None
+            }
+            Err(error) => {
+                self.on_io_error(&error);
+                None
+            }
+        }
+    }
+
+    /// Everything queued is out: send FIN, then linger for the peer's unless it already closed.
+    fn finish_flushing(&mut self) {
+        if self.peer_closed_tcp {
+            self.phase = Phase::Done;
+            return;
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        self.phase = Phase::Lingering;
+        self.deadline = Instant::now() + LINGER_TIMEOUT;
+    }
+
+    fn on_io_error(&mut self, error: &io::Error) {
+        debug!(fd = self.fd, %error, "connection I/O error");
+        if self.phase == Phase::Handshake {
+            self.ctx.stats.handshake_failed(HandshakeFailure::Disconnected);
+        }
+        self.phase = Phase::Done;
+    }
+
+    fn on_readable(&mut self) {
+        with_scratch(|scratch| {
+            while self.wants_read() {
+                match recv(self.fd, scratch) {
+                    Ok(Received::Data(n)) => {
+                        add(&self.ctx.stats.bytes_in, n as u64);
+                        self.last_activity = Instant::now();
+                        self.ping_sent = false;
+                        self.on_bytes(&mut scratch[..n]);
+                        if n < scratch.len() {
+                            break;
+                        }
+                    }
+                    Ok(Received::Closed) => {
+                        self.on_peer_eof();
+                        break;
+                    }
+                    Ok(Received::WouldBlock) => break,
+                    Err(error) => {
+                        self.on_io_error(&error);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Processes freshly read bytes in place, keeping only what is left unconsumed.
+    fn on_bytes(&mut self, data: &mut [u8]) {
+        if self.tail.is_empty() {
+            let used = self.process(data);
+            self.tail.extend_from_slice(&data[used..]);
+        } else {
+            let mut joined = std::mem::take(&mut self.tail);
+            joined.extend_from_slice(data);
+            let used = self.process(&mut joined);
+            joined.drain(..used);
+            self.tail = joined;
+        }
+        if self.tail.is_empty() && self.tail.capacity() > 0 {
+            self.tail = Vec::new(); // an idle connection holds no buffer
+        }
+    }
+
+    fn process(&mut self, buf: &mut [u8]) -> usize {
+        let mut used = 0;
+        if self.phase == Phase::Handshake {
+            used = self.process_handshake(buf);
+        }
+        if matches!(self.phase, Phase::Open | Phase::Closing) {
+            used += self.process_frames(&mut buf[used..]);
+        } else if self.phase != Phase::Handshake {
+            used = buf.len(); // flushing or lingering: whatever arrives is discarded
+        }
+        used
+    }
+
+    /// Parses the upgrade request in place once its header section is complete, and answers it.
+    fn process_handshake(&mut self, buf: &[u8]) -> usize {
+        let max = self.ctx.max_header_bytes;
+        let Some(head_end) = find_header_end(buf, self.header_scanned) else {
+            self.header_scanned = buf.len();
+            if buf.len() >= max {
+                self.refuse_handshake(HandshakeError::HeadersTooLarge);
+                return buf.len();
+            }
+            return 0;
+        };
+        let head = &buf[..head_end];
+        let Some(route) = request_target(head).and_then(|target| self.ctx.router.route(target)) else {
+            self.ctx.stats.handshake_failed(HandshakeFailure::NotFound);
+            write_error_response(&mut self.out.staging, 404, &[], "no route for this path\n");
+            self.start_flushing();
+            return buf.len();
+        };
+        let mut headers = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
+        let request = match parse_request(head, &mut headers, max) {
+            Ok(Parsed::Complete(request, _)) => request,
+            Ok(Parsed::Partial) => {
+                self.refuse_handshake(HandshakeError::Malformed);
+                return buf.len();
+            }
+            Err(error) => {
+                self.refuse_handshake(error);
+                return buf.len();
+            }
+        };
+        match accept(&request, &self.ctx.policy) {
+            Ok(accepted) => accepted.write_response(&mut self.out.staging),
+            Err(error) => {
+                self.refuse_handshake(error);
+                return buf.len();
+            }
+        }
+        add(&self.ctx.stats.handshakes_completed, 1);
+        self.route = Some(route);
+        self.phase = Phase::Open;
+        self.header_scanned = 0;
+        self.arm_idle_timer();
+        head_end
+    }
+
+    fn refuse_handshake(&mut self, error: HandshakeError) {
+        debug!(fd = self.fd, %error, "handshake refused");
+        self.ctx.stats.handshake_failed(HandshakeFailure::Protocol(error));
+        error.write_response(&mut self.out.staging);
+        self.start_flushing();
+    }
+
+    /// Feeds frames to the assembler and acts on each event, until it needs more bytes.
+    fn process_frames(&mut self, buf: &mut [u8]) -> usize {
+        let mut at = 0;
+        while matches!(self.phase, Phase::Open | Phase::Closing) {
+            let progress = match self.assembler.feed(&mut buf[at..]) {
+                Ok(progress) => progress,
+                Err(error) => {
+                    debug!(fd = self.fd, %error, "protocol error");
+                    self.send_close(error.close_code(), error.reason());
+                    self.start_flushing();
+                    return buf.len();
+                }
+            };
+            at += progress.consumed;
+            let Some(event) = progress.event else {
+                if progress.consumed == 0 {
+                    break;
+                }
+                continue;
+            };
+            let stats = &self.ctx.stats;
+            match event {
+                Event::Message { kind, payload } => {
+                    add(&stats.messages_in, 1);
+                    if self.phase == Phase::Open {
+                        match self.route {
+                            Some(Route::Echo) | None => echo::on_message(kind, payload, &mut self.out),
+                        }
+                    }
+                }
+                Event::Ping(payload) => {
+                    if self.phase == Phase::Open {
+                        self.out.control(OpCode::Pong, payload);
+                    }
+                }
+                Event::Pong(_) => {}
+                Event::Close(frame) => {
+                    let code = frame.map(|f| f.code);
+                    if let Some(code) = code {
+                        stats.close_received(code);
+                    }
+                    if self.phase == Phase::Open {
+                        // Echo the peer's code (section 5.5.1); an empty Close gets an empty one.
+                        match code {
+                            Some(code) => {
+                                let mut body = [0u8; 125];
+                                let len = write_close_body(&mut body, code, "");
+                                self.out.control(OpCode::Close, &body[..len]);
+                                stats.close_sent(code);
+                            }
+                            None => self.out.control(OpCode::Close, &[]),
+                        }
+                    }
+                    self.start_flushing();
+                }
+            }
+        }
+        if matches!(self.phase, Phase::Open | Phase::Closing) { at } else { buf.len() }
+    }
+
+    fn send_close(&mut self, code: CloseCode, reason: &str) {
+        let mut body = [0u8; 125];
+        let len = write_close_body(&mut body, code, reason);
+        self.out.control(OpCode::Close, &body[..len]);
+        self.ctx.stats.close_sent(code);
+    }
+
+    /// Sends what is queued, then FIN; a peer that does not read gets `CLOSE_TIMEOUT` to do so.
+    fn start_flushing(&mut self) {
+        if self.phase != Phase::Flushing {
+            self.phase = Phase::Flushing;
+            self.deadline = Instant::now() + CLOSE_TIMEOUT;
+        }
+    }
+
+    /// Starts the closing handshake from our side and waits for the peer's Close.
+    fn start_closing(&mut self, code: CloseCode, reason: &str) {
+        self.send_close(code, reason);
+        self.phase = Phase::Closing;
+        self.deadline = Instant::now() + CLOSE_TIMEOUT;
+    }
+
+    fn on_peer_eof(&mut self) {
+        self.peer_closed_tcp = true;
+        match self.phase {
+            Phase::Handshake => {
+                self.ctx.stats.handshake_failed(HandshakeFailure::Disconnected);
+                self.phase = Phase::Done;
+            }
+            Phase::Lingering => self.phase = Phase::Done,
+            // Whatever is queued still goes out (the peer may have closed only its sending side).
+            Phase::Open | Phase::Closing | Phase::Flushing => self.start_flushing(),
+            Phase::Done => {}
+        }
+    }
+
+    fn arm_idle_timer(&mut self) {
+        let wait = if self.ping_sent { self.ctx.idle_timeout } else { self.ctx.idle_timeout / 2 };
+        self.deadline = self.last_activity + wait;
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Handshake => {
+                debug!(fd = self.fd, "handshake timeout");
+                self.ctx.stats.handshake_failed(HandshakeFailure::Timeout);
+                self.phase = Phase::Done;
+            }
+            Phase::Open => {
+                let idle = now.saturating_duration_since(self.last_activity);
+                if idle >= self.ctx.idle_timeout {
+                    self.start_closing(CloseCode::GOING_AWAY, "idle timeout");
+                } else {
+                    if idle >= self.ctx.idle_timeout / 2 && !self.ping_sent {
+                        self.out.control(OpCode::Ping, b"ringgate");
+                        self.ping_sent = true;
+                    }
+                    self.arm_idle_timer();
+                }
+            }
+            // The peer did not answer our Close in time: close anyway.
+            Phase::Closing => self.start_flushing(),
+            Phase::Flushing | Phase::Lingering | Phase::Done => self.phase = Phase::Done,
+        }
+    }
+
+    fn on_drain(&mut self) {
+        match self.phase {
+            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Open => self.start_closing(CloseCode::GOING_AWAY, "server shutting down"),
+            _ => {}
+        }
+    }
+}
+
+/// Waits for an op that may not exist: pending forever when there is none, so that a `select!`
+/// branch for it simply never fires.
+async fn in_flight<F: std::future::Future + Unpin>(op: &mut Option<F>) -> F::Output {
+    match op {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}

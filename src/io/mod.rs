@@ -1,0 +1,213 @@
+//! The io_uring layer: the only part of ringgate that touches sockets.
+//!
+//! [`run`] binds the listeners, starts one worker per core (`worker`), each running a
+//! completion-based accept loop (`accept`) and one task per connection (`conn`) that reads through
+//! readiness polls into the worker's scratch buffer (`readiness`, `buffers`). It then waits for
+//! SIGTERM/SIGINT and drains. Must never: let a setup failure surface as a panic; every start-up
+//! error is a [`StartError`] with a message that names the fix.
+
+mod accept;
+mod buffers;
+mod conn;
+mod process;
+mod readiness;
+mod worker;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::gateway::router::Router;
+use crate::metrics::{WorkerStats, totals};
+use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
+use crate::proto::message::Limits;
+use conn::WorkerContext;
+use worker::WorkerSetup;
+
+/// Why the gateway could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    Bind(SocketAddr, io::Error),
+    /// io_uring could not be set up in this environment.
+    IoUringUnavailable(io::Error),
+    /// A thread could not be started.
+    Thread(io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Bind(addr, error) if error.kind() == io::ErrorKind::AddrInUse => write!(
+                f,
+                "cannot listen on {addr}: the address is in use by another process \
+                 (stop it, or pick another --listen)"
+            ),
+            StartError::Bind(addr, error) => write!(f, "cannot listen on {addr}: {error}"),
+            StartError::IoUringUnavailable(error) => {
+                let cause = match error.raw_os_error() {
+                    Some(libc::EPERM) | Some(libc::EACCES) => {
+                        "io_uring is forbidden here: either the sysctl kernel.io_uring_disabled is set \
+                         (set it to 0: `sysctl -w kernel.io_uring_disabled=0`), or a seccomp profile \
+                         blocks io_uring_setup (containers: Docker's default profile does; run with a \
+                         profile that allows io_uring_setup, io_uring_enter and io_uring_register)"
+                    }
+                    Some(libc::ENOSYS) => {
+                        "the kernel has no io_uring (it needs Linux 5.11 or later), or a seccomp \
+                         profile hides it: upgrade the kernel or allow the io_uring_* syscalls"
+                    }
+                    Some(libc::ENOMEM) => {
+                        "the kernel refused the ring's locked memory: raise RLIMIT_MEMLOCK \
+                         (`ulimit -l`, or LimitMEMLOCK= in the systemd unit)"
+                    }
+                    _ => "io_uring setup failed",
+                };
+                write!(f, "cannot start: {cause} ({error})")
+            }
+            StartError::Thread(error) => write!(f, "cannot start a worker thread: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Runs the gateway until it is told to stop, then drains. Returns once every connection has closed
+/// or `--drain-timeout` has passed.
+pub fn run(config: &Config) -> Result<(), StartError> {
+    check_open_file_limit(config);
+    let workers = config.worker_count();
+    let (listeners, bound) = bind_listeners(config, workers)?;
+
+    process::block_shutdown_signals().map_err(StartError::Thread)?;
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let open_connections = Arc::new(AtomicUsize::new(0));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut stats = Vec::new();
+    for (index, listeners) in listeners.into_iter().enumerate() {
+        let worker_stats = Arc::new(WorkerStats::default());
+        stats.push(Arc::clone(&worker_stats));
+        let context = context_builder(config, worker_stats, Arc::clone(&open_connections), drain_rx.clone());
+        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns };
+        worker::spawn(setup, ready_tx.clone(), done_tx.clone()).map_err(StartError::Thread)?;
+    }
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(StartError::IoUringUnavailable(error)),
+            Err(_) => return Err(StartError::Thread(io::Error::other("a worker died during start-up"))),
+        }
+    }
+    for addr in &bound {
+        // On stdout, one line per address, for operators and for scripts that start us on port 0.
+        println!("ringgate listening on {addr}");
+    }
+    info!(workers, addresses = ?bound, "serving");
+
+    let signal = process::wait_for_shutdown_signal();
+    info!(signal, drain_timeout = ?config.drain_timeout, "draining: closing every connection with 1001");
+    let _ = drain_tx.send(true);
+    // A second signal exits at once.
+    std::thread::spawn(|| {
+        let signal = process::wait_for_shutdown_signal();
+        eprintln!("ringgate: second signal ({signal}), exiting without waiting for connections");
+        std::process::exit(128 + signal);
+    });
+
+    let deadline = Instant::now() + config.drain_timeout;
+    let mut finished = 0;
+    while finished < workers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(_) => finished += 1,
+            Err(_) => {
+                warn!(workers_still_draining = workers - finished, "drain timeout reached; exiting");
+                break;
+            }
+        }
+    }
+    info!("stopped: {}", totals(&stats));
+    Ok(())
+}
+
+/// Raises the open-file limit and warns when it, not `--max-conns`, bounds the connection count.
+fn check_open_file_limit(config: &Config) {
+    match process::raise_open_file_limit() {
+        Ok(limit) => {
+            // Listeners, the rings, logging and slack need a few descriptors beyond connections.
+            let reserve = 64 + 2 * config.worker_count() as u64 * config.listen.len() as u64;
+            let usable = limit.saturating_sub(reserve);
+            if usable < config.max_conns as u64 {
+                warn!(
+                    open_file_limit = limit,
+                    max_conns = config.max_conns,
+                    "the open-file limit allows only about {usable} connections, fewer than --max-conns; \
+                     raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd) to reach --max-conns"
+                );
+            }
+        }
+        Err(error) => warn!(%error, "could not raise the open-file limit"),
+    }
+}
+
+/// Binds one listener per worker per address. Port 0 is resolved by the first bind and reused, so
+/// that all workers share one port.
+fn bind_listeners(
+    config: &Config,
+    workers: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), StartError> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for &requested in &config.listen {
+        let mut addr = requested;
+        for listeners in per_worker.iter_mut() {
+            let listener = bind_one(addr, config.backlog).map_err(|e| StartError::Bind(requested, e))?;
+            addr = listener.local_addr().map_err(|e| StartError::Bind(requested, e))?;
+            listeners.push(listener);
+        }
+        bound.push(addr);
+    }
+    Ok((per_worker, bound))
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+fn context_builder(
+    config: &Config,
+    stats: Arc<WorkerStats>,
+    open_connections: Arc<AtomicUsize>,
+    draining: tokio::sync::watch::Receiver<bool>,
+) -> Box<dyn FnOnce() -> WorkerContext + Send> {
+    let limits = Limits { max_message_size: config.max_message_size, max_frame_size: config.frame_limit() };
+    let policy = StaticPolicy { allowed_origins: config.allowed_origins.clone(), subprotocols: Vec::new() };
+    let max_backpressure = config.max_backpressure;
+    let handshake_timeout = config.handshake_timeout;
+    let idle_timeout = config.idle_timeout.max(Duration::from_millis(2));
+    Box::new(move || WorkerContext {
+        limits,
+        max_backpressure,
+        max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+        handshake_timeout,
+        idle_timeout,
+        policy,
+        router: Router::default(),
+        stats,
+        open_connections,
+        draining,
+    })
+}

@@ -1,0 +1,90 @@
+//! One worker: a thread with its own tokio-uring runtime and its own `SO_REUSEPORT` listener per
+//! listen address. The kernel spreads incoming connections over the workers' listeners, so workers
+//! share nothing on the hot path (only relaxed counters).
+//!
+//! Must never: panic on a setup failure (the error goes back to the main thread, which exits with a
+//! message), or exit before its connections have drained or the main thread gives up on them.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use tokio_uring::net::TcpListener;
+
+use super::accept::accept_loop;
+use super::conn::WorkerContext;
+
+/// Submission queue size: enough for a burst of accepts and writes per loop turn; completions get
+/// twice as many slots, and the kernel buffers overflow beyond that.
+const RING_ENTRIES: u32 = 4096;
+
+/// Everything a worker thread needs, built on the main thread (`WorkerContext` itself is `!Send`,
+/// being per-thread, so the thread assembles it).
+pub struct WorkerSetup {
+    /// The worker's number, for thread names and logs.
+    pub index: usize,
+    /// Bound, listening sockets: one per `--listen` address.
+    pub listeners: Vec<std::net::TcpListener>,
+    /// Builds the worker's context on its own thread.
+    pub context: Box<dyn FnOnce() -> WorkerContext + Send>,
+    /// Connection cap across all workers.
+    pub max_conns: usize,
+}
+
+/// Starts the worker thread. It reports on `ready` whether its io_uring could be set up, then serves
+/// until draining ends, then reports on `done`.
+pub fn spawn(
+    setup: WorkerSetup,
+    ready: mpsc::Sender<io::Result<()>>,
+    done: mpsc::Sender<usize>,
+) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new().name(format!("ringgate-w{}", setup.index)).spawn(move || {
+        let runtime = match new_runtime() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = ready.send(Err(error));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let index = setup.index;
+        runtime.block_on(serve(setup));
+        let _ = done.send(index);
+    })
+}
+
+/// A runtime with the ring flags that help a thread-per-core server, falling back to plain flags on
+/// kernels that lack them (COOP_TASKRUN: 5.19, SINGLE_ISSUER: 6.0).
+fn new_runtime() -> io::Result<tokio_uring::Runtime> {
+    let mut tuned = tokio_uring::uring_builder();
+    tuned.setup_coop_taskrun().setup_single_issuer();
+    let with_flags =
+        tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES).uring_builder(&tuned));
+    match with_flags {
+        Ok(runtime) => Ok(runtime),
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+async fn serve(setup: WorkerSetup) {
+    let ctx = Rc::new((setup.context)());
+    let mut accept_loops = Vec::new();
+    for listener in setup.listeners {
+        let listener = TcpListener::from_std(listener);
+        accept_loops.push(tokio_uring::spawn(accept_loop(listener, Rc::clone(&ctx), setup.max_conns)));
+    }
+    for handle in accept_loops {
+        let _ = handle.await;
+    }
+    // Accepting has stopped (draining); wait for this worker's connections to finish their closing
+    // handshakes. The main thread stops waiting at --drain-timeout.
+    while ctx.stats.connections_open.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
