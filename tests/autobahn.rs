@@ -1,0 +1,17 @@
+//! The Autobahn TestSuite (all 517 cases) against the built `ringgate`'s `/echo`, compared with the
+//! checked-in `autobahn/expected.json`: any FAILED or NON-STRICT case, a partial run, or any drift
+//! fails this test. `autobahn/conformance.sh` installs the suite (Python 2.7, from PyPI) on first use.
+
+use std::process::Command;
+
+#[test]
+fn autobahn_testsuite_matches_expected_results() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = format!("{root}/target/autobahn-debug");
+    let status = Command::new(format!("{root}/autobahn/conformance.sh"))
+        .arg(env!("CARGO_BIN_EXE_ringgate"))
+        .arg(&out)
+        .status()
+        .expect("autobahn/conformance.sh runs");
+    assert!(status.success(), "Autobahn conformance failed; the report is in {out}/index.html");
+}
