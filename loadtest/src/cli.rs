@@ -1,0 +1,337 @@
+//! The command line: what the operator asked for, parsed with clap and validated once into a
+//! [`Plan`] that the rest of the program trusts.
+//!
+//! Must never: touch the network or the filesystem (except resolving the target's host name), or
+//! accept a value that would make a run meaningless (zero connections, a payload too small to
+//! carry its timestamp) — those are errors here, before any socket is opened.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+
+use crate::payload::HEADER_LEN;
+use crate::target::Target;
+
+/// Command-line arguments, exactly as typed. Converted into a [`Plan`] by [`Args::into_plan`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "WebSocket load generator on io_uring with coordinated-omission-corrected HDR latency",
+    long_about = "WebSocket load generator on io_uring.\n\n\
+        Open loop (--rate > 0): every connection sends on a fixed schedule and latency is measured \
+        from each message's intended send time (as wrk2 does), so a stalled server shows up as \
+        latency instead of being hidden. Closed loop (--rate 0): each connection sends the next \
+        message when the previous echo returns; latency is measured from the actual send time.\n\n\
+        Every echo is verified byte for byte; a mismatch is counted as an error."
+)]
+pub struct Args {
+    /// WebSocket URL of an echo endpoint (ws:// only).
+    #[arg(default_value = "ws://127.0.0.1:8080/echo")]
+    pub url: String,
+
+    /// Number of connections to open and hold.
+    #[arg(long, default_value_t = 100)]
+    pub conns: u32,
+
+    /// New connections started per second while ramping up.
+    #[arg(long, default_value_t = 5000.0)]
+    pub connect_rate: f64,
+
+    /// Messages per second per connection (open loop); 0 = closed loop (next message when the
+    /// echo returns).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+
+    /// Payload bytes per message (at least 16: intended send time and sequence number).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+
+    /// Measured run time after the ramp-up and warmup, e.g. 10s, 500ms, 2m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Time after the ramp-up during which messages are sent but not recorded.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Client threads, one io_uring runtime each [default: number of cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Source addresses to connect from, to go past one address's ephemeral ports: a list
+    /// and/or ranges, e.g. 127.0.0.1,127.0.0.2 or 127.0.0.1-127.0.0.8 or 127.0.0.1-8.
+    #[arg(long, value_parser = parse_source_ips)]
+    pub source_ips: Option<SourceIps>,
+
+    /// What each connection does.
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    pub mode: Mode,
+
+    /// Write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the message latency distribution to FILE in HdrHistogram's percentile-distribution
+    /// text format (values in milliseconds).
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
+
+    /// Draw the latency percentile curve to FILE as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// No progress lines while running; the final summary is still printed.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What every connection does once it is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Send messages and verify their echoes, measuring latency.
+    Echo,
+    /// Open and hold idle connections, sending nothing: measures connection rate and handshake
+    /// latency, and lets the server's memory per idle connection be read.
+    Connect,
+}
+
+impl Mode {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+            Mode::Connect => "connect",
+        }
+    }
+}
+
+/// A parsed `--source-ips` value: a non-empty list of local IPv4 addresses, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<Ipv4Addr>);
+
+/// Everything a run needs, validated. Built once; read by every thread.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Where to connect and what to put in the request line and `Host` header.
+    pub target: Target,
+    /// Connections to open.
+    pub conns: u32,
+    /// Connections started per second.
+    pub connect_rate: f64,
+    /// Messages per second per connection; `None` for closed loop.
+    pub rate: Option<f64>,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// Measured run time.
+    pub duration: Duration,
+    /// Unrecorded time between the end of the ramp-up and the measured run.
+    pub warmup: Duration,
+    /// Client threads.
+    pub threads: usize,
+    /// Source addresses, used round-robin; empty means "let the kernel choose".
+    pub source_ips: Vec<Ipv4Addr>,
+    /// What connections do.
+    pub mode: Mode,
+    /// Output files.
+    pub json: Option<PathBuf>,
+    /// HdrHistogram percentile-distribution output.
+    pub hgrm: Option<PathBuf>,
+    /// SVG plot output.
+    pub plot: Option<PathBuf>,
+    /// Suppress progress lines.
+    pub quiet: bool,
+}
+
+impl Plan {
+    /// How long the ramp-up takes: the last connection starts this long after the first.
+    pub fn ramp(&self) -> Duration {
+        Duration::from_secs_f64(f64::from(self.conns.saturating_sub(1)) / self.connect_rate)
+    }
+}
+
+impl Args {
+    /// Validates the arguments and resolves the target. Errors say which flag is wrong and why.
+    pub fn into_plan(self) -> Result<Plan> {
+        if self.conns == 0 {
+            bail!("--conns must be at least 1");
+        }
+        if !(self.connect_rate.is_finite() && self.connect_rate > 0.0) {
+            bail!("--connect-rate must be a positive number of connections per second");
+        }
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            bail!("--rate must be 0 (closed loop) or a positive number of messages per second");
+        }
+        if self.size < HEADER_LEN {
+            bail!(
+                "--size {} is too small: every message carries its {HEADER_LEN}-byte send time and \
+                 sequence number",
+                self.size
+            );
+        }
+        if self.size > MAX_SIZE {
+            bail!("--size {} is over the {MAX_SIZE}-byte limit of one message", self.size);
+        }
+        if self.duration.is_zero() && self.mode == Mode::Echo {
+            bail!("--duration must be more than 0");
+        }
+        let threads = match self.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let threads = threads.min(self.conns as usize);
+        let target = Target::parse(&self.url).with_context(|| format!("bad URL {:?}", self.url))?;
+        let source_ips = self.source_ips.map(|s| s.0).unwrap_or_default();
+        if !source_ips.is_empty() && !matches!(target.addr, SocketAddr::V4(_)) {
+            bail!("--source-ips are IPv4 addresses but {} is an IPv6 target", target.addr);
+        }
+        Ok(Plan {
+            target,
+            conns: self.conns,
+            connect_rate: self.connect_rate,
+            rate: (self.rate > 0.0).then_some(self.rate),
+            size: self.size,
+            duration: self.duration,
+            warmup: self.warmup,
+            threads,
+            source_ips,
+            mode: self.mode,
+            json: self.json,
+            hgrm: self.hgrm,
+            plot: self.plot,
+            quiet: self.quiet,
+        })
+    }
+}
+
+/// The largest payload: the protocol core's default message limit, which servers commonly share.
+pub const MAX_SIZE: usize = 1 << 20;
+
+/// Parses `10s`, `500ms`, `2m`, `1.5s`, `250us`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 10s or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use us, ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// Parses a `--source-ips` list: comma-separated addresses or ranges `a-b`, where `b` is a whole
+/// address or just the last octet.
+pub fn parse_source_ips(text: &str) -> Result<SourceIps, String> {
+    const MAX_ADDRESSES: usize = 65_536;
+    let mut ips = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (first, last) = match item.split_once('-') {
+            None => {
+                let ip = parse_ip(item)?;
+                (ip, ip)
+            }
+            Some((first, last)) => {
+                let first = parse_ip(first.trim())?;
+                let last = last.trim();
+                let last = match last.parse::<u8>() {
+                    Ok(octet) => {
+                        let [a, b, c, _] = first.octets();
+                        Ipv4Addr::new(a, b, c, octet)
+                    }
+                    Err(_) => parse_ip(last)?,
+                };
+                (first, last)
+            }
+        };
+        let (lo, hi) = (u32::from(first), u32::from(last));
+        if hi < lo {
+            return Err(format!("range {item:?} runs backwards"));
+        }
+        if ips.len() + (hi - lo) as usize >= MAX_ADDRESSES {
+            return Err(format!("more than {MAX_ADDRESSES} source addresses"));
+        }
+        ips.extend((lo..=hi).map(Ipv4Addr::from));
+    }
+    if ips.is_empty() {
+        return Err("no addresses given".into());
+    }
+    Ok(SourceIps(ips))
+}
+
+fn parse_ip(text: &str) -> Result<Ipv4Addr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IPv4 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn source_ip_lists_and_ranges() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(parse_source_ips("127.0.0.1").unwrap().0, vec![ip("127.0.0.1")]);
+        assert_eq!(
+            parse_source_ips("127.0.0.1-3").unwrap().0,
+            vec![ip("127.0.0.1"), ip("127.0.0.2"), ip("127.0.0.3")]
+        );
+        assert_eq!(
+            parse_source_ips("127.0.0.255-127.0.1.0, 127.0.0.9").unwrap().0,
+            vec![ip("127.0.0.255"), ip("127.0.1.0"), ip("127.0.0.9")]
+        );
+        assert!(parse_source_ips("127.0.0.5-1").is_err());
+        assert!(parse_source_ips("localhost").is_err());
+        assert!(parse_source_ips("").is_err());
+        assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let plan = Args::parse_from(["loadtest"]).into_plan().unwrap();
+        assert_eq!(plan.target.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(plan.target.path, "/echo");
+        assert_eq!(plan.conns, 100);
+        assert_eq!(plan.connect_rate, 5000.0);
+        assert_eq!(plan.size, 32);
+        assert_eq!(plan.duration, Duration::from_secs(10));
+        assert_eq!(plan.mode, Mode::Echo);
+    }
+
+    #[test]
+    fn rejects_meaningless_runs() {
+        for args in [
+            &["loadtest", "--conns", "0"][..],
+            &["loadtest", "--size", "8"],
+            &["loadtest", "--rate", "-1"],
+            &["loadtest", "--connect-rate", "0"],
+            &["loadtest", "--threads", "0"],
+            &["loadtest", "wss://example.com/"],
+        ] {
+            let parsed = Args::try_parse_from(args).map_err(|e| e.to_string()).and_then(|a| {
+                a.into_plan().map_err(|e| e.to_string())
+            });
+            assert!(parsed.is_err(), "{args:?} was accepted");
+        }
+    }
+}

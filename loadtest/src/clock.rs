@@ -1,0 +1,41 @@
+//! The run's one clock: CLOCK_MONOTONIC in nanoseconds since a process-wide epoch taken at start.
+//!
+//! Every timestamp in the program (schedules, payloads, latencies, io_uring absolute timeouts)
+//! is on this clock, so they can be compared and subtracted without conversions.
+//!
+//! Must never: go backwards, or be read through a clock that can be adjusted (wall time).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static EPOCH: OnceLock<u64> = OnceLock::new();
+
+/// Nanoseconds on CLOCK_MONOTONIC (the clock io_uring's absolute timeouts use).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Fixes the epoch (idempotent) and returns it as CLOCK_MONOTONIC nanoseconds.
+pub fn epoch() -> u64 {
+    *EPOCH.get_or_init(monotonic_ns)
+}
+
+/// Nanoseconds since the epoch.
+pub fn now() -> u64 {
+    monotonic_ns().saturating_sub(epoch())
+}
+
+/// A `tokio::time::Instant` for a time on this clock, for coarse deadlines (1 ms resolution).
+pub fn tokio_instant(at_ns: u64) -> tokio::time::Instant {
+    let now_ns = now();
+    let instant = tokio::time::Instant::now();
+    if at_ns >= now_ns { instant + Duration::from_nanos(at_ns - now_ns) } else { instant }
+}
+
+/// Converts nanoseconds to whole microseconds, the unit of every histogram.
+pub fn ns_to_us(ns: u64) -> u64 {
+    ns / 1_000
+}

@@ -1,0 +1,166 @@
+//! The client engine: one thread per `--threads`, each running its own tokio-uring runtime, with
+//! connections dealt round-robin over the threads. Each thread starts its connections on the
+//! ramp-up schedule, runs them, sends a snapshot of its statistics once a second, and hands its
+//! final statistics back when its last connection has ended.
+//!
+//! Must never: share mutable state between threads (each thread's statistics are its own until
+//! sent), or block a runtime thread.
+
+mod closed_loop;
+mod connect;
+mod hold;
+mod open_loop;
+mod race;
+mod timer;
+mod wire;
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::cli::{Mode, Plan};
+use crate::clock;
+use crate::schedule::Phases;
+use crate::stats::{Snapshot, ThreadStats};
+
+/// A measured message sent more than this after its intended time counts as a late send.
+pub const LATE_THRESHOLD: Duration = Duration::from_millis(1);
+
+/// How long a connection may take from the start of its TCP connect to the 101 response.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the server's Close (and end of stream) after sending ours.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often threads report to the progress line.
+pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a client thread tells the main thread.
+pub enum Report {
+    /// The per-second snapshot of thread `.0`.
+    Snapshot(usize, Snapshot),
+    /// Thread `.0` finished; its statistics.
+    Done(usize, Box<ThreadStats>),
+    /// A thread could not start; why, for the operator.
+    Failed(String),
+}
+
+/// What every task of one thread shares.
+pub struct ThreadCtx {
+    /// The run's plan.
+    pub plan: Arc<Plan>,
+    /// The run's phase boundaries.
+    pub phases: Phases,
+    /// This thread's statistics; borrowed briefly, never across an await.
+    pub stats: RefCell<ThreadStats>,
+}
+
+/// Starts the client threads. Each reports through `reports`.
+pub fn start(plan: Arc<Plan>, phases: Phases, reports: Sender<Report>) -> io::Result<Vec<JoinHandle<()>>> {
+    (0..plan.threads)
+        .map(|index| {
+            let plan = Arc::clone(&plan);
+            let reports = reports.clone();
+            std::thread::Builder::new()
+                .name(format!("loadtest-{index}"))
+                .spawn(move || run_thread(plan, phases, index, reports))
+        })
+        .collect()
+}
+
+fn run_thread(plan: Arc<Plan>, phases: Phases, index: usize, reports: Sender<Report>) {
+    let mut builder = tokio_uring::builder();
+    builder.entries(1024);
+    let runtime = match tokio_uring::Runtime::new(&builder) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = reports.send(Report::Failed(format!("thread {index}: {}", explain_uring_error(&error))));
+            return;
+        }
+    };
+    let ctx = Rc::new(ThreadCtx { plan, phases, stats: RefCell::new(ThreadStats::default()) });
+    runtime.block_on(thread_main(Rc::clone(&ctx), index, reports.clone()));
+    let stats = ctx.stats.replace(ThreadStats::default());
+    let _ = reports.send(Report::Done(index, Box::new(stats)));
+}
+
+async fn thread_main(ctx: Rc<ThreadCtx>, index: usize, reports: Sender<Report>) {
+    let ticker = tokio_uring::spawn(ticker(Rc::clone(&ctx), index, reports));
+    let plan = Arc::clone(&ctx.plan);
+    let mut tasks = Vec::new();
+    for conn in (index as u32..plan.conns).step_by(plan.threads) {
+        let at = ctx.phases.connect_at(conn, plan.connect_rate);
+        if at > clock::now() {
+            timer::sleep_until(at).await;
+        }
+        tasks.push(tokio_uring::spawn(connection(Rc::clone(&ctx), conn)));
+    }
+    for task in tasks {
+        // A panicking connection task is a bug; the others go on and the run still reports.
+        let _ = task.await;
+    }
+    ticker.abort();
+}
+
+async fn ticker(ctx: Rc<ThreadCtx>, index: usize, reports: Sender<Report>) {
+    let mut next = ctx.phases.begin;
+    loop {
+        next += SNAPSHOT_INTERVAL.as_nanos() as u64;
+        tokio::time::sleep_until(clock::tokio_instant(next)).await;
+        let snapshot = ctx.stats.borrow_mut().snapshot();
+        if reports.send(Report::Snapshot(index, snapshot)).is_err() {
+            return;
+        }
+    }
+}
+
+/// One connection from start to end: connect, handshake, then what the mode says.
+async fn connection(ctx: Rc<ThreadCtx>, index: u32) {
+    let plan = &ctx.plan;
+    ctx.stats.borrow_mut().counters.attempted += 1;
+    let source = match plan.source_ips.len() {
+        0 => None,
+        n => Some(plan.source_ips[index as usize % n]),
+    };
+    let started = clock::now();
+    let deadline = started + HANDSHAKE_TIMEOUT.as_nanos() as u64;
+    let established = match connect::open(&plan.target, source, deadline).await {
+        Ok(established) => established,
+        Err(reason) => {
+            ctx.stats.borrow_mut().connect_failed(reason);
+            return;
+        }
+    };
+    let now = clock::now();
+    ctx.stats.borrow_mut().established(now, now - started);
+    let reader = wire::FrameReader::new(established.leftover, plan.size.max(wire::READ_BUFFER));
+    let stream = established.stream;
+    match (plan.mode, plan.rate) {
+        (Mode::Echo, Some(rate)) => open_loop::run(&ctx, stream, reader, rate, now).await,
+        (Mode::Echo, None) => closed_loop::run(&ctx, stream, reader).await,
+        (Mode::Connect, _) => hold::run(&ctx, stream, reader).await,
+    }
+    ctx.stats.borrow_mut().counters.open -= 1;
+}
+
+/// Turns a failure to create an io_uring instance into advice.
+fn explain_uring_error(error: &io::Error) -> String {
+    let cause = match error.raw_os_error() {
+        Some(libc::EPERM) => {
+            "io_uring is not permitted: a seccomp profile blocks it (Docker's default does; run with \
+             --security-opt seccomp=unconfined or a profile allowing io_uring_setup), or \
+             sysctl kernel.io_uring_disabled is set (0 enables it for everyone)"
+        }
+        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.11 or later is needed)",
+        Some(libc::ENOMEM) => {
+            "not enough locked memory for the ring: raise RLIMIT_MEMLOCK (ulimit -l) or use a kernel \
+             5.12 or later, which accounts ring memory differently"
+        }
+        _ => "io_uring_setup failed",
+    };
+    format!("cannot start an io_uring runtime: {error}. {cause}")
+}

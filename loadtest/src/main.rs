@@ -1,0 +1,106 @@
+//! `loadtest`: ringgate's bundled WebSocket load generator.
+//!
+//! Opens `--conns` connections on io_uring (one tokio-uring runtime per thread), sends messages on
+//! a fixed schedule or ping-pong, verifies every echo, and reports coordinated-omission-corrected
+//! latency percentiles from HdrHistogram. The protocol itself is `ringgate::proto`'s; this crate
+//! is scheduling, measurement and reporting.
+//!
+//! `main` only wires the parts together: parse, check limits, run the engine, report.
+//! Must never: hide a failure (a run with no connection established exits non-zero).
+
+mod cli;
+mod clock;
+mod engine;
+mod hgrm;
+mod limits;
+mod payload;
+mod plot;
+mod progress;
+mod report;
+mod schedule;
+mod stats;
+mod target;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::cli::{Args, Mode};
+use crate::report::Summary;
+use crate::schedule::Phases;
+
+/// Time between fixing the schedule and the first connection, for the threads to start.
+const LEAD_TIME: Duration = Duration::from_millis(50);
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("loadtest: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    let plan = args.into_plan()?;
+    let nofile = limits::raise_nofile()?;
+    limits::check_fds(plan.conns, nofile)?;
+    limits::check_ports(plan.conns, plan.source_ips.len(), limits::ephemeral_ports()?)?;
+
+    clock::epoch();
+    let phases = Phases::new(&plan, clock::now() + LEAD_TIME.as_nanos() as u64);
+    if !plan.quiet {
+        let what = match (plan.mode, plan.rate) {
+            (Mode::Connect, _) => "holding idle connections".to_string(),
+            (Mode::Echo, Some(rate)) => format!("open loop, {rate} msg/s per connection"),
+            (Mode::Echo, None) => "closed loop".to_string(),
+        };
+        eprintln!(
+            "loadtest: {} connections to ws://{}{} ({}), {} B, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
+            plan.conns,
+            plan.target.host,
+            plan.target.path,
+            what,
+            plan.size,
+            plan.ramp().as_secs_f64(),
+            plan.warmup.as_secs_f64(),
+            plan.duration.as_secs_f64(),
+            plan.threads,
+        );
+    }
+    let plan = Arc::new(plan);
+    let (reports, received) = mpsc::channel();
+    let threads = engine::start(Arc::clone(&plan), phases, reports).context("starting client threads")?;
+    let stats = progress::collect(&plan, &phases, received)?;
+    for thread in threads {
+        let _ = thread.join();
+    }
+
+    let summary = Summary::new(&plan, &phases, &stats);
+    print!("{}", summary.text());
+    if let Some(path) = &plan.json {
+        summary.write_json(path)?;
+    }
+    if let Some(path) = &plan.hgrm {
+        std::fs::write(path, hgrm::percentile_distribution(&stats.latency))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &plan.plot {
+        let title = format!("{} — {} connections, {} B", summary.config.url, plan.conns, plan.size);
+        let series: Vec<(&str, &hdrhistogram::Histogram<u64>)> = match plan.mode {
+            Mode::Echo => vec![("message latency", &stats.latency), ("handshake", &stats.handshake)],
+            Mode::Connect => vec![("handshake", &stats.handshake)],
+        };
+        plot::percentile_curve(path, &title, &series)?;
+    }
+    if summary.connections_established == 0 {
+        eprintln!("loadtest: no connection could be established");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,263 @@
+//! The final report: one [`Summary`] built from the merged statistics, printed for people and
+//! written as JSON for machines (the CI test asserts on these keys, so they are a contract).
+//!
+//! Must never: print a number that is not in the JSON or vice versa, or round a latency down
+//! (percentiles are HdrHistogram's highest equivalent values, so they never understate).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cli::{Mode, Plan};
+use crate::schedule::Phases;
+use crate::stats::{ErrorKind, ThreadStats};
+
+/// Percentiles of one histogram, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// 99.99th percentile.
+    pub p9999: u64,
+    /// The largest value.
+    pub max: u64,
+    /// The mean.
+    pub mean: f64,
+    /// How many values.
+    pub count: u64,
+}
+
+impl Percentiles {
+    /// Reads the percentiles of `histogram` (all zero when it is empty).
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
+        if histogram.is_empty() {
+            return Percentiles { p50: 0, p90: 0, p99: 0, p999: 0, p9999: 0, max: 0, mean: 0.0, count: 0 };
+        }
+        let q = |quantile| histogram.value_at_quantile(quantile);
+        Percentiles {
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            p9999: q(0.9999),
+            max: histogram.max(),
+            mean: histogram.mean(),
+            count: histogram.len(),
+        }
+    }
+}
+
+/// How the run was set up, echoed in the JSON so a result file explains itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunConfig {
+    /// `echo` or `connect`.
+    pub mode: &'static str,
+    /// The target URL's host and path.
+    pub url: String,
+    /// Connections asked for.
+    pub conns: u32,
+    /// Connections started per second.
+    pub connect_rate: f64,
+    /// Messages per second per connection; 0 for closed loop.
+    pub rate: f64,
+    /// `open` or `closed`.
+    pub loop_kind: &'static str,
+    /// Payload bytes.
+    pub size: usize,
+    /// Measured seconds.
+    pub duration_secs: f64,
+    /// Unrecorded seconds after the ramp-up.
+    pub warmup_secs: f64,
+    /// Client threads.
+    pub threads: usize,
+    /// Source addresses used.
+    pub source_ips: usize,
+}
+
+/// Everything the run found. Field names are the JSON keys.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// How the run was set up.
+    pub config: RunConfig,
+    /// Connections whose TCP connect was started.
+    pub connections_attempted: u64,
+    /// Connections that completed the handshake.
+    pub connections_established: u64,
+    /// Connections that did not.
+    pub connections_failed: u64,
+    /// Failed connections by reason (`refused`, `timed_out`, `http_503`, ...).
+    pub connections_failed_by_reason: BTreeMap<String, u64>,
+    /// Established connections per second, from the first to the last establishment.
+    pub connect_rate_per_sec: f64,
+    /// Messages sent whose intended send time is in the measured window.
+    pub messages_sent: u64,
+    /// Verified echoes of those messages.
+    pub messages_received: u64,
+    /// Measured messages sent more than 1 ms after their intended time.
+    pub late_sends: u64,
+    /// Errors on established connections, all kinds.
+    pub errors: u64,
+    /// Errors by kind.
+    pub errors_by_kind: BTreeMap<&'static str, u64>,
+    /// Verified echoes per second over the measured window.
+    pub throughput_msgs_per_sec: f64,
+    /// Message latency (from the intended send time in open loop), microseconds.
+    pub latency_us: Percentiles,
+    /// TCP connect start to 101 response, microseconds.
+    pub handshake_latency_us: Percentiles,
+    /// Actual minus intended send time (open loop): how late the tool itself sent, microseconds.
+    pub send_lag_us: Percentiles,
+}
+
+impl Summary {
+    /// Builds the summary from the merged statistics.
+    pub fn new(plan: &Plan, phases: &Phases, stats: &ThreadStats) -> Summary {
+        let counters = &stats.counters;
+        let connect_rate_per_sec = match stats.established_span {
+            Some((first, last)) if last > first => (counters.established - 1) as f64 / ((last - first) as f64 / 1e9),
+            _ => 0.0,
+        };
+        let errors_by_kind = ErrorKind::ALL
+            .iter()
+            .filter(|kind| stats.errors[**kind as usize] > 0)
+            .map(|kind| (kind.name(), stats.errors[*kind as usize]))
+            .collect();
+        let throughput = match plan.mode {
+            Mode::Echo => counters.messages_received as f64 / phases.measured_secs(),
+            Mode::Connect => 0.0,
+        };
+        Summary {
+            config: RunConfig {
+                mode: plan.mode.name(),
+                url: format!("ws://{}{}", plan.target.host, plan.target.path),
+                conns: plan.conns,
+                connect_rate: plan.connect_rate,
+                rate: plan.rate.unwrap_or(0.0),
+                loop_kind: if plan.rate.is_some() { "open" } else { "closed" },
+                size: plan.size,
+                duration_secs: plan.duration.as_secs_f64(),
+                warmup_secs: plan.warmup.as_secs_f64(),
+                threads: plan.threads,
+                source_ips: plan.source_ips.len(),
+            },
+            connections_attempted: counters.attempted,
+            connections_established: counters.established,
+            connections_failed: stats.connections_failed(),
+            connections_failed_by_reason: stats.connect_failures.clone(),
+            connect_rate_per_sec,
+            messages_sent: counters.messages_sent,
+            messages_received: counters.messages_received,
+            late_sends: counters.late_sends,
+            errors: counters.errors,
+            errors_by_kind,
+            throughput_msgs_per_sec: throughput,
+            latency_us: Percentiles::of(&stats.latency),
+            handshake_latency_us: Percentiles::of(&stats.handshake),
+            send_lag_us: Percentiles::of(&stats.send_lag),
+        }
+    }
+
+    /// The human-readable report.
+    pub fn text(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let loop_text = if c.loop_kind == "open" {
+            format!("open loop at {} msg/s per connection", c.rate)
+        } else {
+            "closed loop".to_string()
+        };
+        let _ = writeln!(
+            s,
+            "\n{} {} — {} connections, {}, {} B payload, {}s measured (+{}s warmup), {} threads",
+            c.mode, c.url, c.conns, loop_text, c.size, c.duration_secs, c.warmup_secs, c.threads
+        );
+        let _ = writeln!(
+            s,
+            "connections: {} attempted, {} established, {} failed{}; {:.0} established/s",
+            self.connections_attempted,
+            self.connections_established,
+            self.connections_failed,
+            by_kind(&self.connections_failed_by_reason),
+            self.connect_rate_per_sec
+        );
+        if c.mode == "echo" {
+            let _ = writeln!(
+                s,
+                "messages:    {} sent, {} received, {} sent late (>1 ms behind schedule)",
+                self.messages_sent, self.messages_received, self.late_sends
+            );
+            let _ = writeln!(s, "throughput:  {:.0} msg/s", self.throughput_msgs_per_sec);
+        }
+        let _ = writeln!(
+            s,
+            "latency (us)  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "p50", "p90", "p99", "p99.9", "p99.99", "max", "count"
+        );
+        let mut row = |name: &str, p: &Percentiles| {
+            let _ = writeln!(
+                s,
+                "  {name:<11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+                p.p50, p.p90, p.p99, p.p999, p.p9999, p.max, p.count
+            );
+        };
+        if c.mode == "echo" {
+            row("messages", &self.latency_us);
+        }
+        row("handshake", &self.handshake_latency_us);
+        if c.loop_kind == "open" && c.mode == "echo" {
+            row("send lag", &self.send_lag_us);
+        }
+        let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+        s
+    }
+
+    /// Writes the JSON report to `path`.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).context("serialising the report")?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+fn by_kind<K: std::fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
+    if counts.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!(" ({})", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::new_histogram;
+
+    #[test]
+    fn percentiles_never_decrease_and_never_understate() {
+        let mut h = new_histogram();
+        for v in 1..=100_000u64 {
+            h.saturating_record(v);
+        }
+        let p = Percentiles::of(&h);
+        let ordered = [p.p50, p.p90, p.p99, p.p999, p.p9999, p.max];
+        assert!(ordered.windows(2).all(|w| w[0] <= w[1]), "{ordered:?}");
+        assert!(p.p50 >= 50_000 && p.p50 <= 50_050, "{}", p.p50);
+        assert!(p.max >= 100_000);
+        assert_eq!(p.count, 100_000);
+    }
+
+    #[test]
+    fn empty_histogram_reads_as_zeros() {
+        let p = Percentiles::of(&new_histogram());
+        assert_eq!((p.p50, p.max, p.count), (0, 0, 0));
+    }
+}

@@ -1,0 +1,239 @@
+//! What one client thread observed: latency histograms, counters, errors by kind and connection
+//! failures by reason. Each thread owns its own (no atomics or locks on the hot path); the main
+//! thread merges them once at the end and merges per-second snapshots for the progress line.
+//!
+//! Must never: drop an observation (values beyond the histogram's range saturate at its top, they
+//! are not skipped), or count a message outside the measured window in the totals.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+/// The highest latency a histogram holds, in microseconds (one hour); larger values saturate.
+pub const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// A latency histogram in microseconds with three significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts; this cannot fail.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
+}
+
+/// Something that went wrong on an established connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// An echo differed from what was sent (payload, length, order, or an unexpected message).
+    EchoMismatch,
+    /// A message's echo had not arrived when the drain period after the run ended.
+    EchoTimeout,
+    /// The server broke RFC 6455 (the protocol core's verdict).
+    ProtocolError,
+    /// The server sent a Close frame before the run ended.
+    ServerClosed,
+    /// The connection ended (EOF or reset) before the run ended.
+    ConnectionLost,
+    /// A write failed.
+    WriteFailed,
+}
+
+impl ErrorKind {
+    /// Every kind, in report order.
+    pub const ALL: [ErrorKind; 6] = [
+        ErrorKind::EchoMismatch,
+        ErrorKind::EchoTimeout,
+        ErrorKind::ProtocolError,
+        ErrorKind::ServerClosed,
+        ErrorKind::ConnectionLost,
+        ErrorKind::WriteFailed,
+    ];
+
+    /// The name in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::EchoMismatch => "echo_mismatch",
+            ErrorKind::EchoTimeout => "echo_timeout",
+            ErrorKind::ProtocolError => "protocol_error",
+            ErrorKind::ServerClosed => "server_closed",
+            ErrorKind::ConnectionLost => "connection_lost",
+            ErrorKind::WriteFailed => "write_failed",
+        }
+    }
+}
+
+/// Plain counters; cumulative since the thread started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections whose TCP connect was started.
+    pub attempted: u64,
+    /// Connections that completed the WebSocket handshake.
+    pub established: u64,
+    /// Connections open right now.
+    pub open: u64,
+    /// Messages sent whose intended send time is in the measured window.
+    pub messages_sent: u64,
+    /// Verified echoes of measured messages.
+    pub messages_received: u64,
+    /// Measured messages sent more than [`crate::engine::LATE_THRESHOLD`] after their intended time.
+    pub late_sends: u64,
+    /// All messages sent, warmup included (for the progress line).
+    pub total_sent: u64,
+    /// All echoes received, warmup included (for the progress line).
+    pub total_received: u64,
+    /// Errors of every kind.
+    pub errors: u64,
+}
+
+impl Counters {
+    fn add(&mut self, other: &Counters) {
+        self.attempted += other.attempted;
+        self.established += other.established;
+        self.open += other.open;
+        self.messages_sent += other.messages_sent;
+        self.messages_received += other.messages_received;
+        self.late_sends += other.late_sends;
+        self.total_sent += other.total_sent;
+        self.total_received += other.total_received;
+        self.errors += other.errors;
+    }
+}
+
+/// Everything one thread observed.
+#[derive(Clone, Debug)]
+pub struct ThreadStats {
+    /// Message latency (echo arrival minus intended send time), measured window only.
+    pub latency: Histogram<u64>,
+    /// TCP connect start to the 101 response.
+    pub handshake: Histogram<u64>,
+    /// Actual minus intended send time (open loop): the tool's own lateness.
+    pub send_lag: Histogram<u64>,
+    /// Message latencies since the last progress snapshot, warmup included.
+    pub interval: Histogram<u64>,
+    /// Counters.
+    pub counters: Counters,
+    /// Errors by kind, indexed like [`ErrorKind::ALL`].
+    pub errors: [u64; ErrorKind::ALL.len()],
+    /// Failed connection attempts by reason.
+    pub connect_failures: BTreeMap<String, u64>,
+    /// When the first and the last connection were established (run clock, ns).
+    pub established_span: Option<(u64, u64)>,
+}
+
+impl Default for ThreadStats {
+    fn default() -> Self {
+        ThreadStats {
+            latency: new_histogram(),
+            handshake: new_histogram(),
+            send_lag: new_histogram(),
+            interval: new_histogram(),
+            counters: Counters::default(),
+            errors: [0; ErrorKind::ALL.len()],
+            connect_failures: BTreeMap::new(),
+            established_span: None,
+        }
+    }
+}
+
+impl ThreadStats {
+    /// Counts one error.
+    pub fn error(&mut self, kind: ErrorKind) {
+        self.errors[kind as usize] += 1;
+        self.counters.errors += 1;
+    }
+
+    /// Counts `n` errors of one kind.
+    pub fn errors_n(&mut self, kind: ErrorKind, n: u64) {
+        self.errors[kind as usize] += n;
+        self.counters.errors += n;
+    }
+
+    /// Counts a connection attempt that failed, by reason.
+    pub fn connect_failed(&mut self, reason: String) {
+        *self.connect_failures.entry(reason).or_default() += 1;
+    }
+
+    /// Records a completed handshake at `now` that took `latency_ns`.
+    pub fn established(&mut self, now: u64, latency_ns: u64) {
+        self.counters.established += 1;
+        self.counters.open += 1;
+        self.handshake.saturating_record(latency_ns / 1_000);
+        self.established_span = Some(match self.established_span {
+            None => (now, now),
+            Some((first, last)) => (first.min(now), last.max(now)),
+        });
+    }
+
+    /// The per-second snapshot for the progress line; resets the interval histogram.
+    pub fn snapshot(&mut self) -> Snapshot {
+        let interval = self.interval.clone();
+        self.interval.reset();
+        Snapshot { counters: self.counters, interval }
+    }
+
+    /// Adds another thread's observations to these.
+    pub fn merge(&mut self, other: &ThreadStats) {
+        // The histograms share bounds, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        let _ = self.handshake.add(&other.handshake);
+        let _ = self.send_lag.add(&other.send_lag);
+        let _ = self.interval.add(&other.interval);
+        self.counters.add(&other.counters);
+        for (mine, theirs) in self.errors.iter_mut().zip(other.errors) {
+            *mine += theirs;
+        }
+        for (reason, count) in &other.connect_failures {
+            *self.connect_failures.entry(reason.clone()).or_default() += count;
+        }
+        self.established_span = match (self.established_span, other.established_span) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (span, None) | (None, span) => span,
+        };
+    }
+
+    /// Connection attempts that failed, all reasons together.
+    pub fn connections_failed(&self) -> u64 {
+        self.connect_failures.values().sum()
+    }
+}
+
+/// What a thread reports once a second: its counters and the latencies of the last second.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Cumulative counters.
+    pub counters: Counters,
+    /// Latencies recorded since the previous snapshot.
+    pub interval: Histogram<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_everything() {
+        let mut a = ThreadStats::default();
+        let mut b = ThreadStats::default();
+        a.latency.saturating_record(10);
+        b.latency.saturating_record(20);
+        a.error(ErrorKind::EchoMismatch);
+        b.errors_n(ErrorKind::EchoTimeout, 3);
+        a.connect_failed("refused".into());
+        b.connect_failed("refused".into());
+        a.established(5, 1_000);
+        b.established(9, 2_000);
+        a.merge(&b);
+        assert_eq!(a.latency.len(), 2);
+        assert_eq!(a.counters.errors, 4);
+        assert_eq!(a.errors[ErrorKind::EchoTimeout as usize], 3);
+        assert_eq!(a.connect_failures["refused"], 2);
+        assert_eq!(a.connections_failed(), 2);
+        assert_eq!(a.established_span, Some((5, 9)));
+        assert_eq!(a.counters.established, 2);
+    }
+
+    #[test]
+    fn huge_latencies_saturate_rather_than_vanish() {
+        let mut stats = ThreadStats::default();
+        stats.latency.saturating_record(u64::MAX);
+        assert_eq!(stats.latency.len(), 1);
+        assert!(stats.latency.max() >= MAX_LATENCY_US);
+    }
+}

@@ -1,0 +1,52 @@
+//! Latency accuracy and coordinated omission, end to end: the real `loadtest` binary against
+//! tungstenite servers with known delays.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Behaviour, TestServer, assert_percentiles, run_loadtest};
+
+/// A server that delays every echo by 5 ms: the median must land in 5-7 ms (the delay plus
+/// loopback and scheduling overhead, never less than the delay).
+#[test]
+fn five_ms_server_delay_reads_as_five_to_seven_ms() {
+    let server = TestServer::start(Behaviour::Delay(Duration::from_millis(5)));
+    let run = run_loadtest(
+        "delay",
+        &[&server.url, "--conns", "4", "--rate", "50", "--duration", "3s", "--threads", "1", "--quiet"],
+        Duration::from_secs(30),
+    );
+    assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+    assert_eq!(run.num("/errors"), 0.0, "{:#}", run.json());
+    let p50 = run.num("/latency_us/p50");
+    assert!((5_000.0..=7_000.0).contains(&p50), "p50 {p50} us for a 5 ms server delay");
+    assert!(run.num("/latency_us/p50") >= 5_000.0);
+    assert_percentiles(&run, "latency_us");
+}
+
+/// A server that stalls once for 1 s during a 10 s open-loop run at a fixed rate. Every message
+/// scheduled during the stall waits for it, so about 10% of messages see 0-1 s: p99.9 must show
+/// it. A closed-loop tool would have sent nothing during the stall and report one slow message.
+#[test]
+fn a_one_second_stall_is_not_hidden() {
+    let server =
+        TestServer::start(Behaviour::StallOnce { at: Duration::from_secs(3), stall: Duration::from_secs(1) });
+    let run = run_loadtest(
+        "stall",
+        &[&server.url, "--conns", "2", "--rate", "100", "--duration", "10s", "--threads", "1", "--quiet"],
+        Duration::from_secs(40),
+    );
+    assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+    assert_eq!(run.num("/errors"), 0.0, "{:#}", run.json());
+    // Nothing skipped: 2 connections x 100/s x 10 s.
+    let sent = run.num("/messages_sent");
+    assert!((1980.0..=2020.0).contains(&sent), "{sent} messages sent, expected about 2000");
+    assert_eq!(run.num("/messages_received"), sent);
+    let p999 = run.num("/latency_us/p999");
+    assert!(p999 >= 500_000.0, "p99.9 is {p999} us: the 1 s stall was hidden");
+    assert!(run.num("/latency_us/max") >= 900_000.0);
+    // The median is untouched by the stall.
+    assert!(run.num("/latency_us/p50") < 50_000.0);
+    assert_percentiles(&run, "latency_us");
+}

@@ -1,0 +1,198 @@
+//! Test servers and a runner for the real `loadtest` binary.
+//!
+//! The servers are plain std threads with tungstenite (an independent WebSocket implementation,
+//! so the client is not tested against its own protocol code), bound to 127.0.0.1 on an
+//! ephemeral port. Each behaviour is what one test needs: echo, delay every echo, stall once,
+//! corrupt some echoes. Servers stop when dropped; the runner kills the binary if it overruns.
+
+#![allow(dead_code)]
+
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::Message;
+
+/// What the test server does with each data message.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// Echo at once.
+    Echo,
+    /// Sleep this long, then echo.
+    Delay(Duration),
+    /// Echo at once, except that the first message at or after `at` (from server start) on each
+    /// connection waits until `at + stall`: every connection stalls together, once.
+    StallOnce { at: Duration, stall: Duration },
+    /// Flip one byte of every `n`th echo on each connection.
+    CorruptEvery(u64),
+}
+
+/// A WebSocket server on 127.0.0.1 that runs until dropped.
+pub struct TestServer {
+    /// `ws://127.0.0.1:PORT/echo`.
+    pub url: String,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with `behaviour` on an ephemeral port.
+    pub fn start(behaviour: Behaviour) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let url = format!("ws://{}/echo", listener.local_addr().expect("local addr"));
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let acceptor = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            thread::spawn(move || serve(stream, behaviour, started));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        TestServer { url, stop, acceptor: Some(acceptor) }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    // Bounds every connection thread even if a client never closes.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut ws) = tungstenite::accept(stream) else { return };
+    let mut count = 0u64;
+    let mut stalled = false;
+    loop {
+        let message = match ws.read() {
+            Ok(message) => message,
+            Err(_) => return,
+        };
+        let mut data = match message {
+            Message::Binary(data) => data.to_vec(),
+            Message::Text(text) => text.as_bytes().to_vec(),
+            _ => continue,
+        };
+        count += 1;
+        match behaviour {
+            Behaviour::Echo => {}
+            Behaviour::Delay(delay) => thread::sleep(delay),
+            Behaviour::StallOnce { at, stall } => {
+                let now = started.elapsed();
+                if !stalled && now >= at {
+                    stalled = true;
+                    thread::sleep((at + stall).saturating_sub(now));
+                }
+            }
+            Behaviour::CorruptEvery(n) => {
+                if count % n == 0 {
+                    if let Some(last) = data.last_mut() {
+                        *last ^= 0xff;
+                    }
+                }
+            }
+        }
+        if ws.send(Message::Binary(data.into())).is_err() {
+            return;
+        }
+    }
+}
+
+/// A finished `loadtest` run.
+pub struct Run {
+    /// Exit status, stdout and stderr.
+    pub output: Output,
+    /// The `--json` report, if it was written.
+    pub json: Option<Value>,
+    /// The directory holding the output files.
+    pub dir: PathBuf,
+}
+
+impl Run {
+    /// The JSON report; panics with the run's stderr if there is none.
+    pub fn json(&self) -> &Value {
+        self.json.as_ref().unwrap_or_else(|| panic!("no JSON report; stderr:\n{}", self.stderr()))
+    }
+
+    /// stderr as text.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// stdout as text.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    /// A number from the report by JSON pointer, e.g. `/latency_us/p50`.
+    pub fn num(&self, pointer: &str) -> f64 {
+        self.json()
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .unwrap_or_else(|| panic!("{pointer} missing from {:#}", self.json()))
+    }
+}
+
+/// Runs the real `loadtest` binary with `args` plus `--json`, killing it after `limit`.
+pub fn run_loadtest(name: &str, args: &[&str], limit: Duration) -> Run {
+    let dir = std::env::temp_dir().join(format!("loadtest-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json_path = dir.join("report.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start loadtest");
+    let started = Instant::now();
+    loop {
+        match child.try_wait().expect("wait for loadtest") {
+            Some(_) => break,
+            None if started.elapsed() > limit => {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("collect output");
+                panic!(
+                    "loadtest ran longer than {limit:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            None => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let output = child.wait_with_output().expect("collect output");
+    let json = std::fs::read_to_string(&json_path)
+        .ok()
+        .map(|text| serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}")));
+    Run { output, json, dir }
+}
+
+/// Asserts that a percentile object has every key and never decreases.
+pub fn assert_percentiles(run: &Run, key: &str) {
+    let values: Vec<f64> =
+        ["p50", "p90", "p99", "p999", "p9999", "max"].iter().map(|p| run.num(&format!("/{key}/{p}"))).collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{key} percentiles decrease: {values:?}");
+}
