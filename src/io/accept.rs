@@ -25,21 +25,21 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 /// Accepts connections until the gateway starts draining. `max_conns` bounds connections across
 /// all workers.
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerContext>, max_conns: usize) {
-    let mut draining = ctx.draining.clone();
     let mut last_warning: Option<Instant> = None;
     let mut accepting = Box::pin(listener.accept());
     loop {
+        if ctx.draining.get() {
+            // Stop accepting: shutting the listener down completes the pending accept.
+            // SAFETY: shutdown(2) on a descriptor we own has no memory-safety requirements.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+            if let Ok((stream, _)) = accepting.await {
+                drop(stream); // accepted in the last instant: close it, we are draining
+            }
+            return;
+        }
         let result = tokio::select! {
             result = &mut accepting => result,
-            _ = draining.wait_for(|draining| *draining) => {
-                // Stop accepting: shutting the listener down completes the pending accept.
-                // SAFETY: shutdown(2) on a descriptor we own has no memory-safety requirements.
-                unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
-                if let Ok((stream, _)) = accepting.await {
-                    drop(stream); // accepted in the last instant: close it, we are draining
-                }
-                return;
-            }
+            () = ctx.drain_started.notified() => continue,
         };
         accepting = Box::pin(listener.accept());
         match result {

@@ -13,6 +13,7 @@ mod process;
 mod readiness;
 mod worker;
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -95,8 +97,9 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     for (index, listeners) in listeners.into_iter().enumerate() {
         let worker_stats = Arc::new(WorkerStats::default());
         stats.push(Arc::clone(&worker_stats));
-        let context = context_builder(config, worker_stats, Arc::clone(&open_connections), drain_rx.clone());
-        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns };
+        let context = context_builder(config, worker_stats, Arc::clone(&open_connections));
+        let drain = drain_rx.clone();
+        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns, drain };
         worker::spawn(setup, ready_tx.clone(), done_tx.clone()).map_err(StartError::Thread)?;
     }
     for _ in 0..workers {
@@ -191,7 +194,6 @@ fn context_builder(
     config: &Config,
     stats: Arc<WorkerStats>,
     open_connections: Arc<AtomicUsize>,
-    draining: tokio::sync::watch::Receiver<bool>,
 ) -> Box<dyn FnOnce() -> WorkerContext + Send> {
     let limits = Limits { max_message_size: config.max_message_size, max_frame_size: config.frame_limit() };
     let policy = StaticPolicy { allowed_origins: config.allowed_origins.clone(), subprotocols: Vec::new() };
@@ -208,6 +210,7 @@ fn context_builder(
         router: Router::default(),
         stats,
         open_connections,
-        draining,
+        draining: Cell::new(false),
+        drain_started: Notify::new(),
     })
 }

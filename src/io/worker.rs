@@ -32,6 +32,8 @@ pub struct WorkerSetup {
     pub context: Box<dyn FnOnce() -> WorkerContext + Send>,
     /// Connection cap across all workers.
     pub max_conns: usize,
+    /// Becomes `true` when the gateway starts draining.
+    pub drain: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Starts the worker thread. It reports on `ready` whether its io_uring could be set up, then serves
@@ -74,6 +76,14 @@ fn new_runtime() -> io::Result<tokio_uring::Runtime> {
 
 async fn serve(setup: WorkerSetup) {
     let ctx = Rc::new((setup.context)());
+    let mut drain = setup.drain;
+    let drain_ctx = Rc::clone(&ctx);
+    tokio_uring::spawn(async move {
+        // A closed channel means the main thread is gone: drain as well.
+        let _ = drain.wait_for(|draining| *draining).await;
+        drain_ctx.draining.set(true);
+        drain_ctx.drain_started.notify_waiters();
+    });
     let mut accept_loops = Vec::new();
     for listener in setup.listeners {
         let listener = TcpListener::from_std(listener);
