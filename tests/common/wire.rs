@@ -203,7 +203,12 @@ impl Client {
 
     /// Reads the server's 101 answer to an upgrade request already sent on `stream`.
     pub fn finish_upgrade(stream: TcpStream) -> Client {
-        let mut client = Client { stream, buf: Vec::new() };
+        Client::finish_upgrade_after(stream, &[])
+    }
+
+    /// Like [`Client::finish_upgrade`], when the first bytes of the answer were already read.
+    pub fn finish_upgrade_after(stream: TcpStream, already_read: &[u8]) -> Client {
+        let mut client = Client { stream, buf: already_read.to_vec() };
         let (response, head_len) = loop {
             if let Some(parsed) = parse_head(&client.buf) {
                 break parsed;
