@@ -208,6 +208,14 @@ fn messages_over_the_size_limit_get_1009() {
     client.send(BINARY, &[7u8; 1025]);
     client.expect_close(1009);
 
+    // At the limit in fragments: fine.
+    let mut client = server.raw_client();
+    client.send_fragment(false, TEXT, &[b'a'; 512]);
+    client.send_fragment(true, CONTINUATION, &[b'b'; 512]);
+    let mut expected = vec![b'a'; 512];
+    expected.extend([b'b'; 512]);
+    client.expect_frame(TEXT, &expected);
+
     // Over the limit only when the fragments are added up.
     let mut client = server.raw_client();
     client.send_fragment(false, TEXT, &[b'a'; 600]);

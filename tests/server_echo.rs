@@ -296,3 +296,77 @@ fn errors_of_one_client_do_not_disturb_another() {
         other => panic!("expected silence, got {other:?}"),
     }
 }
+
+#[test]
+fn frames_sent_with_the_upgrade_request_are_echoed() {
+    let server = Server::start(&[]);
+    let mut stream = server.connect();
+    let mut wire = wire::upgrade_request("/echo", "").into_bytes();
+    wire.extend(wire::masked(TEXT, b"right behind the request"));
+    wire.extend(wire::masked(PING, b"p"));
+    wire.extend(wire::masked(BINARY, &[1, 2, 3]));
+    stream.write_all(&wire).expect("send");
+    let mut client = wire::Client::finish_upgrade(stream);
+    client.expect_frame(TEXT, b"right behind the request");
+    client.expect_frame(PONG, b"p");
+    client.expect_frame(BINARY, &[1, 2, 3]);
+}
+
+#[test]
+fn a_half_closed_client_still_gets_its_echoes() {
+    let server = Server::start(&[]);
+    let mut client = server.raw_client();
+    let big = Rng::new(9).bytes(200_000);
+    client.send(TEXT, b"first");
+    client.send(BINARY, &big);
+    client.stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    client.expect_frame(TEXT, b"first");
+    client.expect_frame(BINARY, &big);
+    // No closing handshake happened: the server just closes its side too.
+    client.expect_eof();
+}
+
+#[test]
+fn multi_byte_text_trickled_in_random_chunks_echoes_intact() {
+    let server = Server::start(&[]);
+    let mut rng = Rng::new(0xC0FFEE);
+    let mut client = server.raw_client();
+    let text = "κόσμε ✓ 𝄞 ringgate ".repeat(20_000); // ~560 KB, characters of 1 to 4 bytes
+    let frame = wire::encode_frame(true, 0, TEXT, text.as_bytes(), Some([0x11, 0x22, 0x33, 0x44]));
+    let mut at = 0;
+    while at < frame.len() {
+        // Odd sizes, so that chunk edges fall inside characters.
+        let len = rng.range(1, 9_999).min(frame.len() - at);
+        client.send_raw(&frame[at..at + len]);
+        at += len;
+    }
+    client.expect_frame(TEXT, text.as_bytes());
+}
+
+#[test]
+fn many_concurrent_clients_on_both_workers_get_their_own_echoes() {
+    const CLIENTS: usize = 40;
+    const ROUNDS: usize = 25;
+    let server = Server::start(&[]);
+    let addr = server.addr();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            thread::spawn(move || {
+                let mut client = wire::Client::connect(addr, "/echo");
+                let mut rng = Rng::new(c as u64 + 1);
+                for round in 0..ROUNDS {
+                    let mut payload = format!("client {c} round {round} ").into_bytes();
+                    let extra = rng.range(0, 3000);
+                    payload.extend(rng.bytes(extra));
+                    client.send(BINARY, &payload);
+                    client.expect_frame(BINARY, &payload);
+                }
+                client.send(wire::CLOSE, &wire::close_body(1000, b""));
+                client.expect_close(1000);
+            })
+        })
+        .collect();
+    for (c, thread) in threads.into_iter().enumerate() {
+        thread.join().unwrap_or_else(|_| panic!("client {c} failed"));
+    }
+}

@@ -44,6 +44,29 @@ fn a_valid_upgrade_gets_101_with_the_accept_key() {
 }
 
 #[test]
+fn no_subprotocol_or_extension_is_negotiated_unasked() {
+    let server = Server::start(&[]);
+    let extra = "Sec-WebSocket-Protocol: chat, superchat\r\n\
+                 Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+    let mut stream = server.connect();
+    stream.write_all(wire::upgrade_request("/echo", extra).as_bytes()).expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("read the 101"), 1, "EOF inside the 101");
+        head.push(byte[0]);
+    }
+    let (response, _) = wire::parse_head(&head).expect("head");
+    assert_eq!(response.status, 101, "{response:?}");
+    assert!(response.header("Sec-WebSocket-Protocol").is_none(), "{response:?}");
+    assert!(response.header("Sec-WebSocket-Extensions").is_none(), "{response:?}");
+    // Without a negotiated permessage-deflate, RSV1 is still a protocol error.
+    let mut client = wire::Client::finish_upgrade_after(stream, &head);
+    client.send_raw(&wire::encode_frame(true, 0b100, TEXT, b"compressed?", Some([1, 2, 3, 4])));
+    client.expect_close(1002);
+}
+
+#[test]
 fn a_method_other_than_get_gets_405() {
     let server = Server::start(&[]);
     let request = wire::upgrade_request("/echo", "").replacen("GET", "POST", 1);
@@ -264,4 +287,82 @@ fn over_max_conns_gets_503_until_a_connection_closes() {
     };
     third.send(TEXT, b"third");
     third.expect_frame(TEXT, b"third");
+}
+
+/// Upgrades on `/echo`, or returns `None` if the server answers 503 (at its connection limit).
+fn try_upgrade(server: &Server) -> Option<wire::Client> {
+    let mut stream = server.connect();
+    stream.write_all(wire::upgrade_request("/echo", "").as_bytes()).expect("send");
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).expect("status line");
+    match &head {
+        b"HTTP/1.1 101" => Some(wire::Client::finish_upgrade_after(stream, &head)),
+        b"HTTP/1.1 503" => None,
+        other => panic!("unexpected answer {:?}", String::from_utf8_lossy(other)),
+    }
+}
+
+/// Connections that end abruptly at every stage must each give their slot back exactly once: after
+/// many of them, `--max-conns 3` still admits exactly three connections.
+#[test]
+fn abrupt_disconnects_give_their_connection_slot_back_exactly_once() {
+    let server = Server::start(&["--max-conns", "3", "--handshake-timeout", "1s"]);
+    let reset = |stream: std::net::TcpStream| {
+        // SO_LINGER 0: close(2) sends RST, discarding anything unsent or unread.
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+        drop(stream);
+    };
+    for round in 0..4 {
+        // Connect and go away at once.
+        drop(server.connect());
+        // Half a request, then FIN; and then RST.
+        let mut stream = server.connect();
+        stream.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").expect("send");
+        drop(stream);
+        let mut stream = server.connect();
+        stream.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").expect("send");
+        reset(stream);
+        // A refused request whose answer is never read.
+        let mut stream = server.connect();
+        stream.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        reset(stream);
+        // Upgraded, then gone in the middle of a frame.
+        if let Some(mut client) = try_upgrade(&server) {
+            let frame = wire::masked(wire::BINARY, &[9u8; 1000]);
+            client.send_raw(&frame[..500]);
+            drop(client);
+        }
+        // Upgraded, a large echo queued, then a reset without reading anything.
+        if let Some(mut client) = try_upgrade(&server) {
+            client.send(wire::BINARY, &vec![round as u8; 900_000]);
+            reset(client.stream);
+        }
+        // A protocol error whose Close is never read.
+        if let Some(mut client) = try_upgrade(&server) {
+            client.send_raw(&wire::encode_frame(true, 0, TEXT, b"unmasked", None));
+            drop(client);
+        }
+    }
+
+    // Give the server a moment to notice every disconnect, then fill it exactly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut admitted = loop {
+        let clients: Vec<_> = (0..3).map_while(|_| try_upgrade(&server)).collect();
+        if clients.len() == 3 {
+            break clients;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 3 slots came back: a leaked connection count",
+            clients.len()
+        );
+        drop(clients);
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(try_upgrade(&server).is_none(), "a fourth connection was admitted: the count went below zero");
+    for (i, client) in admitted.iter_mut().enumerate() {
+        let text = format!("slot {i}");
+        client.send(TEXT, text.as_bytes());
+        client.expect_frame(TEXT, text.as_bytes());
+    }
 }

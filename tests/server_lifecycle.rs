@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,48 @@ fn an_idle_server_exits_0_on_sigterm_and_stops_listening() {
     let status = server.wait_exit(Duration::from_secs(3)).expect("exit");
     assert!(status.success(), "{status:?}");
     assert!(std::net::TcpStream::connect_timeout(&addr, wire::IO_TIMEOUT).is_err(), "still listening");
+}
+
+#[test]
+fn draining_stops_accepting_and_drops_unfinished_handshakes() {
+    let mut server = Server::start(&["--drain-timeout", "30s"]);
+    let mut upgraded = server.raw_client();
+    let mut half = server.connect();
+    half.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").expect("send half a request");
+    // Let the server read it, so that it is mid-handshake when the signal comes.
+    std::thread::sleep(Duration::from_millis(100));
+    server.sigterm();
+    assert_eq!(upgraded.read_frame().close_code(), Some(1001));
+    // The unfinished handshake is closed without an answer.
+    let mut rest = Vec::new();
+    half.read_to_end(&mut rest).expect("clean close of the unfinished handshake");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    // New connections are refused (or, caught in the instant the listeners close, never upgraded).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::net::TcpStream::connect_timeout(&server.addr(), wire::IO_TIMEOUT) {
+            Err(error) => {
+                assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+                break;
+            }
+            Ok(mut stream) => {
+                stream.set_read_timeout(Some(wire::IO_TIMEOUT)).expect("timeout");
+                let _ = stream.write_all(wire::upgrade_request("/echo", "").as_bytes());
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+                assert!(answer.is_empty(), "upgraded while draining: {:?}", String::from_utf8_lossy(&answer));
+            }
+        }
+        assert!(Instant::now() < deadline, "still accepting connections 2 s into the drain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The drain is still waiting for our upgraded client, which now answers: the server exits.
+    assert!(server.wait_exit(Duration::ZERO).is_none());
+    upgraded.send(CLOSE, &wire::close_body(1001, b""));
+    upgraded.expect_eof();
+    drop(upgraded);
+    let status = server.wait_exit(Duration::from_secs(3)).expect("exit once drained");
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
