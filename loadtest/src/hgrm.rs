@@ -15,7 +15,11 @@ const TICKS_PER_HALF_DISTANCE: u32 = 5;
 pub fn percentile_distribution(histogram: &Histogram<u64>) -> String {
     let scale = 1_000.0;
     let mut out = String::new();
-    let _ = write!(out, "{:>12} {:>14} {:>10} {:>14}\n\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let _ = write!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
     let mut total = 0u64;
     for value in histogram.iter_quantiles(TICKS_PER_HALF_DISTANCE) {
         total += value.count_since_last_iteration();
@@ -56,12 +60,19 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "       Value     Percentile TotalCount 1/(1-Percentile)");
         assert_eq!(lines[1], "");
-        assert!(lines[2].starts_with("       1.000 0.000000000000          1           1.00"), "{}", lines[2]);
+        assert!(
+            lines[2].starts_with("       1.000 0.000000000000          1           1.00"),
+            "{}",
+            lines[2]
+        );
         let last_row = lines.iter().rev().find(|l| !l.starts_with('#')).unwrap();
         assert!(last_row.contains("1.000000000000          4"), "{last_row}");
         assert!(text.contains("#[Max     =        4.001, Total count    =            4]"), "{text}");
-        let counts: Vec<u64> =
-            lines[2..].iter().filter(|l| !l.starts_with('#')).map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap()).collect();
+        let counts: Vec<u64> = lines[2..]
+            .iter()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+            .collect();
         assert!(counts.windows(2).all(|w| w[0] <= w[1]));
     }
 }

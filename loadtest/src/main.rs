@@ -10,6 +10,7 @@
 
 mod cli;
 mod clock;
+mod cpu;
 mod engine;
 mod hgrm;
 mod limits;
@@ -74,6 +75,7 @@ fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let plan = Arc::new(plan);
+    let cpu_at_start = cpu::CpuTime::now();
     let (reports, received) = mpsc::channel();
     let threads = engine::start(Arc::clone(&plan), phases, reports).context("starting client threads")?;
     let stats = progress::collect(&plan, &phases, received)?;
@@ -81,7 +83,8 @@ fn run(args: Args) -> Result<ExitCode> {
         let _ = thread.join();
     }
 
-    let summary = Summary::new(&plan, &phases, &stats);
+    let cpu = cpu::CpuTime::now().since(cpu_at_start);
+    let summary = Summary::new(&plan, &phases, &stats, cpu);
     print!("{}", summary.text());
     if let Some(path) = &plan.json {
         summary.write_json(path)?;

@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cli::{Mode, Plan};
+use crate::cpu::CpuTime;
 use crate::schedule::Phases;
 use crate::stats::{ErrorKind, ThreadStats};
 
@@ -82,6 +83,8 @@ pub struct RunConfig {
     pub threads: usize,
     /// Source addresses used.
     pub source_ips: usize,
+    /// Open-loop wakeup coalescing window, microseconds.
+    pub timer_slack_us: f64,
 }
 
 /// Everything the run found. Field names are the JSON keys.
@@ -117,14 +120,29 @@ pub struct Summary {
     pub handshake_latency_us: Percentiles,
     /// Actual minus intended send time (open loop): how late the tool itself sent, microseconds.
     pub send_lag_us: Percentiles,
+    /// What this run cost the load generator itself.
+    pub client_cpu: ClientCpu,
+}
+
+/// The load generator's own CPU time over the whole run (ramp-up, warmup and drain included).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ClientCpu {
+    /// User-space seconds, all threads.
+    pub user_secs: f64,
+    /// Kernel seconds, all threads.
+    pub sys_secs: f64,
+    /// (user + sys) / every echo received (warmup included); 0 when none.
+    pub us_per_message: f64,
 }
 
 impl Summary {
     /// Builds the summary from the merged statistics.
-    pub fn new(plan: &Plan, phases: &Phases, stats: &ThreadStats) -> Summary {
+    pub fn new(plan: &Plan, phases: &Phases, stats: &ThreadStats, cpu: CpuTime) -> Summary {
         let counters = &stats.counters;
         let connect_rate_per_sec = match stats.established_span {
-            Some((first, last)) if last > first => (counters.established - 1) as f64 / ((last - first) as f64 / 1e9),
+            Some((first, last)) if last > first => {
+                (counters.established - 1) as f64 / ((last - first) as f64 / 1e9)
+            }
             _ => 0.0,
         };
         let errors_by_kind = ErrorKind::ALL
@@ -149,6 +167,7 @@ impl Summary {
                 warmup_secs: plan.warmup.as_secs_f64(),
                 threads: plan.threads,
                 source_ips: plan.source_ips.len(),
+                timer_slack_us: plan.timer_slack.as_secs_f64() * 1e6,
             },
             connections_attempted: counters.attempted,
             connections_established: counters.established,
@@ -164,6 +183,14 @@ impl Summary {
             latency_us: Percentiles::of(&stats.latency),
             handshake_latency_us: Percentiles::of(&stats.handshake),
             send_lag_us: Percentiles::of(&stats.send_lag),
+            client_cpu: ClientCpu {
+                user_secs: cpu.user.as_secs_f64(),
+                sys_secs: cpu.sys.as_secs_f64(),
+                us_per_message: match counters.total_received {
+                    0 => 0.0,
+                    n => cpu.total().as_secs_f64() * 1e6 / n as f64,
+                },
+            },
         }
     }
 
@@ -218,6 +245,12 @@ impl Summary {
             row("send lag", &self.send_lag_us);
         }
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+        let cpu = &self.client_cpu;
+        let _ = write!(s, "client cpu:  {:.2}s user + {:.2}s sys", cpu.user_secs, cpu.sys_secs);
+        if cpu.us_per_message > 0.0 {
+            let _ = write!(s, " = {:.2} us per echoed message", cpu.us_per_message);
+        }
+        s.push('\n');
         s
     }
 

@@ -22,9 +22,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
     let mut out = Vec::new();
     // Set once, when the run ends; both halves of the closing handshake share it.
     let close_at = std::cell::Cell::new(None);
-    let close_by = || {
-        *close_at.get().get_or_insert(tokio::time::Instant::now() + CLOSE_TIMEOUT)
-    };
+    let close_by = || *close_at.get().get_or_insert(tokio::time::Instant::now() + CLOSE_TIMEOUT);
     loop {
         let mut server_closed = false;
         let drained = reader.drain(|event| {

@@ -10,6 +10,7 @@ mod closed_loop;
 mod connect;
 mod hold;
 mod open_loop;
+mod pacer;
 mod race;
 mod timer;
 mod wire;
@@ -57,6 +58,8 @@ pub struct ThreadCtx {
     pub phases: Phases,
     /// This thread's statistics; borrowed briefly, never across an await.
     pub stats: RefCell<ThreadStats>,
+    /// Wakes connections at their scheduled times.
+    pub pacer: Rc<pacer::Pacer>,
 }
 
 /// Starts the client threads. Each reports through `reports`.
@@ -82,7 +85,13 @@ fn run_thread(plan: Arc<Plan>, phases: Phases, index: usize, reports: Sender<Rep
             return;
         }
     };
-    let ctx = Rc::new(ThreadCtx { plan, phases, stats: RefCell::new(ThreadStats::default()) });
+    let slack = plan.timer_slack.as_nanos() as u64;
+    let ctx = Rc::new(ThreadCtx {
+        plan,
+        phases,
+        stats: RefCell::new(ThreadStats::default()),
+        pacer: Rc::new(pacer::Pacer::new(slack)),
+    });
     runtime.block_on(thread_main(Rc::clone(&ctx), index, reports.clone()));
     let stats = ctx.stats.replace(ThreadStats::default());
     let _ = reports.send(Report::Done(index, Box::new(stats)));
@@ -90,12 +99,13 @@ fn run_thread(plan: Arc<Plan>, phases: Phases, index: usize, reports: Sender<Rep
 
 async fn thread_main(ctx: Rc<ThreadCtx>, index: usize, reports: Sender<Report>) {
     let ticker = tokio_uring::spawn(ticker(Rc::clone(&ctx), index, reports));
+    let pacer = tokio_uring::spawn(Rc::clone(&ctx.pacer).drive());
     let plan = Arc::clone(&ctx.plan);
     let mut tasks = Vec::new();
     for conn in (index as u32..plan.conns).step_by(plan.threads) {
         let at = ctx.phases.connect_at(conn, plan.connect_rate);
         if at > clock::now() {
-            timer::sleep_until(at).await;
+            ctx.pacer.sleep_until(at).await;
         }
         tasks.push(tokio_uring::spawn(connection(Rc::clone(&ctx), conn)));
     }
@@ -104,6 +114,8 @@ async fn thread_main(ctx: Rc<ThreadCtx>, index: usize, reports: Sender<Report>) 
         let _ = task.await;
     }
     ticker.abort();
+    ctx.pacer.stop();
+    let _ = pacer.await;
 }
 
 async fn ticker(ctx: Rc<ThreadCtx>, index: usize, reports: Sender<Report>) {

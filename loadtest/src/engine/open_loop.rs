@@ -22,7 +22,7 @@ use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
 use super::wire::{FrameReader, mask_key, put_close, put_pong};
-use super::{CLOSE_TIMEOUT, LATE_THRESHOLD, ThreadCtx, timer};
+use super::{CLOSE_TIMEOUT, LATE_THRESHOLD, ThreadCtx};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
@@ -94,7 +94,7 @@ async fn write_schedule(ctx: &ThreadCtx, shared: &Shared) -> Vec<u8> {
             return out;
         }
         if due > clock::now() {
-            let mut sleep = pin!(timer::sleep_until(due));
+            let mut sleep = pin!(ctx.pacer.sleep_until(due));
             loop {
                 tokio::select! {
                     biased;

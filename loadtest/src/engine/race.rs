@@ -21,7 +21,10 @@ pub enum Either<A, B> {
 
 /// Polls `first` and `second` together. If `second` wins, `first` is returned unfinished so the
 /// caller can wake its op (shutdown) and drive it to completion rather than dropping it.
-pub async fn race<'a, A, B>(mut first: Pin<&'a mut A>, mut second: Pin<&mut B>) -> Either<A::Output, Pin<&'a mut A>>
+pub async fn race<'a, A, B>(
+    mut first: Pin<&'a mut A>,
+    mut second: Pin<&mut B>,
+) -> Either<A::Output, Pin<&'a mut A>>
 where
     A: Future,
     B: Future,

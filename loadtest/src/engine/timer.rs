@@ -6,6 +6,9 @@
 //! millisecond late, and that lateness is charged to the server's latency. The kernel's hrtimer
 //! fires within microseconds, so the schedule is kept to what the machine can do.
 //!
+//! Used by the per-thread [`super::pacer::Pacer`] only: one armed timeout per thread, not one per
+//! message (each armed hrtimer is a timer reprogramming, costly in a VM).
+//!
 //! Must never: be used for deadlines that are usually abandoned (a dropped timeout stays in the
 //! ring until it fires); use `tokio::time` for those. The op is single-shot, never multishot.
 
@@ -38,8 +41,7 @@ pub fn sleep_until(at: u64) -> Sleep {
     let timespec = Box::new(
         types::Timespec::new().sec(absolute / 1_000_000_000).nsec((absolute % 1_000_000_000) as u32),
     );
-    let sqe = opcode::Timeout::new(&*timespec as *const types::Timespec)
-        .flags(types::TimeoutFlags::ABS)
-        .build();
+    let sqe =
+        opcode::Timeout::new(&*timespec as *const types::Timespec).flags(types::TimeoutFlags::ABS).build();
     UnsubmittedOneshot::new(timespec, Expired, sqe).submit()
 }

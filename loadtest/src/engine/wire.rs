@@ -14,8 +14,8 @@ use ringgate::proto::ProtocolError;
 use ringgate::proto::close::{CloseCode, write_close_body};
 use ringgate::proto::frame::{OpCode, write_frame};
 use ringgate::proto::message::{Assembler, Event, Limits, Role};
-use tokio_uring::buf::BoundedBuf;
 use tokio::time::Sleep;
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};

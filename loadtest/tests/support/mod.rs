@@ -57,7 +57,9 @@ impl TestServer {
                         Ok((stream, _)) => {
                             thread::spawn(move || serve(stream, behaviour, started));
                         }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2))
+                        }
                         Err(_) => thread::sleep(Duration::from_millis(2)),
                     }
                 }
@@ -192,7 +194,9 @@ pub fn run_loadtest(name: &str, args: &[&str], limit: Duration) -> Run {
 
 /// Asserts that a percentile object has every key and never decreases.
 pub fn assert_percentiles(run: &Run, key: &str) {
-    let values: Vec<f64> =
-        ["p50", "p90", "p99", "p999", "p9999", "max"].iter().map(|p| run.num(&format!("/{key}/{p}"))).collect();
+    let values: Vec<f64> = ["p50", "p90", "p99", "p999", "p9999", "max"]
+        .iter()
+        .map(|p| run.num(&format!("/{key}/{p}")))
+        .collect();
     assert!(values.windows(2).all(|w| w[0] <= w[1]), "{key} percentiles decrease: {values:?}");
 }
