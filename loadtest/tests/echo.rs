@@ -141,3 +141,50 @@ fn too_many_connections_for_the_limits_is_a_clear_error() {
     );
     assert!(run.json.is_none());
 }
+
+#[test]
+fn pings_are_answered_while_sending_and_while_idle() {
+    for (name, mode, rate) in [("ping-echo", "echo", "50"), ("ping-idle", "connect", "0")] {
+        let server = TestServer::start(Behaviour::Pinging);
+        let run = run_loadtest(
+            name,
+            &[&server.url, "--mode", mode, "--rate", rate, "--conns", "3", "--duration", "1s", "--quiet"],
+            LIMIT,
+        );
+        assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+        assert_eq!(run.num("/errors"), 0.0, "{mode}: {:#}", run.json());
+        // 3 connections pinged every 100 ms for about a second.
+        let pongs = server.pongs.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(pongs >= 15, "{mode}: only {pongs} pongs");
+        if mode == "echo" {
+            assert_eq!(run.num("/messages_received"), run.num("/messages_sent"));
+        }
+    }
+}
+
+#[test]
+fn source_ips_spread_connections_over_local_addresses() {
+    let server = TestServer::start(Behaviour::Echo);
+    let run = run_loadtest(
+        "source-ips",
+        &[
+            &server.url,
+            "--source-ips",
+            "127.0.0.2-127.0.0.3,127.0.0.7",
+            "--conns",
+            "6",
+            "--rate",
+            "0",
+            "--duration",
+            "500ms",
+            "--quiet",
+        ],
+        LIMIT,
+    );
+    assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+    assert_eq!(run.num("/connections_established"), 6.0);
+    assert_eq!(run.num("/errors"), 0.0);
+    let mut peers: Vec<String> = server.peers.lock().unwrap().iter().map(|ip| ip.to_string()).collect();
+    peers.sort();
+    assert_eq!(peers, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.7", "127.0.0.7"]);
+}

@@ -8,11 +8,11 @@
 #![allow(dead_code)]
 
 use std::io::ErrorKind;
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -31,12 +31,18 @@ pub enum Behaviour {
     StallOnce { at: Duration, stall: Duration },
     /// Flip one byte of every `n`th echo on each connection.
     CorruptEvery(u64),
+    /// Echo at once, and send a Ping every 100 ms, counting the Pongs that come back.
+    Pinging,
 }
 
 /// A WebSocket server on 127.0.0.1 that runs until dropped.
 pub struct TestServer {
     /// `ws://127.0.0.1:PORT/echo`.
     pub url: String,
+    /// Pongs received, all connections together.
+    pub pongs: Arc<AtomicU64>,
+    /// The address of every accepted connection's peer.
+    pub peers: Arc<Mutex<Vec<IpAddr>>>,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -48,14 +54,18 @@ impl TestServer {
         let url = format!("ws://{}/echo", listener.local_addr().expect("local addr"));
         listener.set_nonblocking(true).expect("nonblocking listener");
         let stop = Arc::new(AtomicBool::new(false));
+        let pongs = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
         let started = Instant::now();
         let acceptor = {
-            let stop = Arc::clone(&stop);
+            let (stop, pongs, peers) = (Arc::clone(&stop), Arc::clone(&pongs), Arc::clone(&peers));
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((stream, _)) => {
-                            thread::spawn(move || serve(stream, behaviour, started));
+                        Ok((stream, peer)) => {
+                            peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer.ip());
+                            let pongs = Arc::clone(&pongs);
+                            thread::spawn(move || serve(stream, behaviour, started, &pongs));
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             thread::sleep(Duration::from_millis(2))
@@ -65,7 +75,7 @@ impl TestServer {
                 }
             })
         };
-        TestServer { url, stop, acceptor: Some(acceptor) }
+        TestServer { url, pongs, peers, stop, acceptor: Some(acceptor) }
     }
 }
 
@@ -78,27 +88,54 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant) {
+fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant, pongs: &AtomicU64) {
+    const PING_EVERY: Duration = Duration::from_millis(100);
+    // Bounds every connection thread even if a client never closes.
+    const IDLE_LIMIT: Duration = Duration::from_secs(30);
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
-    // Bounds every connection thread even if a client never closes.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut ws) = tungstenite::accept(stream) else { return };
+    let read_timeout = match behaviour {
+        Behaviour::Pinging => PING_EVERY,
+        _ => IDLE_LIMIT,
+    };
+    let _ = ws.get_ref().set_read_timeout(Some(read_timeout));
     let mut count = 0u64;
     let mut stalled = false;
+    let mut last_ping = Instant::now();
+    let mut last_heard = Instant::now();
     loop {
+        if matches!(behaviour, Behaviour::Pinging) && last_ping.elapsed() >= PING_EVERY {
+            last_ping = Instant::now();
+            if ws.send(Message::Ping(b"are you there"[..].into())).is_err() {
+                return;
+            }
+        }
         let message = match ws.read() {
             Ok(message) => message,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                    && last_heard.elapsed() < IDLE_LIMIT =>
+            {
+                continue;
+            }
             Err(_) => return,
         };
+        last_heard = Instant::now();
         let mut data = match message {
             Message::Binary(data) => data.to_vec(),
             Message::Text(text) => text.as_bytes().to_vec(),
+            Message::Pong(payload) => {
+                if payload.as_ref() == b"are you there" {
+                    pongs.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             _ => continue,
         };
         count += 1;
         match behaviour {
-            Behaviour::Echo => {}
+            Behaviour::Echo | Behaviour::Pinging => {}
             Behaviour::Delay(delay) => thread::sleep(delay),
             Behaviour::StallOnce { at, stall } => {
                 let now = started.elapsed();
