@@ -71,7 +71,7 @@ pub struct RunConfig {
     pub connect_rate: f64,
     /// Messages per second per connection; 0 for closed loop.
     pub rate: f64,
-    /// `open` or `closed`.
+    /// `open`, `closed`, or `none` (connect mode).
     pub loop_kind: &'static str,
     /// Payload bytes.
     pub size: usize,
@@ -160,8 +160,12 @@ impl Summary {
                 url: format!("ws://{}{}", plan.target.host, plan.target.path),
                 conns: plan.conns,
                 connect_rate: plan.connect_rate,
-                rate: plan.rate.unwrap_or(0.0),
-                loop_kind: if plan.rate.is_some() { "open" } else { "closed" },
+                rate: if plan.mode == Mode::Echo { plan.rate.unwrap_or(0.0) } else { 0.0 },
+                loop_kind: match (plan.mode, plan.rate) {
+                    (Mode::Connect, _) => "none",
+                    (Mode::Echo, Some(_)) => "open",
+                    (Mode::Echo, None) => "closed",
+                },
                 size: plan.size,
                 duration_secs: plan.duration.as_secs_f64(),
                 warmup_secs: plan.warmup.as_secs_f64(),
@@ -198,16 +202,19 @@ impl Summary {
     pub fn text(&self) -> String {
         let c = &self.config;
         let mut s = String::new();
-        let loop_text = if c.loop_kind == "open" {
-            format!("open loop at {} msg/s per connection", c.rate)
-        } else {
-            "closed loop".to_string()
+        let what = match (c.mode, c.loop_kind) {
+            ("connect", _) => format!("held idle for {}s", c.duration_secs),
+            (_, "open") => format!(
+                "open loop at {} msg/s per connection, {} B payload, {}s measured (+{}s warmup)",
+                c.rate, c.size, c.duration_secs, c.warmup_secs
+            ),
+            _ => format!(
+                "closed loop, {} B payload, {}s measured (+{}s warmup)",
+                c.size, c.duration_secs, c.warmup_secs
+            ),
         };
-        let _ = writeln!(
-            s,
-            "\n{} {} — {} connections, {}, {} B payload, {}s measured (+{}s warmup), {} threads",
-            c.mode, c.url, c.conns, loop_text, c.size, c.duration_secs, c.warmup_secs, c.threads
-        );
+        let _ =
+            writeln!(s, "\n{} {} — {} connections, {what}, {} threads", c.mode, c.url, c.conns, c.threads);
         let _ = writeln!(
             s,
             "connections: {} attempted, {} established, {} failed{}; {:.0} established/s",
@@ -245,6 +252,15 @@ impl Summary {
             row("send lag", &self.send_lag_us);
         }
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+        if self.messages_sent > 0 && self.late_sends * 100 > self.messages_sent {
+            let _ = writeln!(
+                s,
+                "warning:     {:.1}% of messages were sent more than 1 ms after their intended time: the \
+                 client could not keep the schedule (its CPU is saturated, or the server stopped \
+                 reading). Latencies include that lateness; see the send lag row.",
+                self.late_sends as f64 * 100.0 / self.messages_sent as f64
+            );
+        }
         let cpu = &self.client_cpu;
         let _ = write!(s, "client cpu:  {:.2}s user + {:.2}s sys", cpu.user_secs, cpu.sys_secs);
         if cpu.us_per_message > 0.0 {
