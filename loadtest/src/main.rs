@@ -48,7 +48,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<ExitCode> {
-    let plan = args.into_plan()?;
+    let plan = match args.into_plan() {
+        Ok(plan) => plan,
+        Err(error) => {
+            // A flag value that makes no sense: a usage error, like clap's own (exit status 2).
+            eprintln!("loadtest: error: {error:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let nofile = limits::raise_nofile()?;
     limits::check_fds(plan.conns, nofile)?;
     limits::check_ports(plan.conns, plan.source_ips.len(), limits::ephemeral_ports()?)?;

@@ -134,6 +134,13 @@ fn refused_connections_fail_the_run_with_a_reason() {
 }
 
 #[test]
+fn meaningless_flags_are_usage_errors() {
+    let run = run_loadtest("usage", &["--size", "8", "--quiet"], LIMIT);
+    assert_eq!(run.output.status.code(), Some(2));
+    assert!(run.stderr().contains("--size 8 is too small"), "{}", run.stderr());
+}
+
+#[test]
 fn too_many_connections_for_the_limits_is_a_clear_error() {
     let run = run_loadtest("limits", &["--conns", "4000000", "--quiet"], LIMIT);
     assert!(!run.output.status.success());
