@@ -90,7 +90,7 @@ impl Pacer {
         }
     }
 
-    /// Ends [`Pacer::drive`] once no connection is left.
+    /// Ends [`Pacer::drive`]; call once no connection is left.
     pub fn stop(&self) {
         self.stopped.set(true);
         self.kick.notify_one();
@@ -111,7 +111,9 @@ impl Pacer {
                 heap.peek().map(|entry| entry.0.due)
             };
             match earliest {
-                None if self.stopped.get() => return,
+                // Every connection has ended; entries left behind belong to sleeps that were
+                // dropped (a connection that failed mid-wait) and need no wakeup.
+                _ if self.stopped.get() => return,
                 None => {
                     self.armed.set(None);
                     self.kick.notified().await;
