@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::gateway::pubsub::SlowConsumerPolicy;
+use crate::gateway::router::Router;
+
 /// ringgate: an io_uring WebSocket gateway.
 ///
 /// Starts one worker per core, each with its own io_uring and SO_REUSEPORT listener. Routes:
-/// `/echo` echoes every message. SIGTERM or SIGINT drains gracefully (close 1001 to every
+/// `/echo` echoes every message; `/pubsub/{topic}` subscribes to a topic and publishes what the
+/// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`. SIGTERM or SIGINT drains gracefully (close 1001 to every
 /// connection, up to --drain-timeout); a second signal exits at once.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ringgate", version, about, long_about)]
@@ -64,9 +68,56 @@ pub struct Config {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
 
+    /// What to do with a pub/sub subscriber whose queue passes --max-backpressure: `close` it with
+    /// 1008 "slow consumer", or `drop` the messages it has no room for (counted in /metrics).
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "close")]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// Deliver a pub/sub client's own messages back to it too (by default a publisher is excluded).
+    #[arg(long)]
+    pub pubsub_echo: bool,
+
+    /// Path of the echo route (WebSocket); `off` disables it.
+    #[arg(long, value_name = "PATH", default_value = "/echo", value_parser = parse_route_path)]
+    pub echo_path: RoutePath,
+
+    /// Prefix of the pub/sub routes (WebSocket, `PREFIX/{topic}`); `off` disables them.
+    #[arg(long, value_name = "PREFIX", default_value = "/pubsub", value_parser = parse_route_path)]
+    pub pubsub_path: RoutePath,
+
+    /// Prefix of the HTTP publish API (`POST PREFIX/{topic}`); `off` disables it.
+    #[arg(long, value_name = "PREFIX", default_value = "/publish", value_parser = parse_route_path)]
+    pub publish_path: RoutePath,
+
+    /// Path of the Prometheus metrics endpoint (`GET`); `off` disables it.
+    #[arg(long, value_name = "PATH", default_value = "/metrics", value_parser = parse_route_path)]
+    pub metrics_path: RoutePath,
+
+    /// Path of the health endpoint (`GET`: 200 while serving, 503 while draining); `off` disables it.
+    #[arg(long, value_name = "PATH", default_value = "/healthz", value_parser = parse_route_path)]
+    pub healthz_path: RoutePath,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+}
+
+/// A route's path, or `None` when the operator turned the route off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutePath(pub Option<String>);
+
+/// Parses a route path: `off`, or an absolute path without a trailing slash or query.
+pub fn parse_route_path(text: &str) -> Result<RoutePath, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(RoutePath(None));
+    }
+    let valid =
+        text.starts_with('/') && !text.contains(['?', '#', ' ']) && (text == "/" || !text.ends_with('/'));
+    if valid {
+        Ok(RoutePath(Some(text.to_string())))
+    } else {
+        Err(format!("'{text}' is not a path like /echo (or off)"))
+    }
 }
 
 /// A configuration the gateway cannot run with, and why.
@@ -91,6 +142,17 @@ impl Config {
     /// The frame limit after applying the default.
     pub fn frame_limit(&self) -> usize {
         self.max_frame_size.unwrap_or(self.max_message_size)
+    }
+
+    /// The router for the configured route paths.
+    pub fn router(&self) -> Router {
+        Router {
+            echo: self.echo_path.0.clone(),
+            pubsub: self.pubsub_path.0.clone(),
+            publish: self.publish_path.0.clone(),
+            metrics: self.metrics_path.0.clone(),
+            healthz: self.healthz_path.0.clone(),
+        }
     }
 
     /// Checks the relations between flags that clap cannot express.
@@ -120,6 +182,15 @@ impl Config {
         {
             if value.is_zero() {
                 return fail(format!("{name} must be more than zero"));
+            }
+        }
+        let exact: Vec<&String> = [&self.echo_path, &self.metrics_path, &self.healthz_path]
+            .iter()
+            .filter_map(|p| p.0.as_ref())
+            .collect();
+        for (i, path) in exact.iter().enumerate() {
+            if exact[i + 1..].contains(path) {
+                return fail(format!("two routes share the path {path}"));
             }
         }
         if self.max_backpressure < 1024 {
@@ -187,6 +258,16 @@ mod tests {
     fn frame_limit_above_message_limit_is_refused() {
         let config = parse(&["--max-message-size", "1KiB", "--max-frame-size", "2KiB"]);
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn routes_can_be_moved_or_turned_off() {
+        let config = parse(&["--echo-path", "off", "--pubsub-path", "/ws/topics"]);
+        let router = config.router();
+        assert_eq!(router.echo, None);
+        assert_eq!(router.pubsub.as_deref(), Some("/ws/topics"));
+        assert!(Config::try_parse_from(["ringgate", "--metrics-path", "metrics"]).is_err());
+        assert!(parse(&["--metrics-path", "/x", "--healthz-path", "/x"]).validate().is_err());
     }
 
     #[test]

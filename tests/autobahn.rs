@@ -8,10 +8,19 @@ use std::process::Command;
 fn autobahn_testsuite_matches_expected_results() {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = format!("{root}/target/autobahn-debug");
-    let status = Command::new(format!("{root}/autobahn/conformance.sh"))
+    let output = Command::new(format!("{root}/autobahn/conformance.sh"))
         .arg(env!("CARGO_BIN_EXE_ringgate"))
         .arg(&out)
-        .status()
+        .output()
         .expect("autobahn/conformance.sh runs");
-    assert!(status.success(), "Autobahn conformance failed; the report is in {out}/index.html");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // wstest prints a line per case; keep the verdict (the last lines) and any errors.
+    let tail: Vec<&str> = stdout.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+    println!("{}", tail.join("\n"));
+    assert!(
+        output.status.success(),
+        "Autobahn conformance failed; the report is in {out}/index.html\n{}\n{stderr}",
+        tail.join("\n")
+    );
 }

@@ -5,6 +5,8 @@
 //! `crate::io`, block, or keep a borrowed payload beyond the call.
 
 pub mod echo;
+pub mod http;
+pub mod pubsub;
 pub mod router;
 
 use crate::proto::message::MessageKind;

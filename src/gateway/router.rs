@@ -1,31 +1,92 @@
-//! Request path -> route. The I/O layer asks once per connection, before it answers the handshake, so
-//! that an unknown path gets a 404 instead of a WebSocket that goes nowhere.
+//! Request path -> route. The I/O layer asks once per request, before it answers, so that an unknown
+//! path gets a 404 instead of a WebSocket that goes nowhere, and plain HTTP endpoints never upgrade.
 
-/// What a WebSocket connection is for.
+/// What a request is for. Borrows the topic from the request target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// Send every message back.
+pub enum Route<'a> {
+    /// WebSocket: send every message back.
     Echo,
+    /// WebSocket: subscribe to a topic; every message the client sends is published to it.
+    PubSub {
+        /// The topic named by the path's last segment.
+        topic: &'a str,
+    },
+    /// HTTP `POST`: the body is published to the topic.
+    Publish {
+        /// The topic named by the path's last segment.
+        topic: &'a str,
+    },
+    /// HTTP `GET`: Prometheus text exposition.
+    Metrics,
+    /// HTTP `GET`: 200 while serving, 503 while draining.
+    Healthz,
 }
 
-/// Maps request paths to routes.
-#[derive(Clone, Debug)]
+impl Route<'_> {
+    /// Whether the route speaks WebSocket (needs an upgrade) rather than plain HTTP.
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Route::Echo | Route::PubSub { .. })
+    }
+}
+
+/// The longest topic name accepted: topics are map keys and metric-free, but still bounded.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Where each built-in route lives; `None` disables it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Router {
-    echo_path: String,
+    /// Exact path of the echo route.
+    pub echo: Option<String>,
+    /// Prefix of pub/sub routes: `{prefix}/{topic}`.
+    pub pubsub: Option<String>,
+    /// Prefix of the HTTP publish API: `{prefix}/{topic}`.
+    pub publish: Option<String>,
+    /// Exact path of the metrics endpoint.
+    pub metrics: Option<String>,
+    /// Exact path of the health endpoint.
+    pub healthz: Option<String>,
 }
 
 impl Default for Router {
     fn default() -> Self {
-        Router { echo_path: "/echo".to_string() }
+        Router {
+            echo: Some("/echo".into()),
+            pubsub: Some("/pubsub".into()),
+            publish: Some("/publish".into()),
+            metrics: Some("/metrics".into()),
+            healthz: Some("/healthz".into()),
+        }
     }
 }
 
 impl Router {
     /// The route for a request target (path plus optional query), or `None` for a 404.
-    pub fn route(&self, target: &str) -> Option<Route> {
+    pub fn route<'a>(&self, target: &'a str) -> Option<Route<'a>> {
         let path = target.split_once('?').map_or(target, |(path, _)| path);
-        (path == self.echo_path).then_some(Route::Echo)
+        let exact = |configured: &Option<String>| configured.as_deref() == Some(path);
+        if exact(&self.echo) {
+            return Some(Route::Echo);
+        }
+        if exact(&self.metrics) {
+            return Some(Route::Metrics);
+        }
+        if exact(&self.healthz) {
+            return Some(Route::Healthz);
+        }
+        if let Some(topic) = topic_under(self.pubsub.as_deref(), path) {
+            return Some(Route::PubSub { topic });
+        }
+        if let Some(topic) = topic_under(self.publish.as_deref(), path) {
+            return Some(Route::Publish { topic });
+        }
+        None
     }
+}
+
+/// The topic in `{prefix}/{topic}`: one non-empty path segment, at most [`MAX_TOPIC_LEN`] bytes.
+fn topic_under<'a>(prefix: Option<&str>, path: &'a str) -> Option<&'a str> {
+    let rest = path.strip_prefix(prefix?)?.strip_prefix('/')?;
+    (!rest.is_empty() && rest.len() <= MAX_TOPIC_LEN && !rest.contains('/')).then_some(rest)
 }
 
 #[cfg(test)]
@@ -33,11 +94,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn echo_path_matches_with_or_without_query() {
+    fn builtin_routes() {
         let router = Router::default();
         assert_eq!(router.route("/echo"), Some(Route::Echo));
         assert_eq!(router.route("/echo?x=1"), Some(Route::Echo));
         assert_eq!(router.route("/echo/more"), None);
         assert_eq!(router.route("/"), None);
+        assert_eq!(router.route("/pubsub/news"), Some(Route::PubSub { topic: "news" }));
+        assert_eq!(router.route("/pubsub/news?since=3"), Some(Route::PubSub { topic: "news" }));
+        assert_eq!(router.route("/publish/news"), Some(Route::Publish { topic: "news" }));
+        assert_eq!(router.route("/metrics"), Some(Route::Metrics));
+        assert_eq!(router.route("/healthz"), Some(Route::Healthz));
+    }
+
+    #[test]
+    fn topics_are_one_bounded_segment() {
+        let router = Router::default();
+        assert_eq!(router.route("/pubsub/"), None);
+        assert_eq!(router.route("/pubsub"), None);
+        assert_eq!(router.route("/pubsub/a/b"), None);
+        assert_eq!(router.route("/pubsubx/a"), None);
+        let long = format!("/pubsub/{}", "t".repeat(MAX_TOPIC_LEN + 1));
+        assert_eq!(router.route(&long), None);
+    }
+
+    #[test]
+    fn routes_can_be_moved_or_disabled() {
+        let router = Router {
+            echo: None,
+            pubsub: Some("/ws/topics".into()),
+            metrics: Some("/internal/metrics".into()),
+            ..Router::default()
+        };
+        assert_eq!(router.route("/echo"), None);
+        assert_eq!(router.route("/ws/topics/a"), Some(Route::PubSub { topic: "a" }));
+        assert_eq!(router.route("/internal/metrics"), Some(Route::Metrics));
+        assert_eq!(router.route("/metrics"), None);
     }
 }

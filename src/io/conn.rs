@@ -32,11 +32,15 @@ use tracing::debug;
 
 use super::buffers::{Received, recv, with_scratch};
 use super::readiness::{self, Readable};
+use crate::gateway::http::{self, Endpoints, parse_plain_request};
+use crate::gateway::pubsub::{Broker, Subscription};
 use crate::gateway::router::{Route, Router};
 use crate::gateway::{Outbox, echo};
-use crate::metrics::{HandshakeFailure, WorkerStats, add};
+use crate::metrics::{
+    HandshakeFailure, HttpEndpoint, ProcessInfo, RouteLabel, WorkerStats, add, process_rss_bytes, render_prometheus,
+};
 use crate::proto::close::{CloseCode, write_close_body};
-use crate::proto::frame::{OpCode, write_frame};
+use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
 use crate::proto::handshake::{
     DEFAULT_MAX_HEADERS, HandshakeError, Parsed, StaticPolicy, accept, find_header_end, parse_request,
     request_target, write_error_response,
@@ -68,6 +72,15 @@ pub struct WorkerContext {
     pub stats: Arc<WorkerStats>,
     /// Connections open on all workers, for `--max-conns`.
     pub open_connections: Arc<AtomicUsize>,
+    /// This worker's pub/sub broker.
+    pub broker: Rc<Broker>,
+    /// Every worker's counters, for `/metrics`.
+    pub all_stats: Arc<[Arc<WorkerStats>]>,
+    /// When the process started (Unix seconds), for `/metrics`.
+    pub start_time_seconds: f64,
+    /// HTTP keep-alive connections of this worker waiting for their next request: draining does not
+    /// wait for them (they are answered `Connection: close` if they ask anything meanwhile).
+    pub keepalive_connections: Cell<u64>,
     /// Set when the gateway starts draining; connections check it before every wait.
     pub draining: Cell<bool>,
     /// Wakes every waiting connection of the worker when draining starts. A per-worker `Notify`
@@ -76,8 +89,28 @@ pub struct WorkerContext {
     pub drain_started: Notify,
 }
 
+impl Endpoints for WorkerContext {
+    fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        let process = ProcessInfo {
+            rss_bytes: process_rss_bytes(),
+            draining: self.draining.get(),
+            start_time_seconds: self.start_time_seconds,
+        };
+        render_prometheus(out, &self.all_stats, &process);
+    }
+
+    fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
+        self.broker.publish(topic, kind, payload, None)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    /// Reading an HTTP request: an upgrade, or a plain request (on a keep-alive connection too).
     Handshake,
     Open,
     Closing,
@@ -92,13 +125,16 @@ type Writing = InFlightOneshot<WriteData<Bytes>, WriteTransform<Bytes>>;
 #[derive(Default)]
 struct Outbound {
     staging: Vec<u8>,
+    /// Messages (and their payload bytes) staged since the counters were last updated.
     messages: u64,
+    payload_bytes: u64,
 }
 
 impl Outbox for Outbound {
     fn send(&mut self, kind: MessageKind, payload: &[u8]) {
         write_frame(&mut self.staging, kind.opcode(), payload, None);
         self.messages += 1;
+        self.payload_bytes += payload.len() as u64;
     }
 }
 
@@ -108,13 +144,30 @@ impl Outbound {
     }
 }
 
+/// What an upgraded connection is for.
+enum Session {
+    /// Not upgraded (yet), or no longer taking messages.
+    None,
+    /// Messages come back.
+    Echo,
+    /// Subscribed to a topic; messages are published to it.
+    PubSub(Subscription),
+}
+
+/// Frames of several queued messages are copied into one write up to this size; a single larger
+/// frame is written from its shared buffer as is.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
 /// The state of one connection, apart from its in-flight ops.
 struct Connection {
     ctx: Rc<WorkerContext>,
     stream: TcpStream,
     fd: RawFd,
     phase: Phase,
-    route: Option<Route>,
+    session: Session,
+    /// Served at least one plain HTTP request and waits for the next (counted in the worker's
+    /// `keepalive_connections`).
+    keepalive: bool,
     assembler: Assembler,
     /// Unconsumed bytes: a partial request, frame header or control frame.
     tail: Vec<u8>,
@@ -162,7 +215,8 @@ impl Connection {
             stream,
             fd,
             phase,
-            route: None,
+            session: Session::None,
+            keepalive: false,
             assembler,
             tail: Vec::new(),
             header_scanned: 0,
@@ -184,9 +238,15 @@ impl Connection {
         tokio::pin!(timer);
 
         loop {
-            if writing.is_none() && !self.out.staging.is_empty() {
-                writing = Some(self.submit_write());
+            if self.subscriber_is_slow() {
+                self.start_closing(CloseCode::POLICY_VIOLATION, "slow consumer");
             }
+            if writing.is_none()
+                && let Some(batch) = self.next_batch()
+            {
+                writing = Some(self.submit_bytes(batch));
+            }
+            self.report_backpressure();
             if writing.is_none() && self.phase == Phase::Flushing {
                 self.finish_flushing();
             }
@@ -222,6 +282,7 @@ impl Connection {
                 }
                 () = &mut timer => self.on_timer(),
                 () = ctx.drain_started.notified(), if !drain_seen => {}
+                () = subscriber_changed(&self.session), if writing.is_none() => {}
             }
         }
 
@@ -234,8 +295,60 @@ impl Connection {
         if let Some(op) = writing.take() {
             let _ = op.await;
         }
+        self.session = Session::None;
+        self.set_keepalive(false);
         self.ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn subscriber_is_slow(&self) -> bool {
+        matches!(&self.session, Session::PubSub(sub) if sub.subscriber().is_slow())
+    }
+
+    /// The next bytes to write: our own frames first, then frames queued by the broker, copied
+    /// together up to `COALESCE_LIMIT`; a lone shared frame is written without a copy.
+    fn next_batch(&mut self) -> Option<Bytes> {
+        let stats = &self.ctx.stats;
+        if self.out.messages > 0 {
+            stats.messages_out(RouteLabel::Echo, self.out.messages, self.out.payload_bytes);
+            (self.out.messages, self.out.payload_bytes) = (0, 0);
+        }
+        let mut batch = std::mem::take(&mut self.out.staging);
+        if let Session::PubSub(subscription) = &self.session {
+            let subscriber = subscription.subscriber();
+            let mut delivered = Delivered::default();
+            while let Some(next_len) = subscriber.front_len() {
+                let lone_large = batch.is_empty() && next_len >= COALESCE_LIMIT;
+                if !lone_large && !batch.is_empty() && batch.len() + next_len > COALESCE_LIMIT {
+                    break;
+                }
+                let Some(frame) = subscriber.pop() else { break };
+                delivered.count(&frame);
+                if lone_large || (batch.is_empty() && !subscriber.has_queued()) {
+                    delivered.report(stats);
+                    return Some(frame); // a single frame: written from the shared buffer, no copy
+                }
+                batch.extend_from_slice(&frame);
+            }
+            delivered.report(stats);
+        }
+        (!batch.is_empty()).then(|| Bytes::from(batch))
+    }
+
+    /// Lets the broker count what this connection holds outside its queue, so that the
+    /// slow-consumer bound covers everything waiting for this client.
+    fn report_backpressure(&self) {
+        if let Session::PubSub(subscription) = &self.session {
+            subscription.subscriber().set_writing_bytes(self.queued_bytes());
+        }
+    }
+
+    fn set_keepalive(&mut self, keepalive: bool) {
+        if self.keepalive != keepalive {
+            self.keepalive = keepalive;
+            let count = &self.ctx.keepalive_connections;
+            count.set(if keepalive { count.get() + 1 } else { count.get().saturating_sub(1) });
+        }
     }
 
     fn wants_read(&self) -> bool {
@@ -251,23 +364,16 @@ impl Connection {
         self.out.staging.len() + self.in_flight_bytes
     }
 
-    fn submit_write(&mut self) -> Writing {
-        let batch = Bytes::from(std::mem::take(&mut self.out.staging));
-        if self.out.messages > 0 {
-            add(&self.ctx.stats.messages_out, self.out.messages);
-            self.out.messages = 0;
-        }
-        self.submit_bytes(batch)
-    }
-
     fn submit_bytes(&mut self, bytes: Bytes) -> Writing {
         self.in_flight_bytes = bytes.len();
+        self.ctx.stats.queue_bytes_add(bytes.len() as u64);
         self.stream.write(bytes).submit()
     }
 
     /// Returns the unwritten rest of a short write, to be written before anything else.
     fn on_written(&mut self, (result, mut bytes): (io::Result<usize>, Bytes)) -> Option<Bytes> {
         self.in_flight_bytes = 0;
+        self.ctx.stats.queue_bytes_sub(bytes.len() as u64);
         match result {
             Ok(written) => {
                 add(&self.ctx.stats.bytes_out, written as u64);
@@ -350,7 +456,7 @@ impl Connection {
     fn process(&mut self, buf: &mut [u8]) -> usize {
         let mut used = 0;
         if self.phase == Phase::Handshake {
-            used = self.process_handshake(buf);
+            used = self.process_requests(buf);
         }
         if matches!(self.phase, Phase::Open | Phase::Closing) {
             used += self.process_frames(&mut buf[used..]);
@@ -360,8 +466,23 @@ impl Connection {
         used
     }
 
-    /// Parses the upgrade request in place once its header section is complete, and answers it.
-    fn process_handshake(&mut self, buf: &[u8]) -> usize {
+    /// Answers the HTTP requests at the front of `buf` (plain ones on keep-alive may be pipelined)
+    /// until one upgrades the connection, one closes it, or the rest is incomplete.
+    fn process_requests(&mut self, buf: &[u8]) -> usize {
+        let mut used = 0;
+        while self.phase == Phase::Handshake && used < buf.len() {
+            let consumed = self.process_request(&buf[used..]);
+            if consumed == 0 {
+                break;
+            }
+            used += consumed;
+        }
+        used
+    }
+
+    /// Parses one request in place once its header section (and body, if any) is complete, and
+    /// answers it. Returns the bytes it used, 0 while incomplete.
+    fn process_request(&mut self, buf: &[u8]) -> usize {
         let max = self.ctx.max_header_bytes;
         let Some(head_end) = find_header_end(buf, self.header_scanned) else {
             self.header_scanned = buf.len();
@@ -372,37 +493,89 @@ impl Connection {
             return 0;
         };
         let head = &buf[..head_end];
-        let Some(route) = request_target(head).and_then(|target| self.ctx.router.route(target)) else {
+        let ctx = Rc::clone(&self.ctx);
+        let Some(target) = request_target(head) else {
+            self.refuse_handshake(HandshakeError::Malformed);
+            return buf.len();
+        };
+        let Some(route) = ctx.router.route(target) else {
             self.ctx.stats.handshake_failed(HandshakeFailure::NotFound);
             write_error_response(&mut self.out.staging, 404, &[], "no route for this path\n");
             self.start_flushing();
             return buf.len();
         };
-        let mut headers = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
-        let request = match parse_request(head, &mut headers, max) {
-            Ok(Parsed::Complete(request, _)) => request,
-            Ok(Parsed::Partial) => {
-                self.refuse_handshake(HandshakeError::Malformed);
-                return buf.len();
-            }
+        if route.is_websocket() {
+            self.upgrade(route, head);
+            return head_end;
+        }
+
+        let request = match parse_plain_request(head, ctx.limits.max_message_size) {
+            Ok(request) => request,
             Err(error) => {
-                self.refuse_handshake(error);
+                let status = error.status();
+                http::write_response(
+                    &mut self.out.staging,
+                    status,
+                    "text/plain",
+                    b"bad request\n",
+                    false,
+                    &[],
+                );
+                self.start_flushing();
                 return buf.len();
             }
         };
-        match accept(&request, &self.ctx.policy) {
-            Ok(accepted) => accepted.write_response(&mut self.out.staging),
-            Err(error) => {
-                self.refuse_handshake(error);
-                return buf.len();
-            }
+        let request_len = head_end + request.content_length;
+        if buf.len() < request_len {
+            self.header_scanned = 0; // the head is parsed again once the body is complete
+            return 0;
         }
-        add(&self.ctx.stats.handshakes_completed, 1);
-        self.route = Some(route);
+        let answered = http::answer(route, &request, &buf[head_end..request_len], &*ctx, &mut self.out.staging);
+        let endpoint = match route {
+            Route::Metrics => HttpEndpoint::Metrics,
+            Route::Healthz => HttpEndpoint::Healthz,
+            _ => HttpEndpoint::Publish,
+        };
+        ctx.stats.http_request(endpoint, answered.status);
+        self.header_scanned = 0;
+        if answered.keep_alive {
+            self.set_keepalive(true);
+            self.deadline = Instant::now() + ctx.handshake_timeout;
+            request_len
+        } else {
+            self.start_flushing();
+            buf.len()
+        }
+    }
+
+    /// Validates an upgrade request for a WebSocket route and answers it: 101 and a session, or
+    /// the refusal the RFC names.
+    fn upgrade(&mut self, route: Route<'_>, head: &[u8]) {
+        let ctx = Rc::clone(&self.ctx);
+        if ctx.draining.get() {
+            write_error_response(&mut self.out.staging, 503, &[], "the gateway is shutting down\n");
+            self.start_flushing();
+            return;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
+        let request = match parse_request(head, &mut headers, ctx.max_header_bytes) {
+            Ok(Parsed::Complete(request, _)) => request,
+            Ok(Parsed::Partial) => return self.refuse_handshake(HandshakeError::Malformed),
+            Err(error) => return self.refuse_handshake(error),
+        };
+        match accept(&request, &ctx.policy) {
+            Ok(accepted) => accepted.write_response(&mut self.out.staging),
+            Err(error) => return self.refuse_handshake(error),
+        }
+        add(&ctx.stats.handshakes_completed, 1);
+        self.session = match route {
+            Route::PubSub { topic } => Session::PubSub(ctx.broker.subscribe(topic)),
+            _ => Session::Echo,
+        };
+        self.set_keepalive(false);
         self.phase = Phase::Open;
         self.header_scanned = 0;
         self.arm_idle_timer();
-        head_end
     }
 
     fn refuse_handshake(&mut self, error: HandshakeError) {
@@ -435,11 +608,17 @@ impl Connection {
             let stats = &self.ctx.stats;
             match event {
                 Event::Message { kind, payload } => {
-                    add(&stats.messages_in, 1);
-                    if self.phase == Phase::Open {
-                        match self.route {
-                            Some(Route::Echo) | None => echo::on_message(kind, payload, &mut self.out),
+                    let bytes = payload.len() as u64;
+                    match &self.session {
+                        Session::Echo => {
+                            stats.messages_in(RouteLabel::Echo, 1, bytes);
+                            echo::on_message(kind, payload, &mut self.out);
                         }
+                        Session::PubSub(subscription) => {
+                            stats.messages_in(RouteLabel::PubSub, 1, bytes);
+                            subscription.publish(kind, payload);
+                        }
+                        Session::None => {}
                     }
                 }
                 Event::Ping(payload) => {
@@ -481,6 +660,7 @@ impl Connection {
 
     /// Sends what is queued, then FIN; a peer that does not read gets `CLOSE_TIMEOUT` to do so.
     fn start_flushing(&mut self) {
+        self.session = Session::None;
         if self.phase != Phase::Flushing {
             self.phase = Phase::Flushing;
             self.deadline = Instant::now() + CLOSE_TIMEOUT;
@@ -489,6 +669,7 @@ impl Connection {
 
     /// Starts the closing handshake from our side and waits for the peer's Close.
     fn start_closing(&mut self, code: CloseCode, reason: &str) {
+        self.session = Session::None; // unsubscribed: nothing more is queued after our Close
         self.send_close(code, reason);
         self.phase = Phase::Closing;
         self.deadline = Instant::now() + CLOSE_TIMEOUT;
@@ -498,7 +679,9 @@ impl Connection {
         self.peer_closed_tcp = true;
         match self.phase {
             Phase::Handshake => {
-                self.ctx.stats.handshake_failed(HandshakeFailure::Disconnected);
+                if !self.keepalive {
+                    self.ctx.stats.handshake_failed(HandshakeFailure::Disconnected);
+                }
                 self.phase = Phase::Done;
             }
             Phase::Lingering => self.phase = Phase::Done,
@@ -517,8 +700,10 @@ impl Connection {
         let now = Instant::now();
         match self.phase {
             Phase::Handshake => {
-                debug!(fd = self.fd, "handshake timeout");
-                self.ctx.stats.handshake_failed(HandshakeFailure::Timeout);
+                if !self.keepalive {
+                    debug!(fd = self.fd, "handshake timeout");
+                    self.ctx.stats.handshake_failed(HandshakeFailure::Timeout);
+                }
                 self.phase = Phase::Done;
             }
             Phase::Open => {
@@ -541,11 +726,50 @@ impl Connection {
 
     fn on_drain(&mut self) {
         match self.phase {
+            // A keep-alive client may still ask (and learn from /healthz that we are draining);
+            // an unfinished upgrade is dropped.
+            Phase::Handshake if self.keepalive => {}
             Phase::Handshake => self.phase = Phase::Done,
             Phase::Open => self.start_closing(CloseCode::GOING_AWAY, "server shutting down"),
             _ => {}
         }
     }
+}
+
+/// Frames taken from a subscriber's queue for one write, for the counters.
+#[derive(Default)]
+struct Delivered {
+    frames: u64,
+    frame_bytes: u64,
+    payload_bytes: u64,
+}
+
+impl Delivered {
+    fn count(&mut self, frame: &Bytes) {
+        self.frames += 1;
+        self.frame_bytes += frame.len() as u64;
+        if let Ok(Decoded::Header(header, _)) = FrameHeader::decode(frame) {
+            self.payload_bytes += header.payload_len;
+        }
+    }
+
+    /// The frames left the subscriber's queue (the broker counted them into the queue gauge).
+    fn report(&self, stats: &WorkerStats) {
+        if self.frames > 0 {
+            stats.messages_out(RouteLabel::PubSub, self.frames, self.payload_bytes);
+            stats.queue_bytes_sub(self.frame_bytes);
+        }
+    }
+}
+
+/// Waits until the broker queued something for this connection (or closed it as slow); pending
+/// forever for connections that are not subscribed. Only awaited while no write is in flight (a
+/// finished write takes the queue anyway), so a non-empty queue cannot make the loop spin.
+fn subscriber_changed(session: &Session) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match session {
+        Session::PubSub(subscription) => subscription.subscriber().poll_changed(cx),
+        _ => std::task::Poll::Pending,
+    })
 }
 
 /// Waits for an op that may not exist: pending forever when there is none, so that a `select!`
@@ -570,6 +794,16 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
             let addr = listener.local_addr().expect("local addr");
             let client = std::net::TcpStream::connect(addr).expect("connect loopback");
+            let stats: Arc<WorkerStats> = Arc::default();
+            let (hub, _deliveries) = crate::gateway::pubsub::Hub::new(1);
+            let broker = Broker::new(
+                0,
+                hub,
+                crate::gateway::pubsub::SlowConsumerPolicy::Close,
+                1 << 20,
+                false,
+                Arc::clone(&stats),
+            );
             let ctx = Rc::new(WorkerContext {
                 limits: Limits::default(),
                 max_backpressure: 1 << 20,
@@ -578,7 +812,11 @@ mod tests {
                 idle_timeout: Duration::from_secs(1),
                 policy: StaticPolicy::default(),
                 router: Router::default(),
-                stats: Arc::default(),
+                stats: Arc::clone(&stats),
+                broker: Rc::new(broker),
+                all_stats: Arc::from(vec![stats]),
+                start_time_seconds: 0.0,
+                keepalive_connections: Cell::new(0),
                 open_connections: Arc::default(),
                 draining: Cell::new(false),
                 drain_started: Notify::new(),

@@ -17,6 +17,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
@@ -27,7 +28,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::gateway::router::Router;
+use crate::gateway::pubsub::{Broker, Hub};
 use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
@@ -93,13 +94,17 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let open_connections = Arc::new(AtomicUsize::new(0));
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
-    let mut stats = Vec::new();
-    for (index, listeners) in listeners.into_iter().enumerate() {
-        let worker_stats = Arc::new(WorkerStats::default());
-        stats.push(Arc::clone(&worker_stats));
-        let context = context_builder(config, worker_stats, Arc::clone(&open_connections));
+    let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
+    let (hub, deliveries) = Hub::new(workers);
+    for ((index, listeners), deliveries) in listeners.into_iter().enumerate().zip(deliveries) {
+        let shared = Shared {
+            stats: Arc::clone(&stats),
+            open_connections: Arc::clone(&open_connections),
+            hub: Arc::clone(&hub),
+        };
+        let context = context_builder(config, index, shared);
         let drain = drain_rx.clone();
-        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns, drain };
+        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns, drain, deliveries };
         worker::spawn(setup, ready_tx.clone(), done_tx.clone()).map_err(StartError::Thread)?;
     }
     for _ in 0..workers {
@@ -190,27 +195,48 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// What all workers share, handed to each worker's context.
+struct Shared {
+    stats: Arc<[Arc<WorkerStats>]>,
+    open_connections: Arc<AtomicUsize>,
+    hub: Arc<Hub>,
+}
+
 fn context_builder(
     config: &Config,
-    stats: Arc<WorkerStats>,
-    open_connections: Arc<AtomicUsize>,
+    worker: usize,
+    shared: Shared,
 ) -> Box<dyn FnOnce() -> WorkerContext + Send> {
     let limits = Limits { max_message_size: config.max_message_size, max_frame_size: config.frame_limit() };
     let policy = StaticPolicy { allowed_origins: config.allowed_origins.clone(), subprotocols: Vec::new() };
     let max_backpressure = config.max_backpressure;
     let handshake_timeout = config.handshake_timeout;
     let idle_timeout = config.idle_timeout.max(Duration::from_millis(2));
-    Box::new(move || WorkerContext {
-        limits,
-        max_backpressure,
-        max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-        handshake_timeout,
-        idle_timeout,
-        policy,
-        router: Router::default(),
-        stats,
-        open_connections,
-        draining: Cell::new(false),
-        drain_started: Notify::new(),
+    let router = config.router();
+    let start_time_seconds =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let slow_consumer = config.slow_consumer;
+    let pubsub_echo = config.pubsub_echo;
+    Box::new(move || {
+        let stats = Arc::clone(&shared.stats[worker]);
+        let broker =
+            Broker::new(worker, shared.hub, slow_consumer, max_backpressure, pubsub_echo, Arc::clone(&stats));
+        WorkerContext {
+            limits,
+            max_backpressure,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            handshake_timeout,
+            idle_timeout,
+            policy,
+            router,
+            stats,
+            broker: Rc::new(broker),
+            all_stats: shared.stats,
+            start_time_seconds,
+            keepalive_connections: Cell::new(0),
+            open_connections: shared.open_connections,
+            draining: Cell::new(false),
+            drain_started: Notify::new(),
+        }
     })
 }

@@ -16,6 +16,7 @@ use tokio_uring::net::TcpListener;
 
 use super::accept::accept_loop;
 use super::conn::WorkerContext;
+use crate::gateway::pubsub::Delivery;
 
 /// Submission queue size: enough for a burst of accepts and writes per loop turn; completions get
 /// twice as many slots, and the kernel buffers overflow beyond that.
@@ -34,6 +35,8 @@ pub struct WorkerSetup {
     pub max_conns: usize,
     /// Becomes `true` when the gateway starts draining.
     pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Pub/sub messages other workers hand to this one.
+    pub deliveries: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
 }
 
 /// Starts the worker thread. It reports on `ready` whether its io_uring could be set up, then serves
@@ -52,9 +55,7 @@ pub fn spawn(
             }
         };
         let _ = ready.send(Ok(()));
-        let index = setup.index;
-        runtime.block_on(serve(setup));
-        let _ = done.send(index);
+        runtime.block_on(serve(setup, done));
     })
 }
 
@@ -74,10 +75,17 @@ fn new_runtime() -> io::Result<tokio_uring::Runtime> {
     }
 }
 
-async fn serve(setup: WorkerSetup) {
+async fn serve(setup: WorkerSetup, done: mpsc::Sender<usize>) {
     let ctx = Rc::new((setup.context)());
     let mut drain = setup.drain;
     let drain_ctx = Rc::clone(&ctx);
+    let mut deliveries = setup.deliveries;
+    let broker = Rc::clone(&ctx.broker);
+    tokio_uring::spawn(async move {
+        while let Some(delivery) = deliveries.recv().await {
+            broker.deliver(&delivery);
+        }
+    });
     tokio_uring::spawn(async move {
         // A closed channel means the main thread is gone: drain as well.
         let _ = drain.wait_for(|draining| *draining).await;
@@ -93,8 +101,13 @@ async fn serve(setup: WorkerSetup) {
         let _ = handle.await;
     }
     // Accepting has stopped (draining); wait for this worker's connections to finish their closing
-    // handshakes. The main thread stops waiting at --drain-timeout.
-    while ctx.stats.connections_open.load(Ordering::Relaxed) > 0 {
+    // handshakes (idle HTTP keep-alive connections are not waited for). The main thread stops
+    // waiting at --drain-timeout.
+    while ctx.stats.connections_open.load(Ordering::Relaxed) > ctx.keepalive_connections.get() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let _ = done.send(setup.index);
+    // Keep serving the idle keep-alive connections (their requests are answered `Connection:
+    // close`, /healthz with 503) until every worker is done and the process exits.
+    std::future::pending::<()>().await;
 }

@@ -204,13 +204,6 @@ pub struct WorkerStats {
     pub connections_rejected: AtomicU64,
     /// Handshakes completed with a 101.
     pub handshakes_completed: AtomicU64,
-    /// WebSocket messages received, without a route. Counted as route `echo`, the only route that
-    /// existed when it was written.
-    #[deprecated(note = "count with `WorkerStats::messages_in(route, messages, payload_bytes)`")]
-    pub messages_in: AtomicU64,
-    /// WebSocket messages sent, without a route. Counted as route `echo`.
-    #[deprecated(note = "count with `WorkerStats::messages_out(route, messages, payload_bytes)`")]
-    pub messages_out: AtomicU64,
     /// Bytes read from sockets: every byte, frame headers and HTTP included.
     pub bytes_in: AtomicU64,
     /// Bytes written to sockets: every byte, frame headers and HTTP included.
@@ -333,18 +326,14 @@ impl WorkerStats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Messages received on `route`, the unrouted legacy counter folded into `echo`.
+    /// Messages received on `route`.
     fn route_messages_in(&self, route: RouteLabel) -> u64 {
-        #[allow(deprecated)]
-        let legacy = if route == RouteLabel::Echo { Self::load(&self.messages_in) } else { 0 };
-        Self::load(&self.routes[route.index()].messages_in) + legacy
+        Self::load(&self.routes[route.index()].messages_in)
     }
 
-    /// Messages sent on `route`, the unrouted legacy counter folded into `echo`.
+    /// Messages sent on `route`.
     fn route_messages_out(&self, route: RouteLabel) -> u64 {
-        #[allow(deprecated)]
-        let legacy = if route == RouteLabel::Echo { Self::load(&self.messages_out) } else { 0 };
-        Self::load(&self.routes[route.index()].messages_out) + legacy
+        Self::load(&self.routes[route.index()].messages_out)
     }
 }
 
@@ -492,16 +481,13 @@ mod tests {
     }
 
     #[test]
-    fn totals_sum_routes_workers_and_legacy_counters() {
+    fn totals_sum_routes_and_workers() {
         let workers: Vec<Arc<WorkerStats>> = (0..2).map(|_| Arc::default()).collect();
         workers[0].messages_in(RouteLabel::Echo, 3, 30);
         workers[1].messages_in(RouteLabel::PubSub, 4, 40);
         workers[1].messages_out(RouteLabel::PubSub, 5, 50);
-        #[allow(deprecated)]
-        {
-            add(&workers[0].messages_in, 1);
-            add(&workers[1].messages_out, 2);
-        }
+        workers[0].messages_in(RouteLabel::Echo, 1, 10);
+        workers[1].messages_out(RouteLabel::Echo, 2, 20);
         add(&workers[0].published, 6);
         workers[0].close_sent(CloseCode::GOING_AWAY);
         workers[1].close_sent(CloseCode::GOING_AWAY);

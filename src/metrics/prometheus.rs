@@ -576,21 +576,6 @@ mod tests {
     }
 
     #[test]
-    fn legacy_unrouted_message_counters_show_as_echo() {
-        let workers = vec![Arc::new(WorkerStats::default())];
-        workers[0].messages_in(RouteLabel::Echo, 1, 10);
-        #[allow(deprecated)]
-        {
-            add(&workers[0].messages_in, 2);
-            add(&workers[0].messages_out, 3);
-        }
-        let exposition = parse(&render(&workers, &PROCESS));
-        let echo = [("worker", "0"), ("route", "echo")];
-        assert_eq!(value(&exposition, "ringgate_messages_received_total", &echo), 3.0);
-        assert_eq!(value(&exposition, "ringgate_messages_sent_total", &echo), 3.0);
-    }
-
-    #[test]
     fn counters_only_grow() {
         let workers = busy_workers();
         let before = series(&parse(&render(&workers, &PROCESS)));

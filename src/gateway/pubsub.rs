@@ -1,0 +1,496 @@
+//! Topics, subscribers, and the fan-out of pre-encoded frames, within a worker and across workers.
+//!
+//! A published message is encoded into one server frame, once; every subscriber's queue gets a clone
+//! of the same `Bytes` (a reference count, not a copy), since server frames carry no per-receiver
+//! bytes. Each worker has its own [`Broker`] with its own topics; the process-wide [`Hub`] knows which
+//! workers have subscribers on which topic and hands a message to each of those workers once (one
+//! channel send per worker per message, never per subscriber). Order is kept per publisher per topic:
+//! local queues are filled synchronously, and each worker's channel is FIFO.
+//!
+//! Slow consumers: a subscriber whose queue (plus what its connection is writing) would pass
+//! `max_backpressure` is either closed (its queue is freed, nothing more is queued for it, and its
+//! connection closes with 1008) or, with the `drop` policy, misses that message (counted). A slow
+//! subscriber never slows the others: fan-out never waits.
+//!
+//! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::{Bytes, BytesMut};
+use std::task::{Context, Poll, Waker};
+
+use tokio::sync::mpsc;
+
+use crate::metrics::{WorkerStats, add};
+use crate::proto::frame::{MAX_HEADER_LEN, write_frame};
+use crate::proto::message::MessageKind;
+
+/// What to do with a subscriber that does not keep up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlowConsumerPolicy {
+    /// Close it with 1008 "slow consumer"; nothing more is queued for it.
+    Close,
+    /// Drop the messages it has no room for, and count them.
+    Drop,
+}
+
+/// A message handed from the publishing worker to another worker with subscribers on the topic.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The topic, shared with the hub's table.
+    pub topic: Arc<str>,
+    /// The encoded server frame.
+    pub frame: Bytes,
+}
+
+/// The process-wide part of pub/sub: which workers have subscribers on which topic, and a channel
+/// into each worker.
+pub struct Hub {
+    workers: Vec<mpsc::UnboundedSender<Delivery>>,
+    /// Subscribers per worker, per topic; a topic is here while any worker has a subscriber on it.
+    presence: RwLock<HashMap<Arc<str>, Box<[AtomicUsize]>>>,
+}
+
+impl Hub {
+    /// A hub for `workers` workers, and each worker's receiving end (to be drained by
+    /// [`Broker::deliver`] on that worker).
+    pub fn new(workers: usize) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<Delivery>>) {
+        let (senders, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        (Arc::new(Hub { workers: senders, presence: RwLock::default() }), receivers)
+    }
+
+    /// Topics with at least one subscriber, across all workers.
+    pub fn topic_count(&self) -> usize {
+        self.presence.read().map_or(0, |map| map.len())
+    }
+
+    fn add_presence(&self, topic: &str, worker: usize) {
+        if let Ok(map) = self.presence.read()
+            && let Some(counts) = map.get(topic)
+        {
+            counts[worker].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Ok(mut map) = self.presence.write() {
+            let counts = map
+                .entry(Arc::from(topic))
+                .or_insert_with(|| self.workers.iter().map(|_| AtomicUsize::new(0)).collect());
+            counts[worker].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_presence(&self, topic: &str, worker: usize) {
+        let all_zero = |counts: &[AtomicUsize]| counts.iter().all(|c| c.load(Ordering::Relaxed) == 0);
+        let mut now_empty = false;
+        if let Ok(map) = self.presence.read()
+            && let Some(counts) = map.get(topic)
+        {
+            counts[worker].fetch_sub(1, Ordering::Relaxed);
+            now_empty = all_zero(counts);
+        }
+        if now_empty && let Ok(mut map) = self.presence.write() {
+            // Checked again under the write lock: another worker may have subscribed meanwhile.
+            if map.get(topic).is_some_and(|counts| all_zero(counts)) {
+                map.remove(topic);
+            }
+        }
+    }
+}
+
+/// One subscribed connection's queue of frames, shared between the broker (which fills it) and the
+/// connection (which writes it out).
+#[derive(Debug)]
+pub struct Subscriber {
+    id: u64,
+    topic: Arc<str>,
+    /// Position in its topic's list, for O(1) removal.
+    index: Cell<usize>,
+    queue: RefCell<VecDeque<Bytes>>,
+    queued_bytes: Cell<usize>,
+    /// Bytes the connection has taken from the queue (or queued itself) and not written yet.
+    writing_bytes: Cell<usize>,
+    slow: Cell<bool>,
+    /// The connection task waiting for frames, woken when one is queued. A bare waker rather than
+    /// a `Notify`: it keeps the connection's future (the bulk of an idle connection's memory) small.
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Subscriber {
+    /// Ready when frames are queued or the subscriber was closed for being slow; otherwise
+    /// remembers the task to wake when that changes.
+    pub fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.slow.get() || !self.queue.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        let mut waker = self.waker.borrow_mut();
+        match waker.as_mut() {
+            Some(known) if known.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Whether the broker closed this subscriber for not keeping up.
+    pub fn is_slow(&self) -> bool {
+        self.slow.get()
+    }
+
+    /// Whether frames are waiting.
+    pub fn has_queued(&self) -> bool {
+        !self.queue.borrow().is_empty()
+    }
+
+    /// The length of the next queued frame.
+    pub fn front_len(&self) -> Option<usize> {
+        self.queue.borrow().front().map(Bytes::len)
+    }
+
+    /// Takes the next queued frame.
+    pub fn pop(&self) -> Option<Bytes> {
+        let frame = self.queue.borrow_mut().pop_front()?;
+        self.queued_bytes.set(self.queued_bytes.get() - frame.len());
+        Some(frame)
+    }
+
+    /// Tells the broker how many bytes the connection holds outside the queue, so that the bound
+    /// covers everything waiting to be sent to this client.
+    pub fn set_writing_bytes(&self, bytes: usize) {
+        self.writing_bytes.set(bytes);
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.queued_bytes.get() + self.writing_bytes.get()
+    }
+}
+
+/// A worker's pub/sub state. Lives on its worker thread only (`Rc`).
+pub struct Broker {
+    worker: usize,
+    hub: Arc<Hub>,
+    topics: RefCell<HashMap<Arc<str>, Vec<Rc<Subscriber>>>>,
+    next_id: Cell<u64>,
+    policy: SlowConsumerPolicy,
+    max_backpressure: usize,
+    echo_to_publisher: bool,
+    stats: Arc<WorkerStats>,
+}
+
+/// A connection's membership of a topic; unsubscribes when dropped, so that no path out of a
+/// connection (including a panic) leaves a dead subscriber behind.
+pub struct Subscription {
+    broker: Rc<Broker>,
+    subscriber: Rc<Subscriber>,
+}
+
+impl Subscription {
+    /// The subscriber's queue.
+    pub fn subscriber(&self) -> &Subscriber {
+        &self.subscriber
+    }
+
+    /// Publishes a message from this subscriber's connection to its topic; the connection itself
+    /// gets it only with `--pubsub-echo`. Returns the subscribers reached.
+    pub fn publish(&self, kind: MessageKind, payload: &[u8]) -> usize {
+        let exclude = (!self.broker.echo_to_publisher).then_some(self.subscriber.id);
+        self.broker.publish(&self.subscriber.topic, kind, payload, exclude)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.broker.unsubscribe(&self.subscriber);
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("subscriber", &self.subscriber).finish()
+    }
+}
+
+impl Broker {
+    /// The broker of worker `worker`.
+    pub fn new(
+        worker: usize,
+        hub: Arc<Hub>,
+        policy: SlowConsumerPolicy,
+        max_backpressure: usize,
+        echo_to_publisher: bool,
+        stats: Arc<WorkerStats>,
+    ) -> Broker {
+        Broker {
+            worker,
+            hub,
+            topics: RefCell::default(),
+            next_id: Cell::new(0),
+            policy,
+            max_backpressure,
+            echo_to_publisher,
+            stats,
+        }
+    }
+
+    /// Subscribes a connection to `topic`, creating the topic on its first subscriber.
+    pub fn subscribe(self: &Rc<Self>, topic: &str) -> Subscription {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let mut topics = self.topics.borrow_mut();
+        let topic: Arc<str> =
+            topics.get_key_value(topic).map_or_else(|| Arc::from(topic), |(key, _)| Arc::clone(key));
+        let subscribers = topics.entry(Arc::clone(&topic)).or_insert_with(|| {
+            self.stats.topic_opened();
+            Vec::new()
+        });
+        self.hub.add_presence(&topic, self.worker);
+        let subscriber = Rc::new(Subscriber {
+            id,
+            topic: Arc::clone(&topic),
+            index: Cell::new(subscribers.len()),
+            queue: RefCell::default(),
+            queued_bytes: Cell::new(0),
+            writing_bytes: Cell::new(0),
+            slow: Cell::new(false),
+            waker: RefCell::new(None),
+        });
+        subscribers.push(Rc::clone(&subscriber));
+        self.stats.subscriber_added();
+        Subscription { broker: Rc::clone(self), subscriber }
+    }
+
+    /// Publishes one message to `topic` on every worker: encoded once, queued locally, handed once
+    /// to each other worker with subscribers. `exclude` is a local subscriber to skip (the
+    /// publisher). Returns the number of subscribers it was queued for or handed towards.
+    pub fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8], exclude: Option<u64>) -> usize {
+        let mut frame = BytesMut::with_capacity(MAX_HEADER_LEN + payload.len());
+        write_frame(&mut frame, kind.opcode(), payload, None);
+        let frame = frame.freeze();
+        add(&self.stats.published, 1);
+
+        let mut reached = self.deliver_local(topic, &frame, exclude);
+        if let Ok(presence) = self.hub.presence.read()
+            && let Some((topic, counts)) = presence.get_key_value(topic)
+        {
+            for (worker, count) in counts.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if worker != self.worker && count > 0 {
+                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone() };
+                    if self.hub.workers[worker].send(delivery).is_ok() {
+                        reached += count;
+                    }
+                }
+            }
+        }
+        reached
+    }
+
+    /// Queues a frame handed over from another worker on this worker's subscribers.
+    pub fn deliver(&self, delivery: &Delivery) {
+        self.deliver_local(&delivery.topic, &delivery.frame, None);
+    }
+
+    /// Local subscribers on a topic, for tests and metrics.
+    pub fn local_subscribers(&self, topic: &str) -> usize {
+        self.topics.borrow().get(topic).map_or(0, Vec::len)
+    }
+
+    fn deliver_local(&self, topic: &str, frame: &Bytes, exclude: Option<u64>) -> usize {
+        let mut delivered = 0;
+        let mut dropped = 0;
+        let mut queued_bytes = 0;
+        let mut too_slow: Vec<Rc<Subscriber>> = Vec::new();
+        {
+            let topics = self.topics.borrow();
+            let Some(subscribers) = topics.get(topic) else { return 0 };
+            for subscriber in subscribers {
+                if Some(subscriber.id) == exclude {
+                    continue;
+                }
+                if subscriber.pending_bytes() + frame.len() > self.max_backpressure {
+                    match self.policy {
+                        SlowConsumerPolicy::Close => too_slow.push(Rc::clone(subscriber)),
+                        SlowConsumerPolicy::Drop => dropped += 1,
+                    }
+                    continue;
+                }
+                subscriber.queue.borrow_mut().push_back(frame.clone());
+                subscriber.queued_bytes.set(subscriber.queued_bytes.get() + frame.len());
+                subscriber.wake();
+                delivered += 1;
+                queued_bytes += frame.len() as u64;
+            }
+        }
+        for subscriber in too_slow {
+            self.close_slow(&subscriber);
+        }
+        add(&self.stats.delivered, delivered as u64);
+        self.stats.queue_bytes_add(queued_bytes);
+        add(&self.stats.slow_consumer_drops, dropped);
+        delivered
+    }
+
+    /// Stops queueing for a subscriber that fell too far behind and frees what it had queued; its
+    /// connection sees `is_slow` and closes with 1008.
+    fn close_slow(&self, subscriber: &Rc<Subscriber>) {
+        subscriber.slow.set(true);
+        self.discard_queue(subscriber);
+        self.remove_from_topic(subscriber);
+        subscriber.wake();
+        add(&self.stats.slow_consumer_closes, 1);
+    }
+
+    fn unsubscribe(&self, subscriber: &Rc<Subscriber>) {
+        if !subscriber.slow.get() {
+            self.remove_from_topic(subscriber);
+        }
+        self.discard_queue(subscriber);
+        self.stats.subscriber_removed();
+    }
+
+    /// Frees a subscriber's queue, taking its bytes off the worker's queue gauge.
+    fn discard_queue(&self, subscriber: &Subscriber) {
+        subscriber.queue.borrow_mut().clear();
+        self.stats.queue_bytes_sub(subscriber.queued_bytes.replace(0) as u64);
+    }
+
+    /// Removes a subscriber from its topic's list (swap-remove, fixing the moved one's index), and
+    /// the topic itself when it was the last.
+    fn remove_from_topic(&self, subscriber: &Rc<Subscriber>) {
+        let mut topics = self.topics.borrow_mut();
+        let Some(list) = topics.get_mut(&*subscriber.topic) else { return };
+        let index = subscriber.index.get();
+        if list.get(index).is_none_or(|s| !Rc::ptr_eq(s, subscriber)) {
+            return; // already removed
+        }
+        list.swap_remove(index);
+        if let Some(moved) = list.get(index) {
+            moved.index.set(index);
+        }
+        let now_empty = list.is_empty();
+        if now_empty {
+            topics.remove(&*subscriber.topic);
+            self.stats.topic_closed();
+        }
+        drop(topics);
+        self.hub.remove_presence(&subscriber.topic, self.worker);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(worker: usize, hub: &Arc<Hub>, policy: SlowConsumerPolicy, max: usize) -> Rc<Broker> {
+        Rc::new(Broker::new(worker, Arc::clone(hub), policy, max, false, Arc::default()))
+    }
+
+    fn drain(subscriber: &Subscriber) -> Vec<Bytes> {
+        std::iter::from_fn(|| subscriber.pop()).collect()
+    }
+
+    #[test]
+    fn a_message_is_encoded_once_and_shared_by_every_subscriber() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let subs: Vec<Subscription> = (0..3).map(|_| broker.subscribe("news")).collect();
+        assert_eq!(broker.publish("news", MessageKind::Text, b"hello", None), 3);
+        let frames: Vec<Bytes> = subs.iter().flat_map(|s| drain(s.subscriber())).collect();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(&frames[0][..], &[0x81, 5, b'h', b'e', b'l', b'l', b'o']);
+        // The same allocation, not three copies.
+        assert!(frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()));
+    }
+
+    #[test]
+    fn the_publisher_is_excluded_unless_echo_is_on() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let publisher = broker.subscribe("t");
+        let other = broker.subscribe("t");
+        assert_eq!(publisher.publish(MessageKind::Binary, b"x"), 1);
+        assert!(!publisher.subscriber().has_queued());
+        assert!(other.subscriber().has_queued());
+    }
+
+    #[test]
+    fn other_workers_get_one_hand_off_per_message() {
+        let (hub, mut receivers) = Hub::new(3);
+        let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let _remote: Vec<Subscription> = (0..5).map(|_| there.subscribe("t")).collect();
+        assert_eq!(here.publish("t", MessageKind::Text, b"a", None), 5);
+        let delivery = receivers[1].try_recv().expect("one hand-off to worker 1");
+        assert!(receivers[1].try_recv().is_err(), "never one per subscriber");
+        assert!(receivers[2].try_recv().is_err(), "worker 2 has no subscribers");
+        there.deliver(&delivery);
+        assert_eq!(_remote.iter().filter(|s| s.subscriber().has_queued()).count(), 5);
+    }
+
+    #[test]
+    fn topics_disappear_with_their_last_subscriber() {
+        let (hub, _rx) = Hub::new(2);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let a = broker.subscribe("t");
+        let b = broker.subscribe("t");
+        assert_eq!(hub.topic_count(), 1);
+        drop(a);
+        assert_eq!(broker.local_subscribers("t"), 1);
+        drop(b);
+        assert_eq!(broker.local_subscribers("t"), 0);
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(broker.publish("t", MessageKind::Text, b"nobody", None), 0);
+    }
+
+    #[test]
+    fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
+        let slow = broker.subscribe("t");
+        let fast = broker.subscribe("t");
+        for i in 0..10u8 {
+            broker.publish("t", MessageKind::Binary, &[i; 30], None);
+            drain(fast.subscriber()); // the fast one keeps up
+        }
+        assert!(slow.subscriber().is_slow());
+        assert!(!slow.subscriber().has_queued(), "its queue is freed");
+        assert!(!fast.subscriber().is_slow());
+        assert_eq!(broker.local_subscribers("t"), 1);
+        broker.publish("t", MessageKind::Binary, b"after", None);
+        assert_eq!(drain(fast.subscriber()).len(), 1);
+        assert!(!slow.subscriber().has_queued(), "nothing more is queued on a closed subscriber");
+    }
+
+    #[test]
+    fn with_the_drop_policy_a_slow_subscriber_misses_messages_but_stays() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Drop, 100);
+        let slow = broker.subscribe("t");
+        for i in 0..10u8 {
+            broker.publish("t", MessageKind::Binary, &[i; 30], None);
+        }
+        assert!(!slow.subscriber().is_slow());
+        let got = drain(slow.subscriber());
+        assert_eq!(got.len(), 3, "100 bytes hold three 32-byte frames");
+        assert_eq!(got[0][2], 0, "the oldest are kept, in order");
+        assert_eq!(got[2][2], 2);
+    }
+
+    #[test]
+    fn bytes_being_written_count_towards_the_bound() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
+        let sub = broker.subscribe("t");
+        sub.subscriber().set_writing_bytes(90);
+        broker.publish("t", MessageKind::Binary, &[0; 20], None);
+        assert!(sub.subscriber().is_slow());
+    }
+}
