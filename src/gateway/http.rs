@@ -315,7 +315,8 @@ mod tests {
         assert!(text.ends_with("\r\n\r\n"), "{text}");
         let (text, _) = respond("HEAD /metrics HTTP/1.1\r\n\r\n", Route::Metrics, &Fake::default());
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\n"), "{text}");
-        let (text, _) = respond("HEAD /publish/t HTTP/1.1\r\n\r\n", Route::Publish { topic: "t" }, &Fake::default());
+        let (text, _) =
+            respond("HEAD /publish/t HTTP/1.1\r\n\r\n", Route::Publish { topic: "t" }, &Fake::default());
         assert!(text.starts_with("HTTP/1.1 405 ") && text.ends_with("\r\n\r\n"), "{text}");
     }
 
