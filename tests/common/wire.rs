@@ -354,3 +354,236 @@ pub fn decode_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     let frame = Frame { fin: b0 & 0x80 != 0, rsv: (b0 >> 4) & 0b111, opcode: b0 & 0xF, masked, payload };
     Some((frame, at + len))
 }
+
+/// A plain HTTP/1.1 request: `Host` and, with a body or a `POST`, `Content-Length` are added; `headers`
+/// are `(name, value)` pairs.
+pub fn http_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A keep-alive HTTP/1.1 connection: requests go out as given (several may be written at once, to
+/// test pipelining), responses are read one at a time by their `Content-Length`.
+pub struct HttpConn {
+    pub stream: TcpStream,
+    /// Bytes read but not yet consumed (the start of the next response).
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    /// Connects, with [`IO_TIMEOUT`] on every read and write.
+    pub fn connect(addr: SocketAddr) -> HttpConn {
+        HttpConn { stream: connect(addr), buf: Vec::new() }
+    }
+
+    /// Writes raw bytes: one request, part of one, or several.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send the request");
+    }
+
+    /// Sends one request and reads its response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpResponse {
+        self.send(&http_request(method, path, headers, body));
+        self.read_response()
+    }
+
+    /// Reads exactly one response: the head, then `Content-Length` bytes of body (which must be
+    /// declared). Fails the test on EOF or timeout before the response is complete.
+    pub fn read_response(&mut self) -> HttpResponse {
+        let (mut response, head_len) = loop {
+            if let Some(parsed) = parse_head(&self.buf) {
+                break parsed;
+            }
+            self.fill_or_fail();
+        };
+        let length: usize = response
+            .header("Content-Length")
+            .unwrap_or_else(|| panic!("no Content-Length in {response:?}"))
+            .parse()
+            .expect("numeric Content-Length");
+        while self.buf.len() < head_len + length {
+            self.fill_or_fail();
+        }
+        response.body = self.buf[head_len..head_len + length].to_vec();
+        self.buf.drain(..head_len + length);
+        response
+    }
+
+    /// Reads the head of a response that has no body whatever its `Content-Length` says (the
+    /// answer to a `HEAD`).
+    pub fn read_head_only(&mut self) -> HttpResponse {
+        loop {
+            if let Some((response, head_len)) = parse_head(&self.buf) {
+                self.buf.drain(..head_len);
+                return response;
+            }
+            self.fill_or_fail();
+        }
+    }
+
+    /// The server must close the connection (a clean FIN) with nothing more sent.
+    pub fn expect_eof(&mut self) {
+        let mut rest = std::mem::take(&mut self.buf);
+        match self.stream.read_to_end(&mut rest) {
+            Ok(_) => assert!(
+                rest.is_empty(),
+                "bytes after the last response: {:?}",
+                String::from_utf8_lossy(&rest)
+            ),
+            Err(error) => panic!("expected EOF, got {error} after {:?}", String::from_utf8_lossy(&rest)),
+        }
+    }
+
+    fn fill_or_fail(&mut self) {
+        let mut chunk = [0u8; 64 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!("EOF before a complete response; got {:?}", String::from_utf8_lossy(&self.buf)),
+            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Err(error) => {
+                panic!("no complete response: {error}; got {:?}", String::from_utf8_lossy(&self.buf))
+            }
+        }
+    }
+}
+
+/// A JSON value of a flat object: a string (with the common escapes) or an integer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JsonValue {
+    Str(String),
+    Int(i64),
+}
+
+/// Parses a flat JSON object (`{"k": "v", "n": 3}`, whitespace allowed, trailing whitespace allowed)
+/// into its fields, in order. Strict: anything else (nesting, duplicate keys, trailing commas) fails
+/// the test.
+pub fn parse_flat_json(text: &str) -> Vec<(String, JsonValue)> {
+    let fail = |why: &str| -> ! { panic!("invalid flat JSON object ({why}): {text:?}") };
+    let mut chars = text.trim().chars().peekable();
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            chars.next();
+        }
+    };
+    let string = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| -> String {
+        if chars.next() != Some('"') {
+            fail("expected a string");
+        }
+        let mut out = String::new();
+        loop {
+            match chars.next() {
+                Some('"') => return out,
+                Some('\\') => match chars.next() {
+                    Some('"') => out.push('"'),
+                    Some('\\') => out.push('\\'),
+                    Some('/') => out.push('/'),
+                    Some('n') => out.push('\n'),
+                    Some('t') => out.push('\t'),
+                    Some('r') => out.push('\r'),
+                    Some('u') => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        let code = u32::from_str_radix(&hex, 16).unwrap_or_else(|_| fail("bad \\u escape"));
+                        out.push(char::from_u32(code).unwrap_or_else(|| fail("bad \\u escape")));
+                    }
+                    _ => fail("bad escape"),
+                },
+                Some(c) if (c as u32) < 0x20 => fail("control character in a string"),
+                Some(c) => out.push(c),
+                None => fail("unterminated string"),
+            }
+        }
+    };
+    if chars.next() != Some('{') {
+        fail("expected {");
+    }
+    let mut fields: Vec<(String, JsonValue)> = Vec::new();
+    skip_ws(&mut chars);
+    if chars.peek() == Some(&'}') {
+        chars.next();
+    } else {
+        loop {
+            skip_ws(&mut chars);
+            let key = string(&mut chars);
+            skip_ws(&mut chars);
+            if chars.next() != Some(':') {
+                fail("expected :");
+            }
+            skip_ws(&mut chars);
+            let value = if chars.peek() == Some(&'"') {
+                JsonValue::Str(string(&mut chars))
+            } else {
+                let mut digits = String::new();
+                while chars.peek().is_some_and(|c| c.is_ascii_digit() || *c == '-') {
+                    digits.push(chars.next().expect("peeked"));
+                }
+                JsonValue::Int(digits.parse().unwrap_or_else(|_| fail("expected a string or an integer")))
+            };
+            if fields.iter().any(|(k, _)| *k == key) {
+                fail("duplicate key");
+            }
+            fields.push((key, value));
+            skip_ws(&mut chars);
+            match chars.next() {
+                Some(',') => continue,
+                Some('}') => break,
+                _ => fail("expected , or }"),
+            }
+        }
+    }
+    if chars.next().is_some() {
+        fail("trailing characters");
+    }
+    fields
+}
+
+/// The parsed `202 Accepted` answer to `POST /publish/{topic}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishReply {
+    pub topic: String,
+    /// `text` or `binary`.
+    pub kind: String,
+    /// Subscribers reached, across all workers.
+    pub subscribers: i64,
+}
+
+impl HttpConn {
+    /// Posts `body` to `path` (e.g. `/publish/news`) on this keep-alive connection, with
+    /// `content_type` if given; the answer must be `202 Accepted`, keep-alive, with a JSON body of
+    /// exactly the fields `topic`, `kind` and `subscribers`.
+    pub fn publish(&mut self, path: &str, content_type: Option<&str>, body: &[u8]) -> PublishReply {
+        let headers: Vec<(&str, &str)> = content_type.map(|ct| ("Content-Type", ct)).into_iter().collect();
+        let response = self.request("POST", path, &headers, body);
+        assert_eq!(response.status, 202, "publish to {path}: {response:?}");
+        assert_eq!(response.header("Connection"), Some("keep-alive"), "{response:?}");
+        let content_type = response.header("Content-Type").expect("Content-Type of the 202");
+        assert!(content_type.starts_with("application/json"), "{response:?}");
+        let text = std::str::from_utf8(&response.body).expect("UTF-8 JSON");
+        let fields = parse_flat_json(text);
+        let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["kind", "subscribers", "topic"], "fields of {text:?}");
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let (Some(JsonValue::Str(topic)), Some(JsonValue::Str(kind)), Some(JsonValue::Int(subscribers))) =
+            (field("topic"), field("kind"), field("subscribers"))
+        else {
+            panic!("field types of {text:?}")
+        };
+        assert!(kind == "text" || kind == "binary", "kind in {text:?}");
+        assert!(subscribers >= 0, "{text:?}");
+        PublishReply { topic, kind, subscribers }
+    }
+}
