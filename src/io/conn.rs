@@ -37,7 +37,8 @@ use crate::gateway::pubsub::{Broker, Subscription};
 use crate::gateway::router::{Route, Router};
 use crate::gateway::{Outbox, echo};
 use crate::metrics::{
-    HandshakeFailure, HttpEndpoint, ProcessInfo, RouteLabel, WorkerStats, add, process_rss_bytes, render_prometheus,
+    HandshakeFailure, HttpEndpoint, ProcessInfo, RouteLabel, WorkerStats, add, process_rss_bytes,
+    render_prometheus,
 };
 use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
@@ -530,7 +531,8 @@ impl Connection {
             self.header_scanned = 0; // the head is parsed again once the body is complete
             return 0;
         }
-        let answered = http::answer(route, &request, &buf[head_end..request_len], &*ctx, &mut self.out.staging);
+        let answered =
+            http::answer(route, &request, &buf[head_end..request_len], &*ctx, &mut self.out.staging);
         let endpoint = match route {
             Route::Metrics => HttpEndpoint::Metrics,
             Route::Healthz => HttpEndpoint::Healthz,
