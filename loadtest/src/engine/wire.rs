@@ -42,15 +42,23 @@ impl FrameReader {
 
     /// Reads more bytes after the kept tail. `Ok(0)` is end of stream.
     pub async fn fill(&mut self, stream: &TcpStream) -> io::Result<usize> {
-        let len = self.buf.len();
-        if len == self.buf.capacity() {
+        let (result, buf) = read_more(stream, self.take_buffer()).await;
+        self.restore(buf);
+        result
+    }
+
+    /// Lends the buffer (kept tail first, room after it) to a [`read_more`] that must outlive a
+    /// borrow of the reader; give it back with [`FrameReader::restore`] before draining.
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        if self.buf.len() == self.buf.capacity() {
             self.buf.reserve(READ_BUFFER);
         }
-        let cap = self.buf.capacity();
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = stream.read(buf.slice(len..cap)).await;
-        self.buf = slice.into_inner();
-        result
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Takes back the buffer lent by [`FrameReader::take_buffer`], with the bytes read appended.
+    pub fn restore(&mut self, buf: Vec<u8>) {
+        self.buf = buf;
     }
 
     /// Hands every complete event in the buffer to `on_event`, then keeps only the unconsumed
@@ -75,6 +83,15 @@ impl FrameReader {
         self.buf.truncate(len - start);
         Ok(())
     }
+}
+
+/// Reads into `buf` after its current contents. Owns the buffer (tokio-uring needs it for the
+/// op's lifetime) and hands it back with the result, so the future borrows nothing but the stream.
+pub async fn read_more(stream: &TcpStream, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (result, slice) = stream.read(buf.slice(len..cap)).await;
+    (result, slice.into_inner())
 }
 
 /// A fresh masking key; RFC 6455 section 5.3 wants it unpredictable per frame.
