@@ -2,15 +2,21 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use ringgate::config::Config;
+use ringgate::config::{Config, LoadError};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
-    if let Err(error) = config.validate() {
-        eprintln!("ringgate: {error}");
-        return ExitCode::from(2);
+    let config = match Config::load(std::env::args_os()) {
+        Ok(config) => config,
+        Err(LoadError::Usage(error)) => error.exit(),
+        Err(LoadError::Invalid(error)) => {
+            eprintln!("ringgate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.check_config {
+        println!("configuration OK\n{config:#?}");
+        return ExitCode::SUCCESS;
     }
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

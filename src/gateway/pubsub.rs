@@ -30,7 +30,8 @@ use crate::proto::frame::{MAX_HEADER_LEN, write_frame};
 use crate::proto::message::MessageKind;
 
 /// What to do with a subscriber that does not keep up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SlowConsumerPolicy {
     /// Close it with 1008 "slow consumer"; nothing more is queued for it.
     Close,

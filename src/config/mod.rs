@@ -1,13 +1,19 @@
-//! The gateway's configuration: command-line flags, validated once at start with errors that tell the
-//! operator what to change. Every default is something an operator could deploy as is.
+//! The gateway's configuration: command-line flags and an optional TOML file (`file`), merged and
+//! validated once at start with errors that tell the operator what to change. Every default is
+//! something an operator could deploy as is.
 //!
 //! Must never: let an inconsistent configuration reach the workers (a zero timeout, a frame limit
 //! above the message limit, no listen address).
 
+mod file;
+
+pub use file::FileConfig;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::gateway::pubsub::SlowConsumerPolicy;
 use crate::gateway::router::Router;
@@ -18,9 +24,18 @@ use crate::gateway::router::Router;
 /// `/echo` echoes every message; `/pubsub/{topic}` subscribes to a topic and publishes what the
 /// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`. SIGTERM or SIGINT drains gracefully (close 1001 to every
 /// connection, up to --drain-timeout); a second signal exits at once.
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Debug, Clone, PartialEq)]
 #[command(name = "ringgate", version, about, long_about)]
 pub struct Config {
+    /// TOML configuration file with any of these settings (see deploy/ringgate.toml); flags given on
+    /// the command line override it.
+    #[arg(long = "config", value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
+
+    /// Validate the configuration (flags and file), print it, and exit: 0 if valid, 2 if not.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Address to listen on; repeat for several. Port 0 picks a free port (printed at start).
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: Vec<SocketAddr>,
@@ -120,6 +135,21 @@ pub fn parse_route_path(text: &str) -> Result<RoutePath, String> {
     }
 }
 
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// Bad command-line usage, or `--help`/`--version` (clap prints these itself).
+    Usage(clap::Error),
+    /// The file or the merged values are invalid.
+    Invalid(ConfigError),
+}
+
+impl From<ConfigError> for LoadError {
+    fn from(error: ConfigError) -> Self {
+        LoadError::Invalid(error)
+    }
+}
+
 /// A configuration the gateway cannot run with, and why.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -133,6 +163,26 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// Parses the command line, merges the `--config` file under it, and validates the result.
+    /// Usage errors (and `--help`) come back as `clap::Error`, which prints and exits itself.
+    pub fn load<I, T>(args: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Config::command().try_get_matches_from(args).map_err(LoadError::Usage)?;
+        let mut config = Config::from_arg_matches(&matches).map_err(LoadError::Usage)?;
+        if let Some(path) = &config.config_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            let file =
+                FileConfig::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            file.apply(&mut config, |id| matches.value_source(id) == Some(ValueSource::CommandLine));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The worker count after applying the default.
     pub fn worker_count(&self) -> usize {
         self.workers
@@ -268,6 +318,88 @@ mod tests {
         assert_eq!(router.pubsub.as_deref(), Some("/ws/topics"));
         assert!(Config::try_parse_from(["ringgate", "--metrics-path", "metrics"]).is_err());
         assert!(parse(&["--metrics-path", "/x", "--healthz-path", "/x"]).validate().is_err());
+    }
+
+    fn load(args: &[&str], file: &str) -> Result<Config, LoadError> {
+        let dir = std::env::temp_dir().join(format!("ringgate-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("{:x}.toml", file.len() * 31 + args.len()));
+        std::fs::write(&path, file).expect("write config");
+        let path = path.to_string_lossy().into_owned();
+        let mut argv = vec!["ringgate", "--config", path.as_str()];
+        argv.extend_from_slice(args);
+        Config::load(argv)
+    }
+
+    fn invalid(result: Result<Config, LoadError>) -> String {
+        match result {
+            Err(LoadError::Invalid(ConfigError(message))) => message,
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_file_sets_values_and_flags_override_it() {
+        let file = r#"
+            [server]
+            listen = ["127.0.0.1:9000", "127.0.0.2:9000"]
+            workers = 3
+            [limits]
+            max_message_size = "16MiB"
+            idle_timeout = 30
+            [pubsub]
+            slow_consumer = "drop"
+            [routes]
+            echo = "off"
+        "#;
+        let config = load(&[], file).expect("valid");
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.workers, Some(3));
+        assert_eq!(config.max_message_size, 16 << 20);
+        assert_eq!(config.idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.slow_consumer, SlowConsumerPolicy::Drop);
+        assert_eq!(config.router().echo, None);
+
+        let config = load(&["--listen", "127.0.0.3:1", "--max-message-size", "2MiB", "--workers", "1"], file)
+            .expect("valid");
+        assert_eq!(config.listen, vec!["127.0.0.3:1".parse().expect("addr")]);
+        assert_eq!(config.max_message_size, 2 << 20);
+        assert_eq!(config.workers, Some(1));
+        assert_eq!(config.slow_consumer, SlowConsumerPolicy::Drop, "not on the command line: the file's");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key_and_line() {
+        let message = invalid(load(&[], "[server]\nworkers = 2\nmax_conn = 10\n"));
+        assert!(message.contains("max_conn"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+        let message = invalid(load(&[], "[servr]\n"));
+        assert!(message.contains("servr"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key_and_line() {
+        let message = invalid(load(&[], "[limits]\n\nmax_message_size = \"12 parsecs\"\n"));
+        assert!(message.contains("max_message_size") && message.contains("line 3"), "{message}");
+        let message = invalid(load(&[], "[routes]\nmetrics = \"metrics\"\n"));
+        assert!(message.contains("metrics") && message.contains("line 2"), "{message}");
+        let message = invalid(load(&[], "[server]\nlisten = [\"nowhere\"]\n"));
+        assert!(message.contains("listen") && message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn merged_values_are_validated() {
+        let message =
+            invalid(load(&[], "[limits]\nmax_message_size = \"1KiB\"\nmax_frame_size = \"2KiB\"\n"));
+        assert!(message.contains("--max-frame-size"), "{message}");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_complete() {
+        let example = include_str!("../../deploy/ringgate.toml");
+        let mut config = load(&[], example).expect("deploy/ringgate.toml is valid");
+        config.config_file = None;
+        assert_eq!(config, parse(&[]), "the example documents the defaults");
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! The TOML configuration file (`--config FILE`): every flag has a key, and a flag given on the
+//! command line wins over the file.
+//!
+//! The file is parsed strictly: an unknown key or a bad value is an error that names the key and
+//! the line (the `toml` crate's error carries the span), so a typo never silently falls back to a
+//! default. Must never: accept a key that does nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{Config, RoutePath, parse_duration, parse_route_path, parse_size};
+use crate::gateway::pubsub::SlowConsumerPolicy;
+
+/// The whole file. Sections mirror `--help`'s groups.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    websocket: WebSocketSection,
+    #[serde(default)]
+    pubsub: PubSubSection,
+    #[serde(default)]
+    routes: RoutesSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<Vec<SocketAddr>>,
+    workers: Option<usize>,
+    backlog: Option<u32>,
+    max_conns: Option<usize>,
+    drain_timeout: Option<Seconds>,
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    max_message_size: Option<Size>,
+    max_frame_size: Option<Size>,
+    max_backpressure: Option<Size>,
+    handshake_timeout: Option<Seconds>,
+    idle_timeout: Option<Seconds>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebSocketSection {
+    allowed_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PubSubSection {
+    slow_consumer: Option<SlowConsumerPolicy>,
+    echo: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesSection {
+    echo: Option<Path>,
+    pubsub: Option<Path>,
+    publish: Option<Path>,
+    metrics: Option<Path>,
+    healthz: Option<Path>,
+}
+
+/// A size: `"16MiB"` or a plain number of bytes.
+#[derive(Debug, Clone, Copy)]
+struct Size(usize);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(deserializer)? {
+            NumberOrText::Number(n) => usize::try_from(n).map(Size).map_err(serde::de::Error::custom),
+            NumberOrText::Text(text) => parse_size(&text).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration: `"10s"`, `"500ms"` or a plain number of seconds.
+#[derive(Debug, Clone, Copy)]
+struct Seconds(Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(deserializer)? {
+            NumberOrText::Number(n) => {
+                u64::try_from(n).map(|s| Seconds(Duration::from_secs(s))).map_err(serde::de::Error::custom)
+            }
+            NumberOrText::Text(text) => parse_duration(&text).map(Seconds).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A route path, or `"off"`.
+#[derive(Debug, Clone)]
+struct Path(RoutePath);
+
+impl<'de> Deserialize<'de> for Path {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_route_path(&text).map(Path).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(i64),
+    Text(String),
+}
+
+impl FileConfig {
+    /// Parses the file's text; errors name the key and the line.
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// Copies every value the file sets into `config`, except those whose flag was given on the
+    /// command line (`from_command_line` says which, by clap argument id).
+    pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
+        let FileConfig { server, limits, websocket, pubsub, routes } = self;
+        macro_rules! take {
+            ($id:literal, $value:expr, $field:expr) => {
+                if let Some(value) = $value
+                    && !from_command_line($id)
+                {
+                    $field = value;
+                }
+            };
+        }
+        take!("listen", server.listen, config.listen);
+        take!("workers", server.workers.map(Some), config.workers);
+        take!("backlog", server.backlog, config.backlog);
+        take!("max_conns", server.max_conns, config.max_conns);
+        take!("drain_timeout", server.drain_timeout.map(|d| d.0), config.drain_timeout);
+        take!("log_level", server.log_level, config.log_level);
+        take!("max_message_size", limits.max_message_size.map(|s| s.0), config.max_message_size);
+        take!("max_frame_size", limits.max_frame_size.map(|s| Some(s.0)), config.max_frame_size);
+        take!("max_backpressure", limits.max_backpressure.map(|s| s.0), config.max_backpressure);
+        take!("handshake_timeout", limits.handshake_timeout.map(|d| d.0), config.handshake_timeout);
+        take!("idle_timeout", limits.idle_timeout.map(|d| d.0), config.idle_timeout);
+        take!("allowed_origins", websocket.allowed_origins, config.allowed_origins);
+        take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
+        take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
+        take!("echo_path", routes.echo.map(|p| p.0), config.echo_path);
+        take!("pubsub_path", routes.pubsub.map(|p| p.0), config.pubsub_path);
+        take!("publish_path", routes.publish.map(|p| p.0), config.publish_path);
+        take!("metrics_path", routes.metrics.map(|p| p.0), config.metrics_path);
+        take!("healthz_path", routes.healthz.map(|p| p.0), config.healthz_path);
+    }
+}
