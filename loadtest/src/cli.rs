@@ -29,20 +29,22 @@ use crate::target::Target;
         Every echo is verified byte for byte; a mismatch is counted as an error."
 )]
 pub struct Args {
-    /// WebSocket URL of an echo endpoint (ws:// only).
+    /// WebSocket URL of an echo endpoint (ws:// only). In pubsub mode its path is the topic
+    /// prefix (see --topic-prefix).
     #[arg(default_value = "ws://127.0.0.1:8080/echo")]
     pub url: String,
 
-    /// Number of connections to open and hold.
-    #[arg(long, default_value_t = 100)]
-    pub conns: u32,
+    /// Number of connections to open and hold [default: 100]. Not used in pubsub mode, where the
+    /// connections are --publishers + --subscribers.
+    #[arg(long)]
+    pub conns: Option<u32>,
 
     /// New connections started per second while ramping up.
     #[arg(long, default_value_t = 5000.0)]
     pub connect_rate: f64,
 
     /// Messages per second per connection (open loop); 0 = closed loop (next message when the
-    /// echo returns).
+    /// echo returns). In pubsub mode: messages per second per publisher (open loop only).
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
 
@@ -77,6 +79,23 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
     pub mode: Mode,
 
+    /// Pubsub mode: publishing connections; publisher i publishes to topic i % --topics.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
+
+    /// Pubsub mode: subscribing connections; subscriber j listens on topic j % --topics.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: u32,
+
+    /// Pubsub mode: topics, named t0, t1, ... under the topic prefix.
+    #[arg(long, default_value_t = 1)]
+    pub topics: u32,
+
+    /// Pubsub mode: path prefix of the topics (topic k is PREFIX/tk) [default: the URL's path,
+    /// or /pubsub when the URL's path is / or /echo].
+    #[arg(long, value_name = "PREFIX")]
+    pub topic_prefix: Option<String>,
+
     /// Write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -103,6 +122,9 @@ pub enum Mode {
     /// Open and hold idle connections, sending nothing: measures connection rate and handshake
     /// latency, and lets the server's memory per idle connection be read.
     Connect,
+    /// Publishers send on a schedule to topics; subscribers receive, and every delivery's latency
+    /// (from the publisher's intended send time), loss and order are checked.
+    Pubsub,
 }
 
 impl Mode {
@@ -111,6 +133,7 @@ impl Mode {
         match self {
             Mode::Echo => "echo",
             Mode::Connect => "connect",
+            Mode::Pubsub => "pubsub",
         }
     }
 }
@@ -152,7 +175,30 @@ pub struct Plan {
     pub plot: Option<PathBuf>,
     /// Suppress progress lines.
     pub quiet: bool,
+    /// Pubsub mode's layout; `None` in the other modes.
+    pub pubsub: Option<PubSubPlan>,
 }
+
+/// Who publishes and subscribes where, in pubsub mode. Connections `0..subscribers` are the
+/// subscribers (they connect first), the rest the publishers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PubSubPlan {
+    /// Publishing connections.
+    pub publishers: u32,
+    /// Subscribing connections.
+    pub subscribers: u32,
+    /// Topics; publisher i and subscriber j use topics i % topics and j % topics.
+    pub topics: u32,
+    /// Path prefix: topic k is `{prefix}/t{k}`.
+    pub prefix: String,
+}
+
+/// Publisher ids share the payload's sequence word with the sequence number: the id in the top
+/// bits, the sequence number in the low [`SEQ_BITS`].
+pub const SEQ_BITS: u32 = 40;
+
+/// The most publishers a run can have (ids must fit above [`SEQ_BITS`]).
+pub const MAX_PUBLISHERS: u32 = 1 << (64 - SEQ_BITS);
 
 impl Plan {
     /// How long the ramp-up takes: the last connection starts this long after the first.
@@ -164,7 +210,12 @@ impl Plan {
 impl Args {
     /// Validates the arguments and resolves the target. Errors say which flag is wrong and why.
     pub fn into_plan(self) -> Result<Plan> {
-        if self.conns == 0 {
+        let pubsub = self.pubsub_plan()?;
+        let conns = match &pubsub {
+            Some(p) => p.publishers + p.subscribers,
+            None => self.conns.unwrap_or(100),
+        };
+        if conns == 0 {
             bail!("--conns must be at least 1");
         }
         if !(self.connect_rate.is_finite() && self.connect_rate > 0.0) {
@@ -183,7 +234,7 @@ impl Args {
         if self.size > MAX_SIZE {
             bail!("--size {} is over the {MAX_SIZE}-byte limit of one message", self.size);
         }
-        if self.duration.is_zero() && self.mode == Mode::Echo {
+        if self.duration.is_zero() && self.mode != Mode::Connect {
             bail!("--duration must be more than 0");
         }
         let threads = match self.threads {
@@ -191,15 +242,29 @@ impl Args {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-        let threads = threads.min(self.conns as usize);
-        let target = Target::parse(&self.url).with_context(|| format!("bad URL {:?}", self.url))?;
+        let threads = threads.min(conns as usize);
+        let mut target = Target::parse(&self.url).with_context(|| format!("bad URL {:?}", self.url))?;
+        let pubsub = pubsub.map(|mut p| {
+            p.prefix = match self.topic_prefix.as_deref() {
+                Some(prefix) => prefix.trim_end_matches('/').to_string(),
+                None => match target.path.split(['?', '#']).next().unwrap_or("/").trim_end_matches('/') {
+                    "" | "/echo" => "/pubsub".to_string(),
+                    path => path.to_string(),
+                },
+            };
+            if !p.prefix.starts_with('/') {
+                p.prefix.insert(0, '/');
+            }
+            target.path = format!("{}/t*", p.prefix);
+            p
+        });
         let source_ips = self.source_ips.map(|s| s.0).unwrap_or_default();
         if !source_ips.is_empty() && !matches!(target.addr, SocketAddr::V4(_)) {
             bail!("--source-ips are IPv4 addresses but {} is an IPv6 target", target.addr);
         }
         Ok(Plan {
             target,
-            conns: self.conns,
+            conns,
             connect_rate: self.connect_rate,
             rate: (self.rate > 0.0).then_some(self.rate),
             size: self.size,
@@ -213,7 +278,36 @@ impl Args {
             hgrm: self.hgrm,
             plot: self.plot,
             quiet: self.quiet,
+            pubsub,
         })
+    }
+
+    /// Pubsub mode's flags, checked (the prefix is filled in once the URL is parsed).
+    fn pubsub_plan(&self) -> Result<Option<PubSubPlan>> {
+        if self.mode != Mode::Pubsub {
+            return Ok(None);
+        }
+        if self.conns.is_some() {
+            bail!("--conns is not used in pubsub mode: give --publishers and --subscribers");
+        }
+        if self.rate == 0.0 {
+            bail!("--rate must be more than 0 in pubsub mode (publishers send open loop)");
+        }
+        if self.publishers == 0 || self.subscribers == 0 || self.topics == 0 {
+            bail!("--publishers, --subscribers and --topics must each be at least 1");
+        }
+        if self.publishers >= MAX_PUBLISHERS {
+            bail!("--publishers must be under {MAX_PUBLISHERS}");
+        }
+        if self.publishers.checked_add(self.subscribers).is_none() {
+            bail!("--publishers + --subscribers is too large");
+        }
+        Ok(Some(PubSubPlan {
+            publishers: self.publishers,
+            subscribers: self.subscribers,
+            topics: self.topics,
+            prefix: String::new(),
+        }))
     }
 }
 
@@ -325,6 +419,29 @@ mod tests {
         assert_eq!(plan.size, 32);
         assert_eq!(plan.duration, Duration::from_secs(10));
         assert_eq!(plan.mode, Mode::Echo);
+    }
+
+    #[test]
+    fn pubsub_prefix_from_flag_url_or_default() {
+        let plan = |args: &[&str]| {
+            let mut all = vec!["loadtest", "--mode", "pubsub"];
+            all.extend_from_slice(args);
+            Args::parse_from(all).into_plan().unwrap()
+        };
+        let p = plan(&[]);
+        let layout = p.pubsub.unwrap();
+        assert_eq!(layout.prefix, "/pubsub");
+        assert_eq!((layout.publishers, layout.subscribers, layout.topics), (1, 100, 1));
+        assert_eq!(p.conns, 101);
+        assert_eq!(plan(&["ws://127.0.0.1:9/ws/topics/"]).pubsub.unwrap().prefix, "/ws/topics");
+        assert_eq!(plan(&["ws://127.0.0.1:9/"]).pubsub.unwrap().prefix, "/pubsub");
+        assert_eq!(plan(&["--topic-prefix", "x"]).pubsub.unwrap().prefix, "/x");
+        assert!(plan(&[]).target.path.starts_with("/pubsub/t"));
+        for bad in [&["--conns", "5"][..], &["--rate", "0"], &["--topics", "0"], &["--publishers", "0"]] {
+            let mut all = vec!["loadtest", "--mode", "pubsub"];
+            all.extend_from_slice(bad);
+            assert!(Args::parse_from(all).into_plan().is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::cli::{Args, Mode};
-use crate::report::Summary;
+use crate::report::{PubSubTotals, Summary};
 use crate::schedule::Phases;
 
 /// Time between fixing the schedule and the first connection, for the threads to start.
@@ -67,6 +67,16 @@ fn run(args: Args) -> Result<ExitCode> {
             (Mode::Connect, _) => "holding idle connections".to_string(),
             (Mode::Echo, Some(rate)) => format!("open loop, {rate} msg/s per connection"),
             (Mode::Echo, None) => "closed loop".to_string(),
+            (Mode::Pubsub, rate) => {
+                let l = plan.pubsub.as_ref().context("pubsub layout")?;
+                format!(
+                    "pubsub: {} publishers at {} msg/s, {} subscribers, {} topics",
+                    l.publishers,
+                    rate.unwrap_or(0.0),
+                    l.subscribers,
+                    l.topics
+                )
+            }
         };
         eprintln!(
             "loadtest: {} connections to ws://{}{} ({}), {} B, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
@@ -84,14 +94,20 @@ fn run(args: Args) -> Result<ExitCode> {
     let plan = Arc::new(plan);
     let cpu_at_start = cpu::CpuTime::now();
     let (reports, received) = mpsc::channel();
-    let threads = engine::start(Arc::clone(&plan), phases, reports).context("starting client threads")?;
+    let pubsub = plan.pubsub.as_ref().map(|layout| Arc::new(engine::pubsub::Shared::new(layout)));
+    let threads = engine::start(Arc::clone(&plan), phases, pubsub.clone(), reports)
+        .context("starting client threads")?;
     let stats = progress::collect(&plan, &phases, received)?;
     for thread in threads {
         let _ = thread.join();
     }
 
     let cpu = cpu::CpuTime::now().since(cpu_at_start);
-    let summary = Summary::new(&plan, &phases, &stats, cpu);
+    let totals = pubsub.map(|shared| PubSubTotals {
+        deliveries_expected: shared.deliveries_expected(),
+        publish_start: shared.publish_start(),
+    });
+    let summary = Summary::new(&plan, &phases, &stats, cpu, totals);
     print!("{}", summary.text());
     if let Some(path) = &plan.json {
         summary.write_json(path)?;
@@ -104,6 +120,7 @@ fn run(args: Args) -> Result<ExitCode> {
         let title = format!("{} — {} connections, {} B", summary.config.url, plan.conns, plan.size);
         let series: Vec<(&str, &hdrhistogram::Histogram<u64>)> = match plan.mode {
             Mode::Echo => vec![("message latency", &stats.latency), ("handshake", &stats.handshake)],
+            Mode::Pubsub => vec![("delivery latency", &stats.latency), ("handshake", &stats.handshake)],
             Mode::Connect => vec![("handshake", &stats.handshake)],
         };
         plot::percentile_curve(path, &title, &series)?;

@@ -110,10 +110,31 @@ pub struct Summary {
     pub late_sends: u64,
     /// Errors on established connections, all kinds.
     pub errors: u64,
-    /// Errors by kind.
-    pub errors_by_kind: BTreeMap<&'static str, u64>,
-    /// Verified echoes per second over the measured window.
+    /// Errors by kind (pubsub mode adds `closed_{code}`, e.g. `closed_1008` for a subscriber
+    /// closed as a slow consumer).
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Verified echoes (pubsub: deliveries) per second over the measured window.
     pub throughput_msgs_per_sec: f64,
+    /// Pubsub: measured messages published times the subscribers established on their topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries_expected: Option<u64>,
+    /// Pubsub: measured deliveries that never arrived (sequence gaps, and what was missing after
+    /// the grace period).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries_lost: Option<u64>,
+    /// Pubsub: publishing connections asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publishers: Option<u32>,
+    /// Pubsub: subscribing connections asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscribers: Option<u32>,
+    /// Pubsub: topics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topics: Option<u32>,
+    /// Pubsub: seconds of the measured window in which publishers were publishing (shorter than
+    /// the duration when subscribers took longer than the ramp-up and warmup to connect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_window_secs: Option<f64>,
     /// Message latency (from the intended send time in open loop), microseconds.
     pub latency_us: Percentiles,
     /// TCP connect start to 101 response, microseconds.
@@ -122,6 +143,15 @@ pub struct Summary {
     pub send_lag_us: Percentiles,
     /// What this run cost the load generator itself.
     pub client_cpu: ClientCpu,
+}
+
+/// What pubsub mode adds to a summary, from the state its connections shared.
+#[derive(Clone, Copy, Debug)]
+pub struct PubSubTotals {
+    /// See [`Summary::deliveries_expected`].
+    pub deliveries_expected: u64,
+    /// When publishing started (run clock), if it did.
+    pub publish_start: Option<u64>,
 }
 
 /// The load generator's own CPU time over the whole run (ramp-up, warmup and drain included).
@@ -137,7 +167,13 @@ pub struct ClientCpu {
 
 impl Summary {
     /// Builds the summary from the merged statistics.
-    pub fn new(plan: &Plan, phases: &Phases, stats: &ThreadStats, cpu: CpuTime) -> Summary {
+    pub fn new(
+        plan: &Plan,
+        phases: &Phases,
+        stats: &ThreadStats,
+        cpu: CpuTime,
+        pubsub: Option<PubSubTotals>,
+    ) -> Summary {
         let counters = &stats.counters;
         let connect_rate_per_sec = match stats.established_span {
             Some((first, last)) if last > first => {
@@ -145,26 +181,37 @@ impl Summary {
             }
             _ => 0.0,
         };
-        let errors_by_kind = ErrorKind::ALL
+        let mut errors_by_kind: BTreeMap<String, u64> = ErrorKind::ALL
             .iter()
             .filter(|kind| stats.errors[**kind as usize] > 0)
-            .map(|kind| (kind.name(), stats.errors[*kind as usize]))
+            .map(|kind| (kind.name().to_string(), stats.errors[*kind as usize]))
             .collect();
-        let throughput = match plan.mode {
-            Mode::Echo => counters.messages_received as f64 / phases.measured_secs(),
-            Mode::Connect => 0.0,
+        for (code, count) in &stats.closes {
+            let name = if *code == 0 { "closed_no_code".to_string() } else { format!("closed_{code}") };
+            *errors_by_kind.entry(name).or_default() += count;
+        }
+        // Pubsub: the part of the measured window in which publishers published.
+        let window = match pubsub.map(|p| p.publish_start) {
+            Some(Some(start)) => phases.end.saturating_sub(start.max(phases.measure_start)) as f64 / 1e9,
+            Some(None) => 0.0,
+            None => phases.measured_secs(),
         };
+        let throughput = match plan.mode {
+            Mode::Echo | Mode::Pubsub if window > 0.0 => counters.messages_received as f64 / window,
+            _ => 0.0,
+        };
+        let layout = plan.pubsub.as_ref();
         Summary {
             config: RunConfig {
                 mode: plan.mode.name(),
                 url: format!("ws://{}{}", plan.target.host, plan.target.path),
                 conns: plan.conns,
                 connect_rate: plan.connect_rate,
-                rate: if plan.mode == Mode::Echo { plan.rate.unwrap_or(0.0) } else { 0.0 },
+                rate: if plan.mode == Mode::Connect { 0.0 } else { plan.rate.unwrap_or(0.0) },
                 loop_kind: match (plan.mode, plan.rate) {
                     (Mode::Connect, _) => "none",
-                    (Mode::Echo, Some(_)) => "open",
-                    (Mode::Echo, None) => "closed",
+                    (_, Some(_)) => "open",
+                    (_, None) => "closed",
                 },
                 size: plan.size,
                 duration_secs: plan.duration.as_secs_f64(),
@@ -184,6 +231,12 @@ impl Summary {
             errors: counters.errors,
             errors_by_kind,
             throughput_msgs_per_sec: throughput,
+            deliveries_expected: pubsub.map(|p| p.deliveries_expected),
+            deliveries_lost: pubsub.map(|_| counters.deliveries_lost),
+            publishers: layout.map(|l| l.publishers),
+            subscribers: layout.map(|l| l.subscribers),
+            topics: layout.map(|l| l.topics),
+            publish_window_secs: pubsub.map(|_| window),
             latency_us: Percentiles::of(&stats.latency),
             handshake_latency_us: Percentiles::of(&stats.handshake),
             send_lag_us: Percentiles::of(&stats.send_lag),
@@ -204,6 +257,17 @@ impl Summary {
         let mut s = String::new();
         let what = match (c.mode, c.loop_kind) {
             ("connect", _) => format!("held idle for {}s", c.duration_secs),
+            ("pubsub", _) => format!(
+                "{} publishers at {} msg/s each, {} subscribers, {} topics, {} B payload, {}s measured \
+                 (+{}s warmup)",
+                self.publishers.unwrap_or(0),
+                c.rate,
+                self.subscribers.unwrap_or(0),
+                self.topics.unwrap_or(0),
+                c.size,
+                c.duration_secs,
+                c.warmup_secs
+            ),
             (_, "open") => format!(
                 "open loop at {} msg/s per connection, {} B payload, {}s measured (+{}s warmup)",
                 c.rate, c.size, c.duration_secs, c.warmup_secs
@@ -232,6 +296,26 @@ impl Summary {
             );
             let _ = writeln!(s, "throughput:  {:.0} msg/s", self.throughput_msgs_per_sec);
         }
+        if c.mode == "pubsub" {
+            let _ = writeln!(
+                s,
+                "published:   {} messages, {} sent late (>1 ms behind schedule)",
+                self.messages_sent, self.late_sends
+            );
+            let _ = writeln!(
+                s,
+                "deliveries:  {} expected, {} delivered, {} lost",
+                self.deliveries_expected.unwrap_or(0),
+                self.messages_received,
+                self.deliveries_lost.unwrap_or(0)
+            );
+            let _ = writeln!(
+                s,
+                "throughput:  {:.0} deliveries/s over {:.2}s of publishing",
+                self.throughput_msgs_per_sec,
+                self.publish_window_secs.unwrap_or(0.0)
+            );
+        }
         let _ = writeln!(
             s,
             "latency (us)  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
@@ -247,8 +331,11 @@ impl Summary {
         if c.mode == "echo" {
             row("messages", &self.latency_us);
         }
+        if c.mode == "pubsub" {
+            row("delivery", &self.latency_us);
+        }
         row("handshake", &self.handshake_latency_us);
-        if c.loop_kind == "open" && c.mode == "echo" {
+        if c.loop_kind == "open" && c.mode != "connect" {
             row("send lag", &self.send_lag_us);
         }
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
@@ -264,7 +351,8 @@ impl Summary {
         let cpu = &self.client_cpu;
         let _ = write!(s, "client cpu:  {:.2}s user + {:.2}s sys", cpu.user_secs, cpu.sys_secs);
         if cpu.us_per_message > 0.0 {
-            let _ = write!(s, " = {:.2} us per echoed message", cpu.us_per_message);
+            let what = if c.mode == "pubsub" { "delivery" } else { "echoed message" };
+            let _ = write!(s, " = {:.2} us per {what}", cpu.us_per_message);
         }
         s.push('\n');
         s

@@ -27,13 +27,18 @@ pub struct Phases {
 /// How long connections wait for outstanding echoes after the end before counting them as lost.
 pub const DRAIN: Duration = Duration::from_secs(3);
 
+/// Pubsub mode's drain: how long subscribers wait after the end for deliveries still in flight
+/// before counting what is missing as lost.
+pub const PUBSUB_GRACE: Duration = Duration::from_secs(2);
+
 impl Phases {
     /// Lays out a run starting at `begin`.
     pub fn new(plan: &Plan, begin: u64) -> Phases {
         let ramp_end = begin + nanos(plan.ramp());
         let measure_start = ramp_end + nanos(plan.warmup);
         let end = measure_start + nanos(plan.duration);
-        Phases { begin, ramp_end, measure_start, end, drain_end: end + nanos(DRAIN) }
+        let drain = if plan.pubsub.is_some() { PUBSUB_GRACE } else { DRAIN };
+        Phases { begin, ramp_end, measure_start, end, drain_end: end + nanos(drain) }
     }
 
     /// When connection `index` should start.

@@ -33,17 +33,24 @@ pub enum ErrorKind {
     ConnectionLost,
     /// A write failed.
     WriteFailed,
+    /// Pubsub: a delivery repeated or came before one already received from the same publisher.
+    OutOfOrder,
+    /// Pubsub: a delivery that no publisher of this subscriber's topic sent (wrong size, header,
+    /// filler, publisher or topic).
+    BadMessage,
 }
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::EchoMismatch,
         ErrorKind::EchoTimeout,
         ErrorKind::ProtocolError,
         ErrorKind::ServerClosed,
         ErrorKind::ConnectionLost,
         ErrorKind::WriteFailed,
+        ErrorKind::OutOfOrder,
+        ErrorKind::BadMessage,
     ];
 
     /// The name in reports and JSON.
@@ -55,6 +62,8 @@ impl ErrorKind {
             ErrorKind::ServerClosed => "server_closed",
             ErrorKind::ConnectionLost => "connection_lost",
             ErrorKind::WriteFailed => "write_failed",
+            ErrorKind::OutOfOrder => "out_of_order",
+            ErrorKind::BadMessage => "bad_message",
         }
     }
 }
@@ -80,6 +89,9 @@ pub struct Counters {
     pub total_received: u64,
     /// Errors of every kind.
     pub errors: u64,
+    /// Pubsub: measured messages a subscriber never received (gaps in a publisher's sequence,
+    /// and what was still missing after the grace period).
+    pub deliveries_lost: u64,
 }
 
 impl Counters {
@@ -93,6 +105,7 @@ impl Counters {
         self.total_sent += other.total_sent;
         self.total_received += other.total_received;
         self.errors += other.errors;
+        self.deliveries_lost += other.deliveries_lost;
     }
 }
 
@@ -113,6 +126,9 @@ pub struct ThreadStats {
     pub errors: [u64; ErrorKind::ALL.len()],
     /// Failed connection attempts by reason.
     pub connect_failures: BTreeMap<String, u64>,
+    /// Pubsub: Close frames the server sent before the run ended, by status code (0: no code).
+    /// Each is also an error (`closed_1008` is a subscriber closed as a slow consumer).
+    pub closes: BTreeMap<u16, u64>,
     /// When the first and the last connection were established (run clock, ns).
     pub established_span: Option<(u64, u64)>,
 }
@@ -127,6 +143,7 @@ impl Default for ThreadStats {
             counters: Counters::default(),
             errors: [0; ErrorKind::ALL.len()],
             connect_failures: BTreeMap::new(),
+            closes: BTreeMap::new(),
             established_span: None,
         }
     }
@@ -143,6 +160,12 @@ impl ThreadStats {
     pub fn errors_n(&mut self, kind: ErrorKind, n: u64) {
         self.errors[kind as usize] += n;
         self.counters.errors += n;
+    }
+
+    /// Counts a Close from the server with status `code` (0 for none) as an error of its own kind.
+    pub fn closed(&mut self, code: u16) {
+        *self.closes.entry(code).or_default() += 1;
+        self.counters.errors += 1;
     }
 
     /// Counts a connection attempt that failed, by reason.
@@ -181,6 +204,9 @@ impl ThreadStats {
         }
         for (reason, count) in &other.connect_failures {
             *self.connect_failures.entry(reason.clone()).or_default() += count;
+        }
+        for (code, count) in &other.closes {
+            *self.closes.entry(*code).or_default() += count;
         }
         self.established_span = match (self.established_span, other.established_span) {
             (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),

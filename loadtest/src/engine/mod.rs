@@ -11,6 +11,7 @@ mod connect;
 mod hold;
 mod open_loop;
 mod pacer;
+pub mod pubsub;
 mod race;
 mod timer;
 mod wire;
@@ -27,6 +28,7 @@ use crate::cli::{Mode, Plan};
 use crate::clock;
 use crate::schedule::Phases;
 use crate::stats::{Snapshot, ThreadStats};
+use crate::target::Target;
 
 /// A measured message sent more than this after its intended time counts as a late send.
 pub const LATE_THRESHOLD: Duration = Duration::from_millis(1);
@@ -60,22 +62,36 @@ pub struct ThreadCtx {
     pub stats: RefCell<ThreadStats>,
     /// Wakes connections at their scheduled times.
     pub pacer: Rc<pacer::Pacer>,
+    /// Pubsub mode's state shared by every thread.
+    pub pubsub: Option<Arc<pubsub::Shared>>,
 }
 
 /// Starts the client threads. Each reports through `reports`.
-pub fn start(plan: Arc<Plan>, phases: Phases, reports: Sender<Report>) -> io::Result<Vec<JoinHandle<()>>> {
+pub fn start(
+    plan: Arc<Plan>,
+    phases: Phases,
+    pubsub: Option<Arc<pubsub::Shared>>,
+    reports: Sender<Report>,
+) -> io::Result<Vec<JoinHandle<()>>> {
     (0..plan.threads)
         .map(|index| {
             let plan = Arc::clone(&plan);
             let reports = reports.clone();
+            let pubsub = pubsub.clone();
             std::thread::Builder::new()
                 .name(format!("loadtest-{index}"))
-                .spawn(move || run_thread(plan, phases, index, reports))
+                .spawn(move || run_thread(plan, phases, pubsub, index, reports))
         })
         .collect()
 }
 
-fn run_thread(plan: Arc<Plan>, phases: Phases, index: usize, reports: Sender<Report>) {
+fn run_thread(
+    plan: Arc<Plan>,
+    phases: Phases,
+    pubsub: Option<Arc<pubsub::Shared>>,
+    index: usize,
+    reports: Sender<Report>,
+) {
     let mut builder = tokio_uring::builder();
     builder.entries(1024);
     let runtime = match tokio_uring::Runtime::new(&builder) {
@@ -91,6 +107,7 @@ fn run_thread(plan: Arc<Plan>, phases: Phases, index: usize, reports: Sender<Rep
         phases,
         stats: RefCell::new(ThreadStats::default()),
         pacer: Rc::new(pacer::Pacer::new(slack)),
+        pubsub,
     });
     runtime.block_on(thread_main(Rc::clone(&ctx), index, reports.clone()));
     let stats = ctx.stats.replace(ThreadStats::default());
@@ -140,21 +157,43 @@ async fn connection(ctx: Rc<ThreadCtx>, index: u32) {
     };
     let started = clock::now();
     let deadline = started + HANDSHAKE_TIMEOUT.as_nanos() as u64;
-    let established = match connect::open(&plan.target, source, deadline).await {
+    let role = ctx.pubsub.as_ref().map(|shared| shared.role(index));
+    let target = match (&ctx.pubsub, role) {
+        (Some(shared), Some(role)) => {
+            std::borrow::Cow::Owned(Target { path: shared.path(role), ..plan.target.clone() })
+        }
+        _ => std::borrow::Cow::Borrowed(&plan.target),
+    };
+    let established = match connect::open(&target, source, deadline).await {
         Ok(established) => established,
         Err(reason) => {
             ctx.stats.borrow_mut().connect_failed(reason);
+            if let (Some(shared), Some(role)) = (&ctx.pubsub, role) {
+                shared.connected(role, false);
+            }
             return;
         }
     };
+    drop(target);
     let now = clock::now();
     ctx.stats.borrow_mut().established(now, now - started);
     let reader = wire::FrameReader::new(established.leftover, plan.size.max(wire::READ_BUFFER));
     let stream = established.stream;
-    match (plan.mode, plan.rate) {
-        (Mode::Echo, Some(rate)) => open_loop::run(&ctx, stream, reader, rate, now).await,
-        (Mode::Echo, None) => closed_loop::run(&ctx, stream, reader).await,
-        (Mode::Connect, _) => hold::run(&ctx, stream, reader).await,
+    match (plan.mode, plan.rate, &ctx.pubsub, role) {
+        (Mode::Pubsub, Some(rate), Some(shared), Some(role)) => {
+            shared.connected(role, true);
+            match role {
+                pubsub::Role::Subscriber { topic } => {
+                    pubsub::subscribe(&ctx, shared, stream, reader, topic).await;
+                }
+                pubsub::Role::Publisher { id, .. } => {
+                    pubsub::publish(&ctx, shared, stream, reader, id, rate).await;
+                }
+            }
+        }
+        (Mode::Echo, Some(rate), ..) => open_loop::run(&ctx, stream, reader, rate, now).await,
+        (Mode::Echo, None, ..) => closed_loop::run(&ctx, stream, reader).await,
+        (Mode::Connect | Mode::Pubsub, ..) => hold::run(&ctx, stream, reader).await,
     }
     ctx.stats.borrow_mut().counters.open -= 1;
 }
