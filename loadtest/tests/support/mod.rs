@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod pubsub;
+
 use serde_json::Value;
 use tungstenite::Message;
 
