@@ -102,6 +102,9 @@ impl Hub {
     }
 }
 
+/// Queue entries (32 bytes each) an empty subscriber queue may keep allocated for the next message.
+const RETAINED_QUEUE_CAPACITY: usize = 8;
+
 /// One subscribed connection's queue of frames, shared between the broker (which fills it) and the
 /// connection (which writes it out).
 #[derive(Debug)]
@@ -156,9 +159,14 @@ impl Subscriber {
         self.queue.borrow().front().map(Bytes::len)
     }
 
-    /// Takes the next queued frame.
+    /// Takes the next queued frame. A queue that a burst grew is released once it is empty, so an
+    /// idle subscriber does not keep the capacity of its busiest moment.
     pub fn pop(&self) -> Option<Bytes> {
-        let frame = self.queue.borrow_mut().pop_front()?;
+        let mut queue = self.queue.borrow_mut();
+        let frame = queue.pop_front()?;
+        if queue.is_empty() && queue.capacity() > RETAINED_QUEUE_CAPACITY {
+            *queue = VecDeque::new();
+        }
         self.queued_bytes.set(self.queued_bytes.get() - frame.len());
         Some(frame)
     }
@@ -483,6 +491,19 @@ mod tests {
         assert_eq!(got.len(), 3, "100 bytes hold three 32-byte frames");
         assert_eq!(got[0][2], 0, "the oldest are kept, in order");
         assert_eq!(got[2][2], 2);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_the_capacity_of_a_burst() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let sub = broker.subscribe("t");
+        for _ in 0..100 {
+            broker.publish("t", MessageKind::Binary, b"x", None);
+        }
+        assert!(sub.subscriber.queue.borrow().capacity() >= 100);
+        drain(sub.subscriber());
+        assert!(sub.subscriber.queue.borrow().capacity() <= RETAINED_QUEUE_CAPACITY);
     }
 
     #[test]
