@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::metrics::{UpstreamLabels, UpstreamStats};
+use crate::proto::handshake::{AcceptKey, ClientHandshake, Request};
+
+/// Request headers copied to the upstream as they are.
+const FORWARDED_AS_IS: [&str; 3] = ["Cookie", "Authorization", "Origin"];
 
 /// The first back-off after a failed connect; each further failure doubles it.
 pub const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -155,6 +159,78 @@ impl Upstream {
     }
 }
 
+/// What the upstream request of one proxied client needs, copied out of the client's request
+/// (whose bytes live in a buffer that is reused before the upstream answers).
+#[derive(Debug)]
+pub struct UpstreamRequest {
+    /// Which proxy route.
+    pub route: usize,
+    /// The rest of the path and the query (see `Route::Proxy`).
+    pub rest: String,
+    /// The client's `Sec-WebSocket-Accept`, for the 101 once the upstream accepted.
+    pub client_accept: AcceptKey,
+    /// The subprotocols the client offered, in its order.
+    pub subprotocols: Vec<String>,
+    /// Headers for the upstream: `X-Forwarded-*`, and `Cookie`, `Authorization`, `Origin` as sent.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl UpstreamRequest {
+    /// Copies what goes upstream out of a validated client request. `client_ip` is appended to
+    /// `X-Forwarded-For`.
+    pub fn new(
+        route: usize,
+        rest: &str,
+        request: &Request<'_, '_>,
+        client_accept: AcceptKey,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> UpstreamRequest {
+        let mut forwarded_for: Vec<u8> = Vec::new();
+        for value in request.header_values("X-Forwarded-For") {
+            if !forwarded_for.is_empty() {
+                forwarded_for.extend_from_slice(b", ");
+            }
+            forwarded_for.extend_from_slice(value.trim().as_bytes());
+        }
+        if let Some(ip) = client_ip {
+            if !forwarded_for.is_empty() {
+                forwarded_for.extend_from_slice(b", ");
+            }
+            forwarded_for.extend_from_slice(ip.to_string().as_bytes());
+        }
+        let mut headers = Vec::with_capacity(6);
+        if !forwarded_for.is_empty() {
+            headers.push(("X-Forwarded-For", forwarded_for));
+        }
+        headers.push(("X-Forwarded-Proto", b"http".to_vec()));
+        headers.push(("X-Forwarded-Host", request.host.as_bytes().to_vec()));
+        for header in request.headers {
+            if let Some(name) = FORWARDED_AS_IS.iter().find(|n| header.name.eq_ignore_ascii_case(n)) {
+                headers.push((name, header.value.to_vec()));
+            }
+        }
+        UpstreamRequest {
+            route,
+            rest: rest.to_string(),
+            client_accept,
+            subprotocols: request.subprotocols().map(str::to_string).collect(),
+            headers,
+        }
+    }
+
+    /// The subprotocols offered, as `parse_response` wants them.
+    pub fn offered(&self) -> Vec<&str> {
+        self.subprotocols.iter().map(String::as_str).collect()
+    }
+
+    /// Writes the upgrade request for `upstream`.
+    pub fn write(&self, dst: &mut Vec<u8>, handshake: &ClientHandshake, upstream: &UpstreamUrl) {
+        let target = crate::gateway::router::upstream_target(&upstream.base_path, &self.rest);
+        let extra: Vec<(&str, &[u8])> = self.headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        handshake.write_request_with_headers(dst, &upstream.authority, &target, &self.offered(), &extra);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +277,39 @@ mod tests {
         route.mark_up(0);
         route.mark_down(0, 100_000);
         assert_eq!(route.choose(105_000, None), Some(0), "a success resets the back-off");
+    }
+
+    #[test]
+    fn the_upstream_request_forwards_identity_and_credentials() {
+        use crate::proto::handshake::{DEFAULT_MAX_HEADERS, Parsed, parse_request};
+        let raw = b"GET /app/x?q=1 HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Protocol: chat, superchat\r\nCookie: a=1\r\nAuthorization: Bearer t\r\n\
+Origin: http://site\r\nX-Forwarded-For: 10.1.1.1\r\nUser-Agent: x\r\n\r\n";
+        let mut headers = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
+        let Ok(Parsed::Complete(request, _)) = parse_request(raw, &mut headers, 8192) else { panic!("valid") };
+        let accept = AcceptKey::for_key(request.key);
+        let ip = Some(std::net::IpAddr::from([127, 0, 0, 9]));
+        let up = UpstreamRequest::new(0, "/x?q=1", &request, accept, ip);
+        let pool = pool(1);
+        let url = &pool.route(0).expect("route").upstreams[0].url;
+        let mut out = Vec::new();
+        up.write(&mut out, &ClientHandshake::new([1; 16]), url);
+        let text = String::from_utf8(out).expect("ascii");
+        for line in [
+            "GET /x?q=1 HTTP/1.1\r\n",
+            "Host: 127.0.0.1:9000\r\n",
+            "Sec-WebSocket-Protocol: chat, superchat\r\n",
+            "X-Forwarded-For: 10.1.1.1, 127.0.0.9\r\n",
+            "X-Forwarded-Proto: http\r\n",
+            "X-Forwarded-Host: gw.example\r\n",
+            "Cookie: a=1\r\n",
+            "Authorization: Bearer t\r\n",
+            "Origin: http://site\r\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from {text}");
+        }
+        assert!(!text.contains("User-Agent") && !text.contains("dGhlIHNhbXBsZSBub25jZQ=="), "{text}");
     }
 
     #[test]
