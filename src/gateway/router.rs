@@ -117,12 +117,13 @@ impl Router {
 }
 
 /// The request target to send upstream for a proxy route's `rest`: `base` (the upstream URL's path,
-/// without a trailing slash) followed by the rest, with `/` for an empty path.
+/// without a trailing slash) followed by the rest, with `/` for an empty path (`ws://h:1/echo`
+/// serves `/app` as `/echo`, `/app/x?q` as `/echo/x?q`).
 pub fn upstream_target(base: &str, rest: &str) -> String {
     let base = base.trim_end_matches('/');
     let mut target = String::with_capacity(base.len() + rest.len() + 1);
     target.push_str(base);
-    if !rest.starts_with('/') {
+    if target.is_empty() && !rest.starts_with('/') {
         target.push('/');
     }
     target.push_str(rest);
@@ -192,7 +193,8 @@ mod tests {
         assert_eq!(upstream_target("", "?q=1"), "/?q=1");
         assert_eq!(upstream_target("", "/x?q=1"), "/x?q=1");
         assert_eq!(upstream_target("/base/", "/x"), "/base/x");
-        assert_eq!(upstream_target("/base", ""), "/base/");
+        assert_eq!(upstream_target("/base", ""), "/base");
+        assert_eq!(upstream_target("/echo", "?q"), "/echo?q");
     }
 
     #[test]
