@@ -79,6 +79,8 @@ impl Upstream {
     }
 }
 
+// tungstenite's callback type returns its large `ErrorResponse` by value.
+#[allow(clippy::result_large_err)]
 fn serve_upstream(stream: TcpStream, mode: Mode, record: Arc<Mutex<Vec<Seen>>>) {
     if mode == Mode::Silent {
         record.lock().expect("seen lock").push(Seen::default());
@@ -150,7 +152,9 @@ fn echo_once(ws: &mut WebSocket<TcpStream>, text: &str) {
 fn expect_close(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
     loop {
         match ws.read() {
-            Ok(Message::Close(Some(frame))) => return (u16::from(frame.code), frame.reason.as_str().to_string()),
+            Ok(Message::Close(Some(frame))) => {
+                return (u16::from(frame.code), frame.reason.as_str().to_string());
+            }
             Ok(Message::Close(None)) => return (1005, String::new()),
             Ok(_) => continue,
             Err(error) => panic!("expected a Close, got {error}"),
@@ -215,7 +219,10 @@ fn identity_credentials_subprotocols_path_and_query_go_upstream() {
         request.headers_mut().insert(name, value.parse().expect("header"));
     }
     let (mut ws, response) = tungstenite::client::client(request, gateway.connect()).expect("upgrade");
-    assert_eq!(response.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().expect("ascii")), Some("chat"));
+    assert_eq!(
+        response.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().expect("ascii")),
+        Some("chat")
+    );
     echo_once(&mut ws, "hello");
     let seen = recorder.seen().pop().expect("one upgrade");
     assert_eq!(seen.target, "/x/y?q=1&r=2");
@@ -328,5 +335,6 @@ fn a_stalled_upstream_stalls_the_client_not_the_gateways_memory() {
     };
     let rss_after = gateway.rss_kib();
     let growth = rss_after.saturating_sub(rss_before);
+    eprintln!("stalled after {stalled_at} bytes; gateway RSS {rss_before} -> {rss_after} KiB");
     assert!(growth < 24 * 1024, "gateway RSS grew by {growth} KiB (stalled after {stalled_at} bytes)");
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{Config, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url};
+use super::{
+    Config, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url,
+};
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
 
@@ -194,7 +196,10 @@ impl FileConfig {
         let proxy = proxy.map(|sections| {
             sections
                 .into_iter()
-                .map(|s| ProxyRouteSpec { prefix: s.prefix.0, upstreams: s.upstreams.into_iter().map(|u| u.0).collect() })
+                .map(|s| ProxyRouteSpec {
+                    prefix: s.prefix.0,
+                    upstreams: s.upstreams.into_iter().map(|u| u.0).collect(),
+                })
                 .collect()
         });
         take!("proxy_routes", proxy, config.proxy_routes);

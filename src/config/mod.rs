@@ -277,7 +277,8 @@ pub fn parse_proxy_route(text: &str) -> Result<ProxyRouteSpec, String> {
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not a proxy route like /app=ws://10.0.0.5:9000"))?;
     let prefix = parse_proxy_prefix(prefix.trim())?;
-    let upstreams = urls.split(',').map(|url| parse_upstream_url(url.trim())).collect::<Result<Vec<_>, _>>()?;
+    let upstreams =
+        urls.split(',').map(|url| parse_upstream_url(url.trim())).collect::<Result<Vec<_>, _>>()?;
     Ok(ProxyRouteSpec { prefix, upstreams })
 }
 
@@ -475,7 +476,12 @@ mod tests {
 
     #[test]
     fn proxy_routes_parse_from_flags_and_the_file() {
-        let config = parse(&["--route", "/app=ws://127.0.0.1:9000,ws://127.0.0.1:9001/base/", "--route", "/b/=ws://127.0.0.1"]);
+        let config = parse(&[
+            "--route",
+            "/app=ws://127.0.0.1:9000,ws://127.0.0.1:9001/base/",
+            "--route",
+            "/b/=ws://127.0.0.1",
+        ]);
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.proxy_routes.len(), 2);
         let app = &config.proxy_routes[0];
@@ -490,7 +496,9 @@ mod tests {
         assert!(parse_proxy_route("app=ws://127.0.0.1:1").is_err());
         assert!(parse_proxy_route("/app=http://127.0.0.1:1").is_err());
         assert!(parse_proxy_route("/app=wss://127.0.0.1:1").is_err());
-        assert!(parse(&["--route", "/a=ws://127.0.0.1:1", "--route", "/a/=ws://127.0.0.1:2"]).validate().is_err());
+        assert!(
+            parse(&["--route", "/a=ws://127.0.0.1:1", "--route", "/a/=ws://127.0.0.1:2"]).validate().is_err()
+        );
 
         let file = "[limits]\nupstream_timeout = \"2s\"\n[[proxy]]\nprefix = \"/app\"\nupstreams = [\"ws://127.0.0.1:9000\"]\n";
         let config = load(&[], file).expect("valid");

@@ -287,7 +287,9 @@ Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhb
 Sec-WebSocket-Protocol: chat, superchat\r\nCookie: a=1\r\nAuthorization: Bearer t\r\n\
 Origin: http://site\r\nX-Forwarded-For: 10.1.1.1\r\nUser-Agent: x\r\n\r\n";
         let mut headers = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
-        let Ok(Parsed::Complete(request, _)) = parse_request(raw, &mut headers, 8192) else { panic!("valid") };
+        let Ok(Parsed::Complete(request, _)) = parse_request(raw, &mut headers, 8192) else {
+            panic!("valid")
+        };
         let accept = AcceptKey::for_key(request.key);
         let ip = Some(std::net::IpAddr::from([127, 0, 0, 9]));
         let up = UpstreamRequest::new(0, "/x?q=1", &request, accept, ip);

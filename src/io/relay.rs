@@ -158,7 +158,10 @@ enum ConnectFailure {
 }
 
 /// A non-blocking connect, completed by a one-shot poll for writability on the worker's ring.
-async fn connect(addr: std::net::SocketAddr, deadline: Instant) -> Result<std::net::TcpStream, ConnectFailure> {
+async fn connect(
+    addr: std::net::SocketAddr,
+    deadline: Instant,
+) -> Result<std::net::TcpStream, ConnectFailure> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))
         .map_err(ConnectFailure::Refused)?;
     match socket.connect(&addr.into()) {
@@ -425,7 +428,10 @@ impl<'s> Relay<'s> {
         tokio::pin!(timer);
         loop {
             for side in [CLIENT, UPSTREAM] {
-                if writing[side].is_none() && !self.hops[side].out.is_empty() && self.hops[side].phase != HopPhase::Done {
+                if writing[side].is_none()
+                    && !self.hops[side].out.is_empty()
+                    && self.hops[side].phase != HopPhase::Done
+                {
                     writing[side] = Some(self.submit(side, None));
                 }
                 if writing[side].is_none() && self.hops[side].phase == HopPhase::Flushing {

@@ -13,7 +13,9 @@ mod prometheus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-pub use prometheus::{CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_prometheus, render_upstreams};
+pub use prometheus::{
+    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_prometheus, render_upstreams,
+};
 
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::HandshakeError;

@@ -257,9 +257,13 @@ pub fn render_upstreams(out: &mut String, upstreams: &[UpstreamLabels<'_>]) {
         "Upstream connection attempts that failed (refused, unreachable or timed out).",
         &|s| load(&s.connect_failures).into(),
     );
-    each(out, "ringgate_upstream_relays_open", Gauge, "Client connections relayed to the upstream now.", &|s| {
-        load_gauge(&s.relays_open).into()
-    });
+    each(
+        out,
+        "ringgate_upstream_relays_open",
+        Gauge,
+        "Client connections relayed to the upstream now.",
+        &|s| load_gauge(&s.relays_open).into(),
+    );
     let mut bytes = family(
         out,
         "ringgate_upstream_bytes_total",
@@ -267,8 +271,13 @@ pub fn render_upstreams(out: &mut String, upstreams: &[UpstreamLabels<'_>]) {
         "WebSocket bytes relayed, by direction: to the upstream, or from it to clients.",
     );
     for u in upstreams {
-        for (direction, counter) in [("to_upstream", &u.stats.bytes_to_upstream), ("to_client", &u.stats.bytes_to_client)] {
-            bytes.sample(&[("route", u.route), ("upstream", u.upstream), ("direction", direction)], load(counter));
+        for (direction, counter) in
+            [("to_upstream", &u.stats.bytes_to_upstream), ("to_client", &u.stats.bytes_to_client)]
+        {
+            bytes.sample(
+                &[("route", u.route), ("upstream", u.upstream), ("direction", direction)],
+                load(counter),
+            );
         }
     }
 }
