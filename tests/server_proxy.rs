@@ -28,6 +28,8 @@ enum Mode {
     Silent,
     /// Upgrade, then never read again.
     Stall,
+    /// Upgrade, then close TCP without a word.
+    Vanish,
 }
 
 /// One upgrade the test upstream saw.
@@ -109,9 +111,13 @@ fn serve_upstream(stream: TcpStream, mode: Mode, record: Arc<Mutex<Vec<Seen>>>) 
     };
     let Ok(mut ws) = tungstenite::accept_hdr(stream, callback) else { return };
     let index = slot.lock().expect("slot").expect("recorded");
-    if mode == Mode::Stall {
-        thread::sleep(Duration::from_secs(30));
-        return;
+    match mode {
+        Mode::Stall => {
+            thread::sleep(Duration::from_secs(30));
+            return;
+        }
+        Mode::Vanish => return,
+        _ => {}
     }
     loop {
         match ws.read() {
@@ -337,4 +343,46 @@ fn a_stalled_upstream_stalls_the_client_not_the_gateways_memory() {
     let growth = rss_after.saturating_sub(rss_before);
     eprintln!("stalled after {stalled_at} bytes; gateway RSS {rss_before} -> {rss_after} KiB");
     assert!(growth < 24 * 1024, "gateway RSS grew by {growth} KiB (stalled after {stalled_at} bytes)");
+}
+
+#[test]
+fn an_upstream_that_hangs_up_without_a_word_gives_1014() {
+    let vanishing = Upstream::start(Mode::Vanish);
+    let route = format!("/app={}", vanishing.url());
+    let gateway = Server::start(&["--route", &route]);
+    // A raw client: tungstenite does not know 1014 (registered after RFC 6455) and reports 1002.
+    let mut raw = wire::Client::connect(gateway.addr(), "/app");
+    let close = raw.read_frame();
+    assert_eq!((close.opcode, close.close_code()), (wire::CLOSE, Some(1014)), "{close:?}");
+}
+
+#[test]
+fn draining_closes_the_client_with_1001_and_the_upstream_too() {
+    let recorder = Upstream::start(Mode::Echo);
+    let route = format!("/app={}", recorder.url());
+    let mut gateway = Server::start(&["--route", &route]);
+    let mut ws = client(&gateway, "/app");
+    echo_once(&mut ws, "before the drain");
+    gateway.sigterm();
+    assert_eq!(expect_close(&mut ws).0, 1001);
+    while ws.read().is_ok() {} // sends our Close answer, then sees the end
+    let status = gateway.wait_exit(Duration::from_secs(8)).expect("the gateway exits after draining");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(recorder.seen()[0].close.as_ref().map(|c| c.0), Some(1001));
+}
+
+#[test]
+fn an_idle_client_is_pinged_then_closed_even_if_the_upstream_answers_pings() {
+    let recorder = Upstream::start(Mode::Echo);
+    let route = format!("/app={}", recorder.url());
+    let gateway = Server::start(&["--route", &route, "--idle-timeout", "1s"]);
+    let started = Instant::now();
+    let mut raw = wire::Client::connect(gateway.addr(), "/app");
+    let ping = raw.read_frame();
+    assert_eq!(ping.opcode, wire::PING, "{ping:?}");
+    let close = raw.read_frame();
+    assert_eq!((close.opcode, close.close_code()), (wire::CLOSE, Some(1001)), "{close:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    raw.send(wire::CLOSE, &wire::close_body(1001, b""));
+    raw.expect_eof();
 }

@@ -399,6 +399,10 @@ struct Relay<'s> {
     rng: Rng,
     last_activity: Instant,
     ping_sent: bool,
+    /// The client broke the protocol: the Close it gets, held back until the upstream has answered
+    /// our Close, so that the answers to the client's earlier messages still reach it first (as
+    /// they would without the proxy).
+    client_error: Option<(CloseCode, &'static str)>,
 }
 
 impl<'s> Relay<'s> {
@@ -416,6 +420,7 @@ impl<'s> Relay<'s> {
             rng,
             last_activity: Instant::now(),
             ping_sent: false,
+            client_error: None,
         }
     }
 
@@ -427,6 +432,7 @@ impl<'s> Relay<'s> {
         let timer = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(timer);
         loop {
+            self.send_client_error_when_due();
             for side in [CLIENT, UPSTREAM] {
                 if writing[side].is_none()
                     && !self.hops[side].out.is_empty()
@@ -496,6 +502,15 @@ impl<'s> Relay<'s> {
         }
     }
 
+    /// Sends the held-back protocol-error Close to the client once the upstream hop is closed.
+    fn send_client_error_when_due(&mut self) {
+        let upstream_closed = !matches!(self.hops[UPSTREAM].phase, HopPhase::Open | HopPhase::Closing);
+        if upstream_closed && let Some((code, reason)) = self.client_error.take() {
+            self.start_closing(CLIENT, code, reason);
+            self.start_flushing(CLIENT);
+        }
+    }
+
     fn next_deadline(&self) -> Instant {
         let relaying = self.hops.iter().all(|h| h.phase == HopPhase::Open);
         let idle = if relaying {
@@ -518,6 +533,7 @@ impl<'s> Relay<'s> {
         match hop.phase {
             HopPhase::Done => false,
             _ if hop.peer_eof => false,
+            _ if side == CLIENT && self.client_error.is_some() => false,
             HopPhase::Open | HopPhase::Closing => {
                 let max = self.ctx.max_backpressure;
                 hop.queued() < max && (!other.takes_messages() || other.queued() < max)
@@ -602,6 +618,9 @@ impl<'s> Relay<'s> {
 
     /// The peer of `side` went away without a Close: tell the other side.
     fn peer_vanished(&mut self, side: usize) {
+        if side == UPSTREAM && self.client_error.is_some() {
+            return; // the client gets its protocol error instead
+        }
         if side == UPSTREAM {
             if self.hops[UPSTREAM].received_any {
                 self.start_closing(CLIENT, CloseCode::INTERNAL_ERROR, "upstream went away");
@@ -643,10 +662,12 @@ impl<'s> Relay<'s> {
                 match recv(self.hops[side].fd, scratch) {
                     Ok(Received::Data(n)) => {
                         if side == CLIENT {
+                            // Idleness is the client's: traffic from it, or messages to it (an
+                            // upstream answering our pings does not keep a silent client open).
                             add(&self.ctx.stats.bytes_in, n as u64);
+                            self.last_activity = Instant::now();
+                            self.ping_sent = false;
                         }
-                        self.last_activity = Instant::now();
-                        self.ping_sent = false;
                         self.hops[side].received_any = true;
                         self.process_bytes(side, &mut scratch[..n]);
                         if n < scratch.len() {
@@ -708,6 +729,7 @@ impl<'s> Relay<'s> {
         // A Close received, copied out of the assembler: code and reason (or none).
         let mut close: Option<Option<(CloseCode, [u8; 125], usize)>> = None;
         let mut protocol_error = None;
+        let mut relayed = false;
         while matches!(me.phase, HopPhase::Open | HopPhase::Closing) && close.is_none() {
             let progress = match me.assembler.feed(&mut buf[at..]) {
                 Ok(progress) => progress,
@@ -728,6 +750,7 @@ impl<'s> Relay<'s> {
                 Event::Message { kind, payload } => {
                     if other.takes_messages() {
                         push_frame(&mut other.out, other.role, rng, kind.opcode(), payload);
+                        relayed = true;
                     }
                 }
                 Event::Ping(payload) => {
@@ -746,8 +769,18 @@ impl<'s> Relay<'s> {
                 }
             }
         }
+        if relayed && side == UPSTREAM {
+            self.last_activity = Instant::now();
+        }
         if let Some(error) = protocol_error {
             debug!(side, %error, "relay protocol error");
+            if side == CLIENT && self.hops[UPSTREAM].takes_messages() {
+                self.client_error = Some((error.close_code(), error.reason()));
+                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, "client protocol error");
+                return buf.len();
+            }
+            let me = &mut self.hops[side];
+            let rng = &mut self.rng;
             if !me.close_sent {
                 push_close(&mut me.out, me.role, rng, Some((error.close_code(), error.reason())));
                 me.close_sent = true;
@@ -800,7 +833,7 @@ impl<'s> Relay<'s> {
         self.start_flushing(side);
         let other = 1 - side;
         let hop = &mut self.hops[other];
-        if hop.takes_messages() {
+        if hop.takes_messages() && !(other == CLIENT && self.client_error.is_some()) {
             push_close(&mut hop.out, hop.role, &mut self.rng, forwarded);
             hop.close_sent = true;
             hop.phase = HopPhase::Closing;
