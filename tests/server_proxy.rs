@@ -30,6 +30,8 @@ enum Mode {
     Stall,
     /// Upgrade, then close TCP without a word.
     Vanish,
+    /// Upgrade, then send 64 KiB messages as fast as the gateway takes them.
+    Flood,
 }
 
 /// One upgrade the test upstream saw.
@@ -117,6 +119,11 @@ fn serve_upstream(stream: TcpStream, mode: Mode, record: Arc<Mutex<Vec<Seen>>>) 
             return;
         }
         Mode::Vanish => return,
+        Mode::Flood => {
+            let message = Message::binary(vec![0xa5; 64 * 1024]);
+            while ws.send(message.clone()).is_ok() {}
+            return;
+        }
         _ => {}
     }
     loop {
@@ -385,4 +392,27 @@ fn an_idle_client_is_pinged_then_closed_even_if_the_upstream_answers_pings() {
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     raw.send(wire::CLOSE, &wire::close_body(1001, b""));
     raw.expect_eof();
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_the_upstream_not_the_gateways_memory() {
+    let flood = Upstream::start(Mode::Flood);
+    let route = format!("/app={}", flood.url());
+    let gateway = Server::start(&["--route", &route]);
+    let rss_before = gateway.rss_kib();
+    let raw = wire::Client::connect(gateway.addr(), "/app");
+    let mut samples = Vec::new();
+    for _ in 0..6 {
+        thread::sleep(Duration::from_millis(500));
+        samples.push(gateway.rss_kib());
+    }
+    let growth = samples.iter().max().copied().unwrap_or(0).saturating_sub(rss_before);
+    let relayed = scrape(&gateway).sum_where("ringgate_upstream_bytes_total", "direction", "to_client");
+    assert!(relayed > 0.0, "nothing relayed");
+    assert!(
+        relayed < (64 << 20) as f64,
+        "the gateway kept relaying ({relayed} bytes) to a client that does not read"
+    );
+    assert!(growth < 24 * 1024, "gateway RSS grew by {growth} KiB: {rss_before} -> {samples:?}");
+    drop(raw);
 }

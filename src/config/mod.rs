@@ -23,8 +23,9 @@ use crate::gateway::router::Router;
 ///
 /// Starts one worker per core, each with its own io_uring and SO_REUSEPORT listener. Routes:
 /// `/echo` echoes every message; `/pubsub/{topic}` subscribes to a topic and publishes what the
-/// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`. SIGTERM or SIGINT drains gracefully (close 1001 to every
-/// connection, up to --drain-timeout); a second signal exits at once.
+/// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`;
+/// `--route PREFIX=ws://…` relays WebSocket clients to upstream servers. SIGTERM or SIGINT drains
+/// gracefully (close 1001 to every connection, up to --drain-timeout); a second signal exits at once.
 #[derive(Parser, Debug, Clone, PartialEq)]
 #[command(name = "ringgate", version, about, long_about)]
 pub struct Config {
