@@ -250,7 +250,11 @@ impl Connection {
         tokio::pin!(timer);
 
         loop {
-            if self.phase == Phase::Handoff && writing.is_none() && readable.is_none() {
+            if self.phase == Phase::Handoff
+                && writing.is_none()
+                && readable.is_none()
+                && self.out.staging.is_empty()
+            {
                 break;
             }
             if self.subscriber_is_slow() {

@@ -135,6 +135,8 @@ async fn connect_upstream(route: &ProxyRoute, timeout: Duration) -> Result<(usiz
                 add(&upstream.stats.connects, 1);
                 route.mark_up(index);
                 let _ = stream.set_nodelay(true);
+                // Like accepted sockets: io_uring writes wait for room, reads use MSG_DONTWAIT.
+                let _ = stream.set_nonblocking(false);
                 return Ok((index, TcpStream::from_std(stream)));
             }
             Err(failure) => {
