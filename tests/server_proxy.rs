@@ -314,6 +314,12 @@ fn a_dead_upstream_is_skipped_and_all_dead_is_502() {
     let metrics = scrape(&gateway);
     assert!(metrics.sum_where("ringgate_upstream_connect_failures_total", "route", "/app") >= 1.0);
     assert!(metrics.sum_where("ringgate_upstream_connect_failures_total", "route", "/none") >= 2.0);
+    // An upstream that answers the upgrade with something else than 101 (here a 404): 502.
+    drop(gateway);
+    let backend = Server::start(&[]);
+    let route = format!("/app=ws://{}/no-such-route", backend.addr());
+    let gateway = Server::start(&["--route", &route]);
+    assert_eq!(http_status(&gateway, "/app").0, 502);
 }
 
 #[test]
@@ -350,6 +356,14 @@ fn a_stalled_upstream_stalls_the_client_not_the_gateways_memory() {
     let growth = rss_after.saturating_sub(rss_before);
     eprintln!("stalled after {stalled_at} bytes; gateway RSS {rss_before} -> {rss_after} KiB");
     assert!(growth < 24 * 1024, "gateway RSS grew by {growth} KiB (stalled after {stalled_at} bytes)");
+    // Held back, not given up on: the relay is still open (no Close, no EOF for the client).
+    raw.stream.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    match raw.try_read_frame() {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("expected the relay to wait for the upstream, got {other:?}"),
+    }
+    let open = scrape(&gateway).sum("ringgate_upstream_relays_open");
+    assert_eq!(open, 1.0);
 }
 
 #[test]
