@@ -314,6 +314,9 @@ fn a_dead_upstream_is_skipped_and_all_dead_is_502() {
     let metrics = scrape(&gateway);
     assert!(metrics.sum_where("ringgate_upstream_connect_failures_total", "route", "/app") >= 1.0);
     assert!(metrics.sum_where("ringgate_upstream_connect_failures_total", "route", "/none") >= 2.0);
+    let unavailable =
+        metrics.sum_where("ringgate_handshake_failures_total", "reason", "upstream_unavailable");
+    assert_eq!(unavailable, 2.0);
     // An upstream that answers the upgrade with something else than 101 (here a 404): 502.
     drop(gateway);
     let backend = Server::start(&[]);
@@ -329,6 +332,9 @@ fn an_upstream_that_never_answers_the_upgrade_gives_504_in_time() {
     let gateway = Server::start(&["--route", &route, "--upstream-timeout", "1s"]);
     let (status, elapsed) = http_status(&gateway, "/app");
     assert_eq!(status, 504);
+    let timeouts =
+        scrape(&gateway).sum_where("ringgate_handshake_failures_total", "reason", "upstream_timeout");
+    assert_eq!(timeouts, 1.0);
     assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4), "{elapsed:?}");
 }
 

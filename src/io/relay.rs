@@ -32,7 +32,7 @@ use super::buffers::{Received, recv, with_scratch};
 use super::conn::{WorkerContext, Writing, in_flight};
 use super::readiness::{self, Readable};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
-use crate::metrics::{UpstreamStats, add};
+use crate::metrics::{HandshakeFailure, UpstreamStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::frame::{OpCode, write_frame};
 use crate::proto::handshake::{
@@ -70,6 +70,7 @@ pub async fn run(client: &TcpStream, ctx: Rc<WorkerContext>, request: Box<Upstre
     let (index, upstream) = match connect_upstream(route, ctx.upstream_timeout).await {
         Ok(connected) => connected,
         Err(status) => {
+            ctx.stats.handshake_failed(upstream_failure(status));
             let body = if status == 504 {
                 "the upstream did not accept the connection in time\n"
             } else {
@@ -100,6 +101,7 @@ pub async fn run(client: &TcpStream, ctx: Rc<WorkerContext>, request: Box<Upstre
                 UpgradeFailure::TimedOut => (504, "the upstream did not answer the upgrade in time\n"),
                 _ => (502, "the upstream refused the WebSocket upgrade\n"),
             };
+            ctx.stats.handshake_failed(upstream_failure(status));
             return refuse(client, status, body).await;
         }
     };
@@ -120,6 +122,11 @@ pub async fn run(client: &TcpStream, ctx: Rc<WorkerContext>, request: Box<Upstre
     relay.run().await;
     stats.relay_closed();
     // `upstream` is dropped (closed) here: the relay awaited all of its ops.
+}
+
+/// How a 502 or 504 answer is counted.
+fn upstream_failure(status: u16) -> HandshakeFailure {
+    if status == 504 { HandshakeFailure::UpstreamTimeout } else { HandshakeFailure::UpstreamUnavailable }
 }
 
 /// Connects a healthy upstream of `route`, trying a second one once if the first fails. Errors are

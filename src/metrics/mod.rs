@@ -31,9 +31,13 @@ pub enum HandshakeFailure {
     Timeout,
     /// The client hung up or the socket failed before the handshake finished.
     Disconnected,
+    /// Proxy route: no upstream accepted the connection or answered 101 (502).
+    UpstreamUnavailable,
+    /// Proxy route: the upstream did not connect or answer the upgrade in time (504).
+    UpstreamTimeout,
 }
 
-const HANDSHAKE_FAILURE_KINDS: usize = 13;
+const HANDSHAKE_FAILURE_KINDS: usize = 15;
 
 /// Every failure kind, in table order: the summary and the exposition list them all from here.
 const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
@@ -50,6 +54,8 @@ const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
     HandshakeFailure::NotFound,
     HandshakeFailure::Timeout,
     HandshakeFailure::Disconnected,
+    HandshakeFailure::UpstreamUnavailable,
+    HandshakeFailure::UpstreamTimeout,
 ];
 
 impl HandshakeFailure {
@@ -60,6 +66,8 @@ impl HandshakeFailure {
             HandshakeFailure::NotFound => "not_found",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Disconnected => "disconnected",
+            HandshakeFailure::UpstreamUnavailable => "upstream_unavailable",
+            HandshakeFailure::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -81,6 +89,8 @@ impl HandshakeFailure {
             HandshakeFailure::NotFound => 10,
             HandshakeFailure::Timeout => 11,
             HandshakeFailure::Disconnected => 12,
+            HandshakeFailure::UpstreamUnavailable => 13,
+            HandshakeFailure::UpstreamTimeout => 14,
         }
     }
 }
