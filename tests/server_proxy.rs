@@ -436,3 +436,31 @@ fn a_client_that_stops_reading_stalls_the_upstream_not_the_gateways_memory() {
     assert!(growth < 24 * 1024, "gateway RSS grew by {growth} KiB: {rss_before} -> {samples:?}");
     drop(raw);
 }
+
+#[test]
+fn an_upstream_that_never_completes_the_tcp_handshake_gives_504_in_time() {
+    // A listener whose accept queue is full drops further SYNs: connects to it hang.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let filler =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        filler.set_nonblocking(true).expect("nonblocking");
+        let _ = filler.connect(&addr.into());
+        fillers.push(filler);
+    }
+    thread::sleep(Duration::from_millis(100));
+    let route = format!("/app=ws://{addr}");
+    let gateway = Server::start(&["--route", &route, "--upstream-timeout", "1s"]);
+    let (status, elapsed) = http_status(&gateway, "/app");
+    assert_eq!(status, 504);
+    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4), "{elapsed:?}");
+    // The timed-out connect marked it down: the next client gets a fast 502.
+    let (status, elapsed) = http_status(&gateway, "/app");
+    assert_eq!(status, 502);
+    assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+    drop(socket);
+}
