@@ -6,9 +6,21 @@ use std::process::Command;
 
 #[test]
 fn autobahn_testsuite_matches_expected_results() {
+    run_conformance("autobahn-debug", false);
+}
+
+/// The same suite through a proxy route in front of a second ringgate's `/echo`: a relay that
+/// validates and re-encodes every message must give exactly the direct results.
+#[test]
+fn autobahn_through_a_proxy_route_matches_expected_results() {
+    run_conformance("autobahn-proxy-debug", true);
+}
+
+fn run_conformance(dir: &str, via_proxy: bool) {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = format!("{root}/target/autobahn-debug");
+    let out = format!("{root}/target/{dir}");
     let output = Command::new(format!("{root}/autobahn/conformance.sh"))
+        .env("RINGGATE_AUTOBAHN_VIA_PROXY", if via_proxy { "1" } else { "0" })
         .arg(env!("CARGO_BIN_EXE_ringgate"))
         .arg(&out)
         .output()

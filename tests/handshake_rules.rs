@@ -246,6 +246,22 @@ fn client_and_server_agree() {
 }
 
 #[test]
+fn client_request_carries_extra_headers_but_never_a_split_line() {
+    let client = ClientHandshake::new([3; 16]);
+    let mut request = Vec::new();
+    let extra: &[(&str, &[u8])] =
+        &[("X-Forwarded-For", b"10.0.0.1, 127.0.0.1"), ("Cookie", b"a=1"), ("X-Evil", b"x\r\nInjected: yes")];
+    client.write_request_with_headers(&mut request, "up:9000", "/x?q=1", &["chat"], extra);
+    let text = String::from_utf8(request.clone()).expect("ascii");
+    assert!(text.starts_with("GET /x?q=1 HTTP/1.1\r\nHost: up:9000\r\n"), "{text}");
+    assert!(text.contains("\r\nX-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n"), "{text}");
+    assert!(text.contains("\r\nCookie: a=1\r\n"), "{text}");
+    assert!(!text.contains("Injected") && !text.contains("X-Evil"), "{text}");
+    let policy = StaticPolicy { subprotocols: vec!["chat".into()], ..Default::default() };
+    answer(&request, &policy).expect("still a valid upgrade request");
+}
+
+#[test]
 fn client_refuses_a_wrong_accept_key_or_a_rejection() {
     let client = ClientHandshake::new([7; 16]);
     let forged = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{Config, RoutePath, parse_duration, parse_route_path, parse_size};
+use super::{
+    Config, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url,
+};
+use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
 
 /// The whole file. Sections mirror `--help`'s groups.
@@ -27,6 +30,37 @@ pub struct FileConfig {
     pubsub: PubSubSection,
     #[serde(default)]
     routes: RoutesSection,
+    /// `[[proxy]]` tables: one per proxy route.
+    proxy: Option<Vec<ProxySection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    prefix: Prefix,
+    upstreams: Vec<Upstream>,
+}
+
+/// A proxy route's path prefix.
+#[derive(Debug, Clone)]
+struct Prefix(String);
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_proxy_prefix(&text).map(Prefix).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An upstream URL, `ws://host:port`.
+#[derive(Debug, Clone)]
+struct Upstream(UpstreamUrl);
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_upstream_url(&text).map(Upstream).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +82,7 @@ struct LimitsSection {
     max_backpressure: Option<Size>,
     handshake_timeout: Option<Seconds>,
     idle_timeout: Option<Seconds>,
+    upstream_timeout: Option<Seconds>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,7 +163,7 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes } = self;
+        let FileConfig { server, limits, websocket, pubsub, routes, proxy } = self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -149,6 +184,7 @@ impl FileConfig {
         take!("max_backpressure", limits.max_backpressure.map(|s| s.0), config.max_backpressure);
         take!("handshake_timeout", limits.handshake_timeout.map(|d| d.0), config.handshake_timeout);
         take!("idle_timeout", limits.idle_timeout.map(|d| d.0), config.idle_timeout);
+        take!("upstream_timeout", limits.upstream_timeout.map(|d| d.0), config.upstream_timeout);
         take!("allowed_origins", websocket.allowed_origins, config.allowed_origins);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
@@ -157,5 +193,15 @@ impl FileConfig {
         take!("publish_path", routes.publish.map(|p| p.0), config.publish_path);
         take!("metrics_path", routes.metrics.map(|p| p.0), config.metrics_path);
         take!("healthz_path", routes.healthz.map(|p| p.0), config.healthz_path);
+        let proxy = proxy.map(|sections| {
+            sections
+                .into_iter()
+                .map(|s| ProxyRouteSpec {
+                    prefix: s.prefix.0,
+                    upstreams: s.upstreams.into_iter().map(|u| u.0).collect(),
+                })
+                .collect()
+        });
+        take!("proxy_routes", proxy, config.proxy_routes);
     }
 }

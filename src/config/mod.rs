@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
+use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
 use crate::gateway::router::Router;
 
@@ -22,8 +23,9 @@ use crate::gateway::router::Router;
 ///
 /// Starts one worker per core, each with its own io_uring and SO_REUSEPORT listener. Routes:
 /// `/echo` echoes every message; `/pubsub/{topic}` subscribes to a topic and publishes what the
-/// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`. SIGTERM or SIGINT drains gracefully (close 1001 to every
-/// connection, up to --drain-timeout); a second signal exits at once.
+/// client sends; `POST /publish/{topic}` publishes the body; `/metrics` (Prometheus) and `/healthz`;
+/// `--route PREFIX=ws://…` relays WebSocket clients to upstream servers. SIGTERM or SIGINT drains
+/// gracefully (close 1001 to every connection, up to --drain-timeout); a second signal exits at once.
 #[derive(Parser, Debug, Clone, PartialEq)]
 #[command(name = "ringgate", version, about, long_about)]
 pub struct Config {
@@ -111,6 +113,17 @@ pub struct Config {
     /// Path of the health endpoint (`GET`: 200 while serving, 503 while draining); `off` disables it.
     #[arg(long, value_name = "PATH", default_value = "/healthz", value_parser = parse_route_path)]
     pub healthz_path: RoutePath,
+
+    /// Proxy route (repeatable): WebSocket clients whose path starts with PREFIX (at a segment
+    /// boundary) are relayed to one of the ws:// upstreams, round-robin over the healthy ones; the
+    /// rest of the path and the query go upstream. Built-in routes win over proxy routes; the
+    /// longest matching prefix wins. Example: `--route /app=ws://10.0.0.5:9000,ws://10.0.0.6:9000`.
+    #[arg(long = "route", value_name = "PREFIX=URL[,URL...]", value_parser = parse_proxy_route)]
+    pub proxy_routes: Vec<ProxyRouteSpec>,
+
+    /// Time an upstream gets to accept the connection and to answer the upgrade (else 504).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
 
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
@@ -202,6 +215,7 @@ impl Config {
             publish: self.publish_path.0.clone(),
             metrics: self.metrics_path.0.clone(),
             healthz: self.healthz_path.0.clone(),
+            proxies: self.proxy_routes.iter().map(|r| r.prefix.clone()).collect(),
         }
     }
 
@@ -243,11 +257,70 @@ impl Config {
                 return fail(format!("two routes share the path {path}"));
             }
         }
+        for (i, route) in self.proxy_routes.iter().enumerate() {
+            if self.proxy_routes[i + 1..].iter().any(|other| other.prefix == route.prefix) {
+                return fail(format!("two proxy routes share the prefix {}", route.prefix));
+            }
+        }
+        if self.upstream_timeout.is_zero() {
+            return fail("--upstream-timeout must be more than zero".into());
+        }
         if self.max_backpressure < 1024 {
             return fail("--max-backpressure must be at least 1KiB".into());
         }
         Ok(())
     }
+}
+
+/// Parses a proxy route: `PREFIX=URL[,URL...]`, e.g. `/app=ws://10.0.0.5:9000,ws://10.0.0.6:9000`.
+pub fn parse_proxy_route(text: &str) -> Result<ProxyRouteSpec, String> {
+    let (prefix, urls) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not a proxy route like /app=ws://10.0.0.5:9000"))?;
+    let prefix = parse_proxy_prefix(prefix.trim())?;
+    let upstreams =
+        urls.split(',').map(|url| parse_upstream_url(url.trim())).collect::<Result<Vec<_>, _>>()?;
+    Ok(ProxyRouteSpec { prefix, upstreams })
+}
+
+/// Parses a proxy route's prefix: an absolute path without a query (a trailing slash is dropped).
+pub fn parse_proxy_prefix(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') || text.contains(['?', '#', ' ']) {
+        return Err(format!("'{text}' is not a path prefix like /app"));
+    }
+    let trimmed = text.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
+}
+
+/// Parses an upstream URL, `ws://host[:port][/path]`, resolving the host once, now.
+pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
+    use std::net::ToSocketAddrs;
+    if text.starts_with("wss://") {
+        return Err(format!("'{text}': wss:// upstreams are not supported (no TLS); use ws://"));
+    }
+    let rest = text
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("'{text}' is not an upstream URL like ws://10.0.0.5:9000"))?;
+    let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
+    if authority.is_empty() || authority.contains(['@', ' ', '?', '#']) || path.contains(['?', '#', ' ']) {
+        return Err(format!("'{text}' is not an upstream URL like ws://10.0.0.5:9000"));
+    }
+    let with_port = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority.to_string()
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("upstream '{text}': cannot resolve {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("upstream '{text}': {authority} resolves to no address"))?;
+    Ok(UpstreamUrl {
+        url: text.to_string(),
+        authority: authority.to_string(),
+        addr,
+        base_path: path.trim_end_matches('/').to_string(),
+    })
 }
 
 /// Parses `16MiB`, `64KiB`, `1GiB`, `512B` or plain bytes (`4096`). Binary units: a KiB is 1024.
@@ -400,6 +473,47 @@ mod tests {
         let mut config = load(&[], example).expect("deploy/ringgate.toml is valid");
         config.config_file = None;
         assert_eq!(config, parse(&[]), "the example documents the defaults");
+    }
+
+    #[test]
+    fn proxy_routes_parse_from_flags_and_the_file() {
+        let config = parse(&[
+            "--route",
+            "/app=ws://127.0.0.1:9000,ws://127.0.0.1:9001/base/",
+            "--route",
+            "/b/=ws://127.0.0.1",
+        ]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.proxy_routes.len(), 2);
+        let app = &config.proxy_routes[0];
+        assert_eq!(app.prefix, "/app");
+        assert_eq!(app.upstreams[0].addr, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(app.upstreams[1].base_path, "/base");
+        assert_eq!(app.upstreams[1].authority, "127.0.0.1:9001");
+        assert_eq!(config.proxy_routes[1].prefix, "/b");
+        assert_eq!(config.proxy_routes[1].upstreams[0].addr.port(), 80);
+        assert_eq!(config.router().proxies, vec!["/app".to_string(), "/b".to_string()]);
+        assert!(parse_proxy_route("/app").is_err());
+        assert!(parse_proxy_route("app=ws://127.0.0.1:1").is_err());
+        assert!(parse_proxy_route("/app=http://127.0.0.1:1").is_err());
+        assert!(parse_proxy_route("/app=wss://127.0.0.1:1").is_err());
+        assert!(
+            parse(&["--route", "/a=ws://127.0.0.1:1", "--route", "/a/=ws://127.0.0.1:2"]).validate().is_err()
+        );
+
+        let file = "[limits]\nupstream_timeout = \"2s\"\n[[proxy]]\nprefix = \"/app\"\nupstreams = [\"ws://127.0.0.1:9000\"]\n";
+        let config = load(&[], file).expect("valid");
+        assert_eq!(config.proxy_routes.len(), 1);
+        assert_eq!(config.upstream_timeout, Duration::from_secs(2));
+        let config = load(&["--route", "/x=ws://127.0.0.1:1"], file).expect("valid");
+        assert_eq!(config.proxy_routes[0].prefix, "/x", "the command line replaces the file's routes");
+
+        let message = invalid(load(&[], "[[proxy]]\nprefix = \"/app\"\nupstream = [\"ws://127.0.0.1:1\"]\n"));
+        assert!(message.contains("upstream") && message.contains("line 3"), "{message}");
+        let message = invalid(load(&[], "[[proxy]]\nprefix = \"/app\"\n\nupstreams = [\"http://x\"]\n"));
+        assert!(message.contains("upstreams") && message.contains("line 4"), "{message}");
+        let message = invalid(load(&[], "[[proxy]]\nupstreams = [\"ws://127.0.0.1:1\"]\n"));
+        assert!(message.contains("prefix"), "{message}");
     }
 
     #[test]

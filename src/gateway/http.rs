@@ -161,7 +161,7 @@ pub fn answer(
         }
         Route::Healthz | Route::Metrics => (405, TEXT, b"use GET\n", &[("Allow", "GET, HEAD")]),
         Route::Publish { .. } => (405, TEXT, b"use POST\n", &[("Allow", "POST")]),
-        Route::Echo | Route::PubSub { .. } => {
+        Route::Echo | Route::PubSub { .. } | Route::Proxy { .. } => {
             // Not an HTTP route; the caller upgrades these. Answer sanely rather than panic.
             write_response(dst, 426, TEXT, b"upgrade required\n", false, &[("Upgrade", "websocket")]);
             return Answered { status: 426, keep_alive: false };

@@ -6,6 +6,7 @@
 
 pub mod echo;
 pub mod http;
+pub mod proxy;
 pub mod pubsub;
 pub mod router;
 

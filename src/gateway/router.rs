@@ -1,5 +1,10 @@
 //! Request path -> route. The I/O layer asks once per request, before it answers, so that an unknown
 //! path gets a 404 instead of a WebSocket that goes nowhere, and plain HTTP endpoints never upgrade.
+//!
+//! Order: the exact built-in routes (echo, metrics, healthz) first, then the built-in topic routes
+//! (`{pubsub}/{topic}`, `{publish}/{topic}`), then proxy routes by path prefix, the longest matching
+//! prefix winning. A proxy prefix matches at a segment boundary: `/app` matches `/app`, `/app/x` and
+//! `/app?q`, never `/apple`.
 
 /// What a request is for. Borrows the topic from the request target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,12 +25,20 @@ pub enum Route<'a> {
     Metrics,
     /// HTTP `GET`: 200 while serving, 503 while draining.
     Healthz,
+    /// WebSocket: relayed to an upstream of proxy route `index` (in `Router::proxies` order).
+    Proxy {
+        /// Which proxy route.
+        index: usize,
+        /// What goes upstream: the path after the prefix (`/` when empty) and the query, e.g.
+        /// `/x?q=1`; the query alone when the rest of the path is empty (`?q=1`, sent as `/?q=1`).
+        rest: &'a str,
+    },
 }
 
 impl Route<'_> {
     /// Whether the route speaks WebSocket (needs an upgrade) rather than plain HTTP.
     pub fn is_websocket(&self) -> bool {
-        matches!(self, Route::Echo | Route::PubSub { .. })
+        matches!(self, Route::Echo | Route::PubSub { .. } | Route::Proxy { .. })
     }
 }
 
@@ -45,6 +58,8 @@ pub struct Router {
     pub metrics: Option<String>,
     /// Exact path of the health endpoint.
     pub healthz: Option<String>,
+    /// Prefixes of the proxy routes, in configuration order (the index is the route's number).
+    pub proxies: Vec<String>,
 }
 
 impl Default for Router {
@@ -55,6 +70,7 @@ impl Default for Router {
             publish: Some("/publish".into()),
             metrics: Some("/metrics".into()),
             healthz: Some("/healthz".into()),
+            proxies: Vec::new(),
         }
     }
 }
@@ -79,8 +95,39 @@ impl Router {
         if let Some(topic) = topic_under(self.publish.as_deref(), path) {
             return Some(Route::Publish { topic });
         }
-        None
+        self.proxy_route(target)
     }
+
+    /// The proxy route with the longest prefix that `target` starts with at a segment boundary.
+    fn proxy_route<'a>(&self, target: &'a str) -> Option<Route<'a>> {
+        let path_len = target.find('?').unwrap_or(target.len());
+        let mut best: Option<(usize, usize)> = None;
+        for (index, prefix) in self.proxies.iter().enumerate() {
+            let prefix = prefix.trim_end_matches('/');
+            if path_len < prefix.len() || !target.starts_with(prefix) {
+                continue;
+            }
+            let boundary = prefix.len() == path_len || target.as_bytes()[prefix.len()] == b'/';
+            if boundary && best.is_none_or(|(_, len)| prefix.len() > len) {
+                best = Some((index, prefix.len()));
+            }
+        }
+        best.map(|(index, len)| Route::Proxy { index, rest: &target[len..] })
+    }
+}
+
+/// The request target to send upstream for a proxy route's `rest`: `base` (the upstream URL's path,
+/// without a trailing slash) followed by the rest, with `/` for an empty path (`ws://h:1/echo`
+/// serves `/app` as `/echo`, `/app/x?q` as `/echo/x?q`).
+pub fn upstream_target(base: &str, rest: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let mut target = String::with_capacity(base.len() + rest.len() + 1);
+    target.push_str(base);
+    if target.is_empty() && !rest.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(rest);
+    target
 }
 
 /// The topic in `{prefix}/{topic}`: one non-empty path segment, at most [`MAX_TOPIC_LEN`] bytes.
@@ -116,6 +163,38 @@ mod tests {
         assert_eq!(router.route("/pubsubx/a"), None);
         let long = format!("/pubsub/{}", "t".repeat(MAX_TOPIC_LEN + 1));
         assert_eq!(router.route(&long), None);
+    }
+
+    #[test]
+    fn proxy_prefixes_match_at_segment_boundaries_longest_first() {
+        let router = Router {
+            proxies: vec!["/app".into(), "/app/admin".into(), "/".into(), "/echo".into()],
+            ..Router::default()
+        };
+        let proxy = |index, rest| Some(Route::Proxy { index, rest });
+        assert_eq!(router.route("/app"), proxy(0, ""));
+        assert_eq!(router.route("/app/x/y?q=1"), proxy(0, "/x/y?q=1"));
+        assert_eq!(router.route("/app?q"), proxy(0, "?q"));
+        assert_eq!(router.route("/apple"), proxy(2, "/apple"), "not /app: the catch-all");
+        assert_eq!(router.route("/app/admin/z"), proxy(1, "/z"));
+        assert_eq!(router.route("/app/administrator"), proxy(0, "/administrator"));
+        // Built-in routes win.
+        assert_eq!(router.route("/echo"), Some(Route::Echo));
+        assert_eq!(router.route("/echo/x"), proxy(3, "/x"));
+        assert_eq!(router.route("/pubsub/t"), Some(Route::PubSub { topic: "t" }));
+        assert_eq!(router.route("/metrics"), Some(Route::Metrics));
+        let no_catch_all = Router { proxies: vec!["/app".into()], ..Router::default() };
+        assert_eq!(no_catch_all.route("/apple"), None);
+    }
+
+    #[test]
+    fn upstream_targets_keep_the_rest_and_the_query() {
+        assert_eq!(upstream_target("", ""), "/");
+        assert_eq!(upstream_target("", "?q=1"), "/?q=1");
+        assert_eq!(upstream_target("", "/x?q=1"), "/x?q=1");
+        assert_eq!(upstream_target("/base/", "/x"), "/base/x");
+        assert_eq!(upstream_target("/base", ""), "/base");
+        assert_eq!(upstream_target("/echo", "?q"), "/echo?q");
     }
 
     #[test]

@@ -32,13 +32,15 @@ use tracing::debug;
 
 use super::buffers::{Received, recv, with_scratch};
 use super::readiness::{self, Readable};
+use super::relay;
 use crate::gateway::http::{self, Endpoints, parse_plain_request};
+use crate::gateway::proxy::{ProxyPool, UpstreamRequest};
 use crate::gateway::pubsub::{Broker, Subscription};
 use crate::gateway::router::{Route, Router};
 use crate::gateway::{Outbox, echo};
 use crate::metrics::{
     HandshakeFailure, HttpEndpoint, ProcessInfo, RouteLabel, WorkerStats, add, process_rss_bytes,
-    render_prometheus,
+    render_prometheus, render_upstreams,
 };
 use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
@@ -88,6 +90,10 @@ pub struct WorkerContext {
     /// rather than a channel receiver per connection: connections are suspended in `select!` when
     /// the worker's drain task runs (one thread), so `notify_waiters` reaches each of them.
     pub drain_started: Notify,
+    /// The proxy routes' upstreams, shared by all workers.
+    pub proxies: Arc<ProxyPool>,
+    /// Time an upstream gets to accept a connection and to answer the upgrade.
+    pub upstream_timeout: Duration,
 }
 
 impl Endpoints for WorkerContext {
@@ -102,6 +108,7 @@ impl Endpoints for WorkerContext {
             start_time_seconds: self.start_time_seconds,
         };
         render_prometheus(out, &self.all_stats, &process);
+        render_upstreams(out, &self.proxies.labels());
     }
 
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
@@ -117,10 +124,12 @@ enum Phase {
     Closing,
     Flushing,
     Lingering,
+    /// The request routed to a proxy: the socket goes to a relay (`relay`) once nothing is in flight.
+    Handoff,
     Done,
 }
 
-type Writing = InFlightOneshot<WriteData<Bytes>, WriteTransform<Bytes>>;
+pub(super) type Writing = InFlightOneshot<WriteData<Bytes>, WriteTransform<Bytes>>;
 
 /// Frames waiting to be written, encoded once into one buffer.
 #[derive(Default)]
@@ -153,6 +162,8 @@ enum Session {
     Echo,
     /// Subscribed to a topic; messages are published to it.
     PubSub(Subscription),
+    /// To be relayed to an upstream (boxed: an echo connection does not pay for it).
+    Proxy(Box<UpstreamRequest>),
 }
 
 /// Frames of several queued messages are copied into one write up to this size; a single larger
@@ -239,6 +250,13 @@ impl Connection {
         tokio::pin!(timer);
 
         loop {
+            if self.phase == Phase::Handoff
+                && writing.is_none()
+                && readable.is_none()
+                && self.out.staging.is_empty()
+            {
+                break;
+            }
             if self.subscriber_is_slow() {
                 self.start_closing(CloseCode::POLICY_VIOLATION, "slow consumer");
             }
@@ -285,6 +303,13 @@ impl Connection {
                 () = ctx.drain_started.notified(), if !drain_seen => {}
                 () = subscriber_changed(&self.session), if writing.is_none() => {}
             }
+        }
+
+        if self.phase == Phase::Handoff
+            && let Session::Proxy(request) = std::mem::replace(&mut self.session, Session::None)
+        {
+            let early = std::mem::take(&mut self.tail);
+            Box::pin(relay::run(&self.stream, Rc::clone(&self.ctx), request, early)).await;
         }
 
         // Complete every op still in flight before the socket goes: shutting it down wakes a
@@ -354,7 +379,7 @@ impl Connection {
 
     fn wants_read(&self) -> bool {
         match self.phase {
-            Phase::Done => false,
+            Phase::Done | Phase::Handoff => false,
             _ if self.peer_closed_tcp => false,
             Phase::Open => self.queued_bytes() < self.ctx.max_backpressure,
             _ => true,
@@ -461,7 +486,7 @@ impl Connection {
         }
         if matches!(self.phase, Phase::Open | Phase::Closing) {
             used += self.process_frames(&mut buf[used..]);
-        } else if self.phase != Phase::Handshake {
+        } else if !matches!(self.phase, Phase::Handshake | Phase::Handoff) {
             used = buf.len(); // flushing or lingering: whatever arrives is discarded
         }
         used
@@ -565,10 +590,21 @@ impl Connection {
             Ok(Parsed::Partial) => return self.refuse_handshake(HandshakeError::Malformed),
             Err(error) => return self.refuse_handshake(error),
         };
-        match accept(&request, &ctx.policy) {
-            Ok(accepted) => accepted.write_response(&mut self.out.staging),
+        let accepted = match accept(&request, &ctx.policy) {
+            Ok(accepted) => accepted,
             Err(error) => return self.refuse_handshake(error),
+        };
+        if let Route::Proxy { index, rest } = route {
+            // The client hears back once the upstream answered (the relay writes the 101).
+            let client_ip = peer_ip(self.fd);
+            let upstream = UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip);
+            self.session = Session::Proxy(Box::new(upstream));
+            self.set_keepalive(false);
+            self.phase = Phase::Handoff;
+            self.header_scanned = 0;
+            return;
         }
+        accepted.write_response(&mut self.out.staging);
         add(&ctx.stats.handshakes_completed, 1);
         self.session = match route {
             Route::PubSub { topic } => Session::PubSub(ctx.broker.subscribe(topic)),
@@ -620,7 +656,7 @@ impl Connection {
                             stats.messages_in(RouteLabel::PubSub, 1, bytes);
                             subscription.publish(kind, payload);
                         }
-                        Session::None => {}
+                        Session::None | Session::Proxy(_) => {}
                     }
                 }
                 Event::Ping(payload) => {
@@ -689,7 +725,8 @@ impl Connection {
             Phase::Lingering => self.phase = Phase::Done,
             // Whatever is queued still goes out (the peer may have closed only its sending side).
             Phase::Open | Phase::Closing | Phase::Flushing => self.start_flushing(),
-            Phase::Done => {}
+            // The relay reads the socket from here on and sees the end itself.
+            Phase::Handoff | Phase::Done => {}
         }
     }
 
@@ -722,7 +759,7 @@ impl Connection {
             }
             // The peer did not answer our Close in time: close anyway.
             Phase::Closing => self.start_flushing(),
-            Phase::Flushing | Phase::Lingering | Phase::Done => self.phase = Phase::Done,
+            Phase::Flushing | Phase::Lingering | Phase::Handoff | Phase::Done => self.phase = Phase::Done,
         }
     }
 
@@ -774,9 +811,18 @@ fn subscriber_changed(session: &Session) -> impl Future<Output = ()> + '_ {
     })
 }
 
+/// The IP address of the peer of a connected socket (`getpeername(2)`), for `X-Forwarded-For`.
+fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is an open socket owned by the connection; ManuallyDrop keeps this temporary
+    // std handle from closing it.
+    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    socket.peer_addr().ok().map(|addr| addr.ip())
+}
+
 /// Waits for an op that may not exist: pending forever when there is none, so that a `select!`
 /// branch for it simply never fires.
-async fn in_flight<F: std::future::Future + Unpin>(op: &mut Option<F>) -> F::Output {
+pub(super) async fn in_flight<F: std::future::Future + Unpin>(op: &mut Option<F>) -> F::Output {
     match op {
         Some(future) => future.await,
         None => std::future::pending().await,
@@ -822,6 +868,8 @@ mod tests {
                 open_connections: Arc::default(),
                 draining: Cell::new(false),
                 drain_started: Notify::new(),
+                proxies: Arc::default(),
+                upstream_timeout: Duration::from_secs(1),
             });
             let future = serve(TcpStream::from_std(client), ctx);
             let size = std::mem::size_of_val(&future);

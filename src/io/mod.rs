@@ -11,6 +11,7 @@ mod buffers;
 mod conn;
 mod process;
 mod readiness;
+mod relay;
 mod worker;
 
 use std::cell::Cell;
@@ -28,6 +29,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::{Broker, Hub};
 use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
@@ -96,11 +98,13 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let (done_tx, done_rx) = mpsc::channel();
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
+    let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
     for ((index, listeners), deliveries) in listeners.into_iter().enumerate().zip(deliveries) {
         let shared = Shared {
             stats: Arc::clone(&stats),
             open_connections: Arc::clone(&open_connections),
             hub: Arc::clone(&hub),
+            proxies: Arc::clone(&proxies),
         };
         let context = context_builder(config, index, shared);
         let drain = drain_rx.clone();
@@ -200,6 +204,7 @@ struct Shared {
     stats: Arc<[Arc<WorkerStats>]>,
     open_connections: Arc<AtomicUsize>,
     hub: Arc<Hub>,
+    proxies: Arc<ProxyPool>,
 }
 
 fn context_builder(
@@ -217,6 +222,7 @@ fn context_builder(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let slow_consumer = config.slow_consumer;
     let pubsub_echo = config.pubsub_echo;
+    let upstream_timeout = config.upstream_timeout;
     Box::new(move || {
         let stats = Arc::clone(&shared.stats[worker]);
         let broker =
@@ -237,6 +243,8 @@ fn context_builder(
             open_connections: shared.open_connections,
             draining: Cell::new(false),
             drain_started: Notify::new(),
+            proxies: shared.proxies,
+            upstream_timeout,
         }
     })
 }

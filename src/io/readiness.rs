@@ -36,3 +36,11 @@ pub fn readable(fd: RawFd) -> Readable {
     let sqe = opcode::PollAdd::new(types::Fd(fd), mask).build();
     UnsubmittedOneshot::new((), ReadableTransform, sqe).submit()
 }
+
+/// Submits a one-shot poll for `fd` becoming writable (a non-blocking connect completing, or
+/// failing: errors and hang-ups end the wait too). Same op type and rules as [`readable`].
+pub fn writable(fd: RawFd) -> Readable {
+    let mask = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) as u32;
+    let sqe = opcode::PollAdd::new(types::Fd(fd), mask).build();
+    UnsubmittedOneshot::new((), ReadableTransform, sqe).submit()
+}

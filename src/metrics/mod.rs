@@ -13,7 +13,9 @@ mod prometheus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-pub use prometheus::{CONTENT_TYPE, ProcessInfo, process_rss_bytes, render_prometheus};
+pub use prometheus::{
+    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_prometheus, render_upstreams,
+};
 
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::HandshakeError;
@@ -29,9 +31,13 @@ pub enum HandshakeFailure {
     Timeout,
     /// The client hung up or the socket failed before the handshake finished.
     Disconnected,
+    /// Proxy route: no upstream accepted the connection or answered 101 (502).
+    UpstreamUnavailable,
+    /// Proxy route: the upstream did not connect or answer the upgrade in time (504).
+    UpstreamTimeout,
 }
 
-const HANDSHAKE_FAILURE_KINDS: usize = 13;
+const HANDSHAKE_FAILURE_KINDS: usize = 15;
 
 /// Every failure kind, in table order: the summary and the exposition list them all from here.
 const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
@@ -48,6 +54,8 @@ const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
     HandshakeFailure::NotFound,
     HandshakeFailure::Timeout,
     HandshakeFailure::Disconnected,
+    HandshakeFailure::UpstreamUnavailable,
+    HandshakeFailure::UpstreamTimeout,
 ];
 
 impl HandshakeFailure {
@@ -58,6 +66,8 @@ impl HandshakeFailure {
             HandshakeFailure::NotFound => "not_found",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Disconnected => "disconnected",
+            HandshakeFailure::UpstreamUnavailable => "upstream_unavailable",
+            HandshakeFailure::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -79,6 +89,8 @@ impl HandshakeFailure {
             HandshakeFailure::NotFound => 10,
             HandshakeFailure::Timeout => 11,
             HandshakeFailure::Disconnected => 12,
+            HandshakeFailure::UpstreamUnavailable => 13,
+            HandshakeFailure::UpstreamTimeout => 14,
         }
     }
 }
@@ -227,6 +239,35 @@ pub struct WorkerStats {
     topics: AtomicI64,
     subscribers: AtomicI64,
     outbound_queue_bytes: AtomicI64,
+}
+
+/// Counters of one proxy upstream (one backend of one proxy route), shared by every worker: the
+/// writes come once per upstream connection attempt or per read/write batch, never per message.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct UpstreamStats {
+    /// Upstream TCP connections established.
+    pub connects: AtomicU64,
+    /// Upstream connection attempts that failed (refused, unreachable, timed out).
+    pub connect_failures: AtomicU64,
+    /// Relays open through this upstream (a gauge).
+    pub relays_open: AtomicI64,
+    /// Bytes written to the upstream (frames, after the handshake).
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes written to clients from this upstream's relays (frames, after the handshake).
+    pub bytes_to_client: AtomicU64,
+}
+
+impl UpstreamStats {
+    /// A relay through this upstream started.
+    pub fn relay_opened(&self) {
+        gauge_add(&self.relays_open, 1);
+    }
+
+    /// A relay through this upstream ended.
+    pub fn relay_closed(&self) {
+        gauge_add(&self.relays_open, -1);
+    }
 }
 
 /// Adds `n` to a counter that only its own worker writes.

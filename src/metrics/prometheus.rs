@@ -225,6 +225,63 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
     }
 }
 
+/// One proxy upstream's counters and the labels they are exposed under.
+pub struct UpstreamLabels<'a> {
+    /// The proxy route's path prefix.
+    pub route: &'a str,
+    /// The upstream's URL as configured.
+    pub upstream: &'a str,
+    /// Its counters.
+    pub stats: &'a super::UpstreamStats,
+}
+
+/// Renders the per-upstream families of the proxy routes (nothing when there are none).
+pub fn render_upstreams(out: &mut String, upstreams: &[UpstreamLabels<'_>]) {
+    use Kind::{Counter, Gauge};
+    if upstreams.is_empty() {
+        return;
+    }
+    let each = |out: &mut String, name, kind, help, value: &dyn Fn(&super::UpstreamStats) -> Number| {
+        let mut family = family(out, name, kind, help);
+        for u in upstreams {
+            family.sample(&[("route", u.route), ("upstream", u.upstream)], value(u.stats));
+        }
+    };
+    each(out, "ringgate_upstream_connects_total", Counter, "Upstream connections established.", &|s| {
+        load(&s.connects).into()
+    });
+    each(
+        out,
+        "ringgate_upstream_connect_failures_total",
+        Counter,
+        "Upstream connection attempts that failed (refused, unreachable or timed out).",
+        &|s| load(&s.connect_failures).into(),
+    );
+    each(
+        out,
+        "ringgate_upstream_relays_open",
+        Gauge,
+        "Client connections relayed to the upstream now.",
+        &|s| load_gauge(&s.relays_open).into(),
+    );
+    let mut bytes = family(
+        out,
+        "ringgate_upstream_bytes_total",
+        Counter,
+        "WebSocket bytes relayed, by direction: to the upstream, or from it to clients.",
+    );
+    for u in upstreams {
+        for (direction, counter) in
+            [("to_upstream", &u.stats.bytes_to_upstream), ("to_client", &u.stats.bytes_to_client)]
+        {
+            bytes.sample(
+                &[("route", u.route), ("upstream", u.upstream), ("direction", direction)],
+                load(counter),
+            );
+        }
+    }
+}
+
 fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }

@@ -530,6 +530,20 @@ impl ClientHandshake {
 
     /// Writes the upgrade request for `path` on `host`, offering `subprotocols`.
     pub fn write_request(&self, dst: &mut impl BufMut, host: &str, path: &str, subprotocols: &[&str]) {
+        self.write_request_with_headers(dst, host, path, subprotocols, &[]);
+    }
+
+    /// Writes the upgrade request like [`ClientHandshake::write_request`], plus `extra_headers`
+    /// (a proxy's `X-Forwarded-*`, `Cookie`, `Authorization`, `Origin`). A header whose name or value
+    /// holds a CR or LF is left out rather than allowed to split the request.
+    pub fn write_request_with_headers(
+        &self,
+        dst: &mut impl BufMut,
+        host: &str,
+        path: &str,
+        subprotocols: &[&str],
+        extra_headers: &[(&str, &[u8])],
+    ) {
         dst.put_slice(b"GET ");
         dst.put_slice(path.as_bytes());
         dst.put_slice(b" HTTP/1.1\r\n");
@@ -542,6 +556,12 @@ impl ClientHandshake {
         }
         if !subprotocols.is_empty() {
             dst.put_slice(b"\r\n");
+        }
+        let splits = |bytes: &[u8]| bytes.iter().any(|&b| b == b'\r' || b == b'\n');
+        for (name, value) in extra_headers {
+            if !name.is_empty() && !splits(name.as_bytes()) && !splits(value) {
+                put_header(dst, name.as_bytes(), value);
+            }
         }
         dst.put_slice(b"\r\n");
     }
