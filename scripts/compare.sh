@@ -7,7 +7,8 @@
 # server freshly started and pinned to one core (`taskset -c $SERVER_CPU`), loadtest pinned to
 # another (`taskset -c $CLIENT_CPU`, one thread). Per run it records msgs/s and latency p50/p99 (from
 # loadtest's JSON), server CPU time per message (utime+stime from /proc/PID/stat over the middle of
-# the measured window), and server RSS (VmRSS from /proc/PID/status) before load and mid-run. The
+# the measured window), and server RSS (VmRSS from /proc/PID/status) before load and mid-run, plus how
+# busy each core was with anything else (/proc/stat), so a run on a shared machine shows it. The
 # table reports the median of the rounds. Loopback only; every server it starts is stopped on exit.
 #
 # Fairness: ringgate runs `--workers 1` (one worker per core it is given; its default is one per CPU
@@ -90,6 +91,10 @@ if [ "$(nproc --all)" -lt 2 ] || [ "$server_cpu" = "$client_cpu" ]; then
   exit 1
 fi
 
+# The revision the binaries are built from (taken before the build: others may commit meanwhile).
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src loadtest benches/peers Cargo.toml Cargo.lock 2>/dev/null || rev="$rev (with local changes)"
+
 if [ "$build" = 1 ]; then
   # Two builds, not one: built together, Cargo would unify tokio's features for ringgate with the
   # peers' (rt-multi-thread, ...), and ringgate would not be the binary users build.
@@ -109,7 +114,7 @@ clk_tck=$(getconf CLK_TCK)
 rm -rf "$out/runs"
 mkdir -p "$out/runs"
 runs_tsv="$out/runs.tsv"
-printf 'case\tserver\tround\tjson\trss_before_kib\trss_load_kib\tcpu_ticks\tcpu_window_secs\tthreads\talive\n' >"$runs_tsv"
+printf 'case\tserver\tround\tjson\trss_before_kib\trss_load_kib\tcpu_ticks\tcpu_window_secs\tthreads\talive\tothers_server_core_ticks\tothers_client_core_ticks\n' >"$runs_tsv"
 
 # --- process handling ------------------------------------------------------------------------
 
@@ -180,6 +185,18 @@ cpu_ticks() {  # utime + stime of a process, in clock ticks
   set -- $rest
   echo $((${12} + ${13}))
 }
+core_busy() {  # ticks CPU $1 spent not idle (user nice system irq softirq steal), from /proc/stat
+  awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+# snapshot: "server_ticks loadtest_ticks server_core_busy client_core_busy" at this instant.
+snapshot() {
+  local client="" st lt=0
+  # loadtest runs under `timeout`: its pid is timeout's child.
+  read -r client _ <"/proc/$loadtest_pid/task/$loadtest_pid/children" 2>/dev/null || true
+  st=$(cpu_ticks "$server_pid" 2>/dev/null) || st=0
+  [ -n "$client" ] && { lt=$(cpu_ticks "$client" 2>/dev/null) || lt=0; }
+  echo "$st $lt $(core_busy "$server_cpu") $(core_busy "$client_cpu")"
+}
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 threads() { awk '/^Threads:/ { print $2 }' "/proc/$1/status"; }
 now() { echo "$EPOCHREALTIME"; }
@@ -218,13 +235,18 @@ run_one() {
   mkdir -p "$dir"
   start_server "$name" "$dir"
   sleep 0.3  # let it settle before the "before" sample
-  local rss_before flags ramp t0 from to ticks0 ticks1 rss_load thr
+  local rss_before flags ramp t0 from to snap0 snap1 rss_load thr
   rss_before=$(rss_kib "$server_pid")
   flags=$(case_flags "$case")
   flags=${flags//\{DURATION\}/$duration}
   ramp=$(case_ramp "$case")
   printf '  %-14s %-18s round %s: ' "$case" "$name" "$round"
 
+  if [ "$case" = idle10k ]; then
+    # Handshake CPU: from before the first connection to halfway through the hold (all are up by then).
+    from=$(now)
+    snap0=$(snapshot)
+  fi
   t0=$(now)
   # shellcheck disable=SC2086
   timeout $((duration + 40)) taskset -c "$client_cpu" "$bin/loadtest" "ws://$server_addr/echo" $flags \
@@ -232,24 +254,19 @@ run_one() {
   loadtest_pid=$!
 
   if [ "$case" = idle10k ]; then
-    # Handshake CPU: from before the first connection to halfway through the hold (all are up by then).
-    from=$t0
-    ticks0=$(cpu_ticks "$server_pid")
-    to=$(add "$t0" "$(add "$ramp" "$(awk -v d="$duration" 'BEGIN { print d / 2 }')")")
-    sleep_until "$to"
-    ticks1=$(cpu_ticks "$server_pid") || ticks1=$ticks0
+    sleep_until "$(add "$t0" "$(add "$ramp" "$(awk -v d="$duration" 'BEGIN { print d / 2 }')")")"
+    snap1=$(snapshot)
     rss_load=$(rss_kib "$server_pid") || rss_load=0
     to=$(now)
   else
     # CPU over the measured window minus its first 0.5 s and last 0.3 s; RSS at its middle.
-    from=$(add "$t0" "$(add "$ramp" 0.5)")
-    sleep_until "$from"
+    sleep_until "$(add "$t0" "$(add "$ramp" 0.5)")"
     from=$(now)
-    ticks0=$(cpu_ticks "$server_pid") || ticks0=0
+    snap0=$(snapshot)
     sleep_until "$(add "$t0" "$(add "$ramp" "$(awk -v d="$duration" 'BEGIN { print d / 2 }')")")"
     rss_load=$(rss_kib "$server_pid") || rss_load=0
     sleep_until "$(add "$t0" "$(add "$ramp" "$(awk -v d="$duration" 'BEGIN { print d - 0.3 }')")")"
-    ticks1=$(cpu_ticks "$server_pid") || ticks1=$ticks0
+    snap1=$(snapshot)
     to=$(now)
   fi
   thr=$(threads "$server_pid" 2>/dev/null || echo 0)
@@ -259,16 +276,23 @@ run_one() {
   local alive=1
   kill -0 "$server_pid" 2>/dev/null || alive=0
   stop_server
-  if [ "$status" != 0 ] || [ ! -s "$dir/loadtest.json" ]; then
+  # Server ticks, and what else ran on each core meanwhile (other processes, and the hypervisor's steal).
+  local server_ticks others_server others_client window json="$dir/loadtest.json"
+  read -r server_ticks others_server others_client <<<"$(awk -v a="$snap0" -v b="$snap1" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    s = y[1] - x[1]; l = y[2] - x[2]; cs = y[3] - x[3]; cc = y[4] - x[4]
+    os = cs - s; oc = cc - l
+    print s, (os < 0 ? 0 : os), (oc < 0 ? 0 : oc) }')"
+  window=$(awk -v a="$to" -v b="$from" 'BEGIN { print a - b }')
+  if [ "$status" != 0 ] || [ ! -s "$json" ]; then
     echo "loadtest failed (exit $status); see $dir/loadtest.err"
     tail -n 3 "$dir/loadtest.err" | sed 's/^/    /'
-    printf '%s\t%s\t%s\t\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$name" "$round" "$rss_before" "$rss_load" \
-      $((ticks1 - ticks0)) "$(awk -v a="$to" -v b="$from" 'BEGIN { print a - b }')" "$thr" "$alive" >>"$runs_tsv"
-    return 0
+    json=""
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$name" "$round" "$dir/loadtest.json" \
-    "$rss_before" "$rss_load" $((ticks1 - ticks0)) "$(awk -v a="$to" -v b="$from" 'BEGIN { print a - b }')" \
-    "$thr" "$alive" >>"$runs_tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$name" "$round" "$json" \
+    "$rss_before" "$rss_load" "$server_ticks" "$window" "$thr" "$alive" "$others_server" "$others_client" \
+    >>"$runs_tsv"
+  [ -n "$json" ] || return 0
   python3 - "$dir/loadtest.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -300,9 +324,6 @@ lock_version() {  # version of a crate in Cargo.lock (first match)
 }
 model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 mem_gib=$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- src loadtest benches/peers Cargo.toml Cargo.lock 2>/dev/null || rev="$rev (with local changes)"
-
 export CMP_TSV="$runs_tsv" CMP_CLK_TCK="$clk_tck" CMP_ROUNDS="$rounds" CMP_DURATION="$duration" \
   CMP_SERVER_CPU="$server_cpu" CMP_CLIENT_CPU="$client_cpu" CMP_INVOCATION="$invocation" \
   CMP_STARTED="$started_at" CMP_NPROC="$(nproc --all)" CMP_MODEL="$model" CMP_MEM_GIB="$mem_gib" \
@@ -346,14 +367,15 @@ def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
-def rng(values, fmt):
+def rng(values, fmt, unit=""):
+    """The median, with the range after it when there is more than one round: "4.5 (4.4-4.8) µs"."""
     values = [v for v in values if v is not None]
     if not values:
         return "failed"
-    m = fmt(statistics.median(values))
-    if len(values) > 1:
-        return f"{m} ({fmt(min(values))}-{fmt(max(values))})"
-    return m
+    m, lo, hi = fmt(statistics.median(values)), fmt(min(values)), fmt(max(values))
+    if lo != hi:
+        return f"{m} ({lo}-{hi}){unit}"
+    return f"{m}{unit}"
 
 def us(v):
     if v is None:
@@ -373,6 +395,14 @@ def cpu_per_msg(rec):
 def core_share(rec):
     window = float(rec["cpu_window_secs"])
     return int(rec["cpu_ticks"]) / clk / window * 100 if window > 0 else None
+
+def others(rs):
+    values = [(int(r["others_server_core_ticks"]) / clk / float(r["cpu_window_secs"]) * 100,
+               int(r["others_client_core_ticks"]) / clk / float(r["cpu_window_secs"]) * 100)
+              for r in rs if float(r["cpu_window_secs"]) > 0]
+    if not values:
+        return "-"
+    return f"{med([v[0] for v in values]):.0f}% / {med([v[1] for v in values]):.0f}%"
 
 def errors(rs):
     total = sum((r["report"] or {}).get("errors", 0) + (r["report"] or {}).get("connections_failed", 0) for r in rs)
@@ -415,6 +445,9 @@ lines.append(f"Each server is started fresh per run and pinned to CPU {env['CMP_
              "send time). loadtest CPU per msg is its own figure (user+sys over its whole run / echoes): when "
              "the server's core share is well under 100%, loadtest's core was the limit, and msgs/s says more "
              "about the client than the server; server CPU per msg is then the figure to compare. "
+             "\"Others\" is what else kept each core busy in the same window (/proc/stat busy time, steal "
+             "included, minus the server's or loadtest's own): other processes on a shared machine, but also "
+             "kernel threads working for these two (ksoftirqd's loopback traffic, page reclaim). "
              "Errors = loadtest errors + failed connections.")
 lines.append("")
 
@@ -422,8 +455,8 @@ closed = [c for c in order_cases if c.startswith("closed")]
 if closed:
     lines.append("### Closed loop (`--rate 0`)")
     lines.append("")
-    lines.append("| case | server | msgs/s | p50 | p99 | server CPU per msg | server core | loadtest CPU per msg | RSS before; under load | errors |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| case | server | msgs/s | p50 | p99 | server CPU per msg | server core | loadtest CPU per msg | others on server / loadtest core | RSS before; under load | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for case in closed:
         for server in order_servers:
             rs = runs(case, server)
@@ -435,9 +468,10 @@ if closed:
                 f"| {rng([r['report']['throughput_msgs_per_sec'] for r in ok], lambda v: f'{v:,.0f}')} "
                 f"| {us(med([r['report']['latency_us']['p50'] for r in ok]))} "
                 f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
-                f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f} µs')} "
-                f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}%')} "
-                f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f} µs')} "
+                f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+                f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
+                f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+                f"| {others(rs)} "
                 f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))} "
                 f"| {errors(rs)} |")
     lines.append("")
@@ -445,8 +479,8 @@ if closed:
 if "open10k" in order_cases:
     lines.append("### Open loop: 10,000 connections x 10 msg/s (100,000 msgs/s asked)")
     lines.append("")
-    lines.append("| server | msgs/s | p50 | p99 | server CPU per msg | server core | loadtest CPU per msg | RSS before; under load | loadtest late sends; send lag p50 | errors |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| server | msgs/s | p50 | p99 | server CPU per msg | server core | loadtest CPU per msg | others on server / loadtest core | RSS before; under load | loadtest late sends; send lag p50 | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for server in order_servers:
         rs = runs("open10k", server)
         if not rs:
@@ -459,9 +493,10 @@ if "open10k" in order_cases:
             f"| {rng([r['report']['throughput_msgs_per_sec'] for r in ok], lambda v: f'{v:,.0f}')} "
             f"| {us(med([r['report']['latency_us']['p50'] for r in ok]))} "
             f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
-            f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f} µs')} "
-            f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}%')} "
-            f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f} µs')} "
+            f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+            f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
+            f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+            f"| {others(rs)} "
             f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))} "
             f"| {'-' if late is None else f'{late:.0f}%'}; {us(lag)} "
             f"| {errors(rs)} |")
@@ -470,8 +505,8 @@ if "open10k" in order_cases:
 if "idle10k" in order_cases:
     lines.append("### 10,000 idle connections (`--mode connect`)")
     lines.append("")
-    lines.append("| server | established | RSS before | RSS with the connections | per connection | server CPU per connection (accept + handshake) | handshake p99 | errors |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| server | established | RSS before | RSS with the connections | per connection | server CPU per connection (accept + handshake) | handshake p99 | others on server / loadtest core | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for server in order_servers:
         rs = runs("idle10k", server)
         if not rs:
@@ -484,9 +519,10 @@ if "idle10k" in order_cases:
             f"| {rng([r['report']['connections_established'] for r in ok], lambda v: f'{v:,.0f}')} "
             f"| {kib(med([int(r['rss_before_kib']) for r in ok]))} "
             f"| {kib(med([int(r['rss_load_kib']) for r in ok]))} "
-            f"| {rng(per_conn, lambda v: f'{v:,.0f} B')} "
-            f"| {rng(cpu_conn, lambda v: f'{v:.0f} µs')} "
+            f"| {rng(per_conn, lambda v: f'{v:,.0f}', ' B')} "
+            f"| {rng(cpu_conn, lambda v: f'{v:.0f}', ' µs')} "
             f"| {us(med([r['report']['handshake_latency_us']['p99'] for r in ok]))} "
+            f"| {others(rs)} "
             f"| {errors(rs)} |")
     lines.append("")
 
