@@ -203,7 +203,9 @@ now() { echo "$EPOCHREALTIME"; }
 sleep_until() { # sleep_until EPOCH_SECONDS (fractional)
   local secs
   secs=$(awk -v t="$1" -v n="$EPOCHREALTIME" 'BEGIN { d = t - n; printf "%.3f", d < 0 ? 0 : d }')
-  sleep "$secs"
+  # In the background and waited for, so that a signal runs the cleanup trap at once.
+  sleep "$secs" &
+  wait $!
 }
 add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a + b }'; }
 
