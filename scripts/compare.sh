@@ -192,7 +192,7 @@ core_busy() {  # ticks CPU $1 spent not idle (user nice system irq softirq steal
 snapshot() {
   local client="" st lt=0
   # loadtest runs under `timeout`: its pid is timeout's child.
-  read -r client _ <"/proc/$loadtest_pid/task/$loadtest_pid/children" 2>/dev/null || true
+  { read -r client _ <"/proc/${loadtest_pid:-0}/task/${loadtest_pid:-0}/children"; } 2>/dev/null || true
   st=$(cpu_ticks "$server_pid" 2>/dev/null) || st=0
   [ -n "$client" ] && { lt=$(cpu_ticks "$client" 2>/dev/null) || lt=0; }
   echo "$st $lt $(core_busy "$server_cpu") $(core_busy "$client_cpu")"
