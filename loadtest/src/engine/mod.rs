@@ -8,6 +8,7 @@
 
 mod closed_loop;
 mod connect;
+mod due;
 mod hold;
 mod open_loop;
 mod pacer;

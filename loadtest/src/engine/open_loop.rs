@@ -17,13 +17,13 @@
 use std::net::Shutdown;
 use std::pin::pin;
 
-use ringgate::proto::frame::{OpCode, write_frame};
 use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
+use super::due::encode_due;
 use super::race::{Either, race};
-use super::wire::{FrameReader, await_close, mask_key, put_close, put_pong, read_more};
-use super::{CLOSE_TIMEOUT, LATE_THRESHOLD, ThreadCtx};
+use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
+use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
@@ -53,7 +53,6 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
     let plan = &ctx.plan;
     let phases = ctx.phases;
     let schedule = Schedule::staggered(opened, rate);
-    let late = LATE_THRESHOLD.as_nanos() as u64;
     let mut payload = vec![0u8; plan.size];
     let mut out: Vec<u8> = Vec::with_capacity(plan.size + 16);
     let mut control: Vec<u8> = Vec::new();
@@ -101,28 +100,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
                 // Everything due by now goes out in one write, each message stamped with its own
                 // intended time.
                 out.clear();
-                let now = clock::now();
-                {
-                    let mut stats = ctx.stats.borrow_mut();
-                    loop {
-                        let at = schedule.at(sent);
-                        if at > now || at >= phases.end {
-                            break;
-                        }
-                        payload::fill(&mut payload, sent, at);
-                        write_frame(&mut out, OpCode::Binary, &payload, Some(mask_key()));
-                        let lag = now - at;
-                        if phases.measured(at) {
-                            stats.counters.messages_sent += 1;
-                            stats.send_lag.saturating_record(clock::ns_to_us(lag));
-                            if lag > late {
-                                stats.counters.late_sends += 1;
-                            }
-                        }
-                        stats.counters.total_sent += 1;
-                        sent += 1;
-                    }
-                }
+                encode_due(ctx, &mut out, &mut payload, &schedule, &mut sent, 0, |_, _| {});
                 let (result, buf) = stream.write_all(std::mem::take(&mut out)).await;
                 out = buf;
                 if result.is_err() {

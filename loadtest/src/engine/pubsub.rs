@@ -30,13 +30,13 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use ringgate::proto::frame::{OpCode, write_frame};
 use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
+use super::due::encode_due;
 use super::race::{Either, race};
-use super::wire::{FrameReader, await_close, mask_key, put_close, put_pong, read_more};
-use super::{CLOSE_TIMEOUT, LATE_THRESHOLD, ThreadCtx};
+use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
+use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::cli::{PubSubPlan, SEQ_BITS};
 use crate::clock;
 use crate::payload::{self, HEADER_LEN};
@@ -425,7 +425,6 @@ pub async fn publish(
     let start = clock::now().max(phases.ramp_end);
     shared.publish_start.fetch_min(start, SeqCst);
     let schedule = Schedule::staggered(start, rate);
-    let late = LATE_THRESHOLD.as_nanos() as u64;
     let tag_base = u64::from(id) << SEQ_BITS;
     let mut payload = vec![0u8; plan.size];
     let mut out: Vec<u8> = Vec::with_capacity(plan.size + 16);
@@ -459,33 +458,16 @@ pub async fn publish(
             }
             () = &mut due => {
                 out.clear();
-                let now = clock::now();
-                {
-                    let mut stats = ctx.stats.borrow_mut();
-                    loop {
-                        let at = schedule.at(sent);
-                        if at > now || at >= phases.end {
-                            break;
+                encode_due(ctx, &mut out, &mut payload, &schedule, &mut sent, tag_base, |next, measured| {
+                    if measured {
+                        // `next - 1` is the message just encoded.
+                        if me.first_measured.load(SeqCst) == u64::MAX {
+                            me.first_measured.store(next - 1, SeqCst);
                         }
-                        payload::fill(&mut payload, tag_base | sent, at);
-                        write_frame(&mut out, OpCode::Binary, &payload, Some(mask_key()));
-                        let lag = now - at;
-                        if phases.measured(at) {
-                            if me.first_measured.load(SeqCst) == u64::MAX {
-                                me.first_measured.store(sent, SeqCst);
-                            }
-                            me.measured.fetch_add(1, SeqCst);
-                            stats.counters.messages_sent += 1;
-                            stats.send_lag.saturating_record(clock::ns_to_us(lag));
-                            if lag > late {
-                                stats.counters.late_sends += 1;
-                            }
-                        }
-                        stats.counters.total_sent += 1;
-                        sent += 1;
-                        me.sent.store(sent, SeqCst);
+                        me.measured.fetch_add(1, SeqCst);
                     }
-                }
+                    me.sent.store(next, SeqCst);
+                });
                 let (result, buf) = stream.write_all(std::mem::take(&mut out)).await;
                 out = buf;
                 if result.is_err() {

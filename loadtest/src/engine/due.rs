@@ -1,0 +1,52 @@
+//! What an open-loop sender owes when it wakes: every message whose intended time has passed goes
+//! into one buffer, each stamped with its own intended time, and is counted (sent, late, send lag).
+//! Shared by echo's open loop and pub/sub's publishers, so both schedule and count alike.
+//!
+//! Must never: stamp a message with the time it actually left, or skip one that is due.
+
+use ringgate::proto::frame::{OpCode, write_frame};
+
+use super::wire::mask_key;
+use super::{LATE_THRESHOLD, ThreadCtx};
+use crate::clock;
+use crate::payload;
+use crate::schedule::Schedule;
+
+/// Encodes, as masked client frames into `out`, every message from `*sent` on whose intended time
+/// is due by now and before the end of the run; advances `*sent` past them. Each message's tag is
+/// `tag_base | index`. `on_encoded(next, measured)` runs after each one, with the new `*sent` and
+/// whether the message falls in the measured window.
+pub fn encode_due(
+    ctx: &ThreadCtx,
+    out: &mut Vec<u8>,
+    payload: &mut [u8],
+    schedule: &Schedule,
+    sent: &mut u64,
+    tag_base: u64,
+    mut on_encoded: impl FnMut(u64, bool),
+) {
+    let phases = &ctx.phases;
+    let mut stats = ctx.stats.borrow_mut();
+    let late = LATE_THRESHOLD.as_nanos() as u64;
+    let now = clock::now();
+    loop {
+        let at = schedule.at(*sent);
+        if at > now || at >= phases.end {
+            break;
+        }
+        payload::fill(payload, tag_base | *sent, at);
+        write_frame(out, OpCode::Binary, payload, Some(mask_key()));
+        let lag = now - at;
+        let measured = phases.measured(at);
+        if measured {
+            stats.counters.messages_sent += 1;
+            stats.send_lag.saturating_record(clock::ns_to_us(lag));
+            if lag > late {
+                stats.counters.late_sends += 1;
+            }
+        }
+        stats.counters.total_sent += 1;
+        *sent += 1;
+        on_encoded(*sent, measured);
+    }
+}
