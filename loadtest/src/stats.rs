@@ -150,6 +150,18 @@ impl Default for ThreadStats {
 }
 
 impl ThreadStats {
+    /// Records a verified echo or delivery: always in the live interval histogram (the progress
+    /// line), and in the run's histogram and counters when its intended time is in the measured
+    /// window.
+    pub fn received(&mut self, latency_us: u64, measured: bool) {
+        self.interval.saturating_record(latency_us);
+        self.counters.total_received += 1;
+        if measured {
+            self.latency.saturating_record(latency_us);
+            self.counters.messages_received += 1;
+        }
+    }
+
     /// Counts one error.
     pub fn error(&mut self, kind: ErrorKind) {
         self.errors[kind as usize] += 1;

@@ -65,13 +65,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
                             if echoed || !payload::verify(payload, size, seq, sent_at) {
                                 stats.error(ErrorKind::EchoMismatch);
                             } else {
-                                let latency = clock::ns_to_us(now - sent_at);
-                                stats.interval.saturating_record(latency);
-                                stats.counters.total_received += 1;
-                                if phases.measured(sent_at) {
-                                    stats.latency.saturating_record(latency);
-                                    stats.counters.messages_received += 1;
-                                }
+                                stats.received(clock::ns_to_us(now - sent_at), phases.measured(sent_at));
                             }
                             echoed = true;
                         }

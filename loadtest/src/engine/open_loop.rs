@@ -173,13 +173,7 @@ fn on_read(
                     stats.error(ErrorKind::EchoMismatch);
                     return true;
                 }
-                let latency = clock::ns_to_us(now.saturating_sub(at));
-                stats.interval.saturating_record(latency);
-                stats.counters.total_received += 1;
-                if phases.measured(at) {
-                    stats.latency.saturating_record(latency);
-                    stats.counters.messages_received += 1;
-                }
+                stats.received(clock::ns_to_us(now.saturating_sub(at)), phases.measured(at));
             }
             Event::Ping(data) => put_pong(control, data),
             Event::Pong(_) => {}

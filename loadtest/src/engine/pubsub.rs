@@ -222,13 +222,7 @@ impl<'a> Tracker<'a> {
             stats.counters.deliveries_lost += self.shared.measured_between(id, *next, seq);
         }
         *next = seq + 1;
-        let latency = clock::ns_to_us(now.saturating_sub(at));
-        stats.interval.saturating_record(latency);
-        stats.counters.total_received += 1;
-        if ctx.phases.measured(at) {
-            stats.latency.saturating_record(latency);
-            stats.counters.messages_received += 1;
-        }
+        stats.received(clock::ns_to_us(now.saturating_sub(at)), ctx.phases.measured(at));
     }
 
     /// Whether every publisher on the topic is done and everything it sent has arrived.
