@@ -1,5 +1,5 @@
-//! What the peer echo servers share: their one flag, the open-file limit, and the line that tells a
-//! script where they listen.
+//! What the peer echo servers share: their one flag, the open-file limit, the line that tells a
+//! script where they listen, and the accept loop (each peer supplies only its connection handler).
 //!
 //! The peers (`peer-fastwebsockets`, `peer-tokio-tungstenite`) exist only so that
 //! `scripts/compare.sh` can run ringgate beside other Rust WebSocket servers, on the same machine, in
@@ -80,6 +80,41 @@ pub fn announce(addr: SocketAddr) {
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on {addr}");
     let _ = stdout.flush();
+}
+
+/// Runs a peer: reads `--listen`, raises the open-file limit, binds, announces the address, then
+/// accepts forever, spawning `serve(stream)` for each connection. Returns only on a start-up
+/// failure (or `--help`), with the exit code for `main`.
+pub async fn run<F, Fut>(name: &str, default: &str, serve: F) -> ExitCode
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let addr = match listen_addr(name, default) {
+        Ok(addr) => addr,
+        Err(code) => return code,
+    };
+    raise_nofile_limit();
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("{name}: cannot listen on {addr}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    announce(listener.local_addr().unwrap_or(addr));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream));
+            }
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning; the client sees the refusals.
+                eprintln!("{name}: accept: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 
 const NAME: &str = "peer-fastwebsockets";
 const DEFAULT_LISTEN: &str = "127.0.0.1:9002";
@@ -45,37 +45,16 @@ async fn upgrade_any_path(mut request: Request<Incoming>) -> Result<Response<Emp
     Ok(response)
 }
 
+/// Serves one HTTP/1.1 connection, upgrading it on any path.
+async fn serve(stream: TcpStream) {
+    let connection =
+        http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(upgrade_any_path));
+    if let Err(error) = connection.with_upgrades().await {
+        eprintln!("{NAME}: http: {error}");
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let addr = match ringgate_peers::listen_addr(NAME, DEFAULT_LISTEN) {
-        Ok(addr) => addr,
-        Err(code) => return code,
-    };
-    ringgate_peers::raise_nofile_limit();
-    let listener = match TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("{NAME}: cannot listen on {addr}: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    ringgate_peers::announce(listener.local_addr().unwrap_or(addr));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // EMFILE and friends: back off instead of spinning; the client sees the refusals.
-                eprintln!("{NAME}: accept: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        tokio::spawn(async move {
-            let connection =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(upgrade_any_path));
-            if let Err(error) = connection.with_upgrades().await {
-                eprintln!("{NAME}: http: {error}");
-            }
-        });
-    }
+    ringgate_peers::run(NAME, DEFAULT_LISTEN, serve).await
 }

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use futures_util::{StreamExt, TryStreamExt, future};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const NAME: &str = "peer-tokio-tungstenite";
 const DEFAULT_LISTEN: &str = "127.0.0.1:9003";
@@ -36,29 +36,5 @@ async fn echo(stream: TcpStream) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let addr = match ringgate_peers::listen_addr(NAME, DEFAULT_LISTEN) {
-        Ok(addr) => addr,
-        Err(code) => return code,
-    };
-    ringgate_peers::raise_nofile_limit();
-    let listener = match TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("{NAME}: cannot listen on {addr}: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    ringgate_peers::announce(listener.local_addr().unwrap_or(addr));
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(echo(stream));
-            }
-            Err(error) => {
-                // EMFILE and friends: back off instead of spinning; the client sees the refusals.
-                eprintln!("{NAME}: accept: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    }
+    ringgate_peers::run(NAME, DEFAULT_LISTEN, echo).await
 }
