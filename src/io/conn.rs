@@ -30,7 +30,7 @@ use tokio_uring::net::TcpStream;
 use tokio_uring::{InFlightOneshot, WriteData, WriteTransform};
 use tracing::debug;
 
-use super::buffers::{Received, recv, with_scratch};
+use super::buffers::{Received, process_after_tail, recv, with_scratch};
 use super::readiness::{self, Readable};
 use super::relay;
 use crate::gateway::http::{self, Endpoints, parse_plain_request};
@@ -464,19 +464,9 @@ impl Connection {
 
     /// Processes freshly read bytes in place, keeping only what is left unconsumed.
     fn on_bytes(&mut self, data: &mut [u8]) {
-        if self.tail.is_empty() {
-            let used = self.process(data);
-            self.tail.extend_from_slice(&data[used..]);
-        } else {
-            let mut joined = std::mem::take(&mut self.tail);
-            joined.extend_from_slice(data);
-            let used = self.process(&mut joined);
-            joined.drain(..used);
-            self.tail = joined;
-        }
-        if self.tail.is_empty() && self.tail.capacity() > 0 {
-            self.tail = Vec::new(); // an idle connection holds no buffer
-        }
+        let mut tail = std::mem::take(&mut self.tail);
+        process_after_tail(&mut tail, data, |buf| self.process(buf));
+        self.tail = tail;
     }
 
     fn process(&mut self, buf: &mut [u8]) -> usize {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
-use super::buffers::{Received, recv, with_scratch};
+use super::buffers::{Received, process_after_tail, recv, with_scratch};
 use super::conn::{WorkerContext, Writing, in_flight};
 use super::readiness::{self, Readable};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
@@ -703,20 +703,9 @@ impl<'s> Relay<'s> {
     }
 
     fn process_bytes(&mut self, side: usize, data: &mut [u8]) {
-        if self.hops[side].tail.is_empty() {
-            let used = self.process(side, data);
-            self.hops[side].tail.extend_from_slice(&data[used..]);
-        } else {
-            let mut joined = std::mem::take(&mut self.hops[side].tail);
-            joined.extend_from_slice(data);
-            let used = self.process(side, &mut joined);
-            joined.drain(..used);
-            self.hops[side].tail = joined;
-        }
-        let tail = &mut self.hops[side].tail;
-        if tail.is_empty() && tail.capacity() > 0 {
-            *tail = Vec::new();
-        }
+        let mut tail = std::mem::take(&mut self.hops[side].tail);
+        process_after_tail(&mut tail, data, |buf| self.process(side, buf));
+        self.hops[side].tail = tail;
     }
 
     fn process(&mut self, side: usize, buf: &mut [u8]) -> usize {
