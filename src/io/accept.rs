@@ -17,6 +17,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::conn::{self, WorkerContext};
+use super::drain::DrainSlot;
 use crate::metrics::add;
 
 /// How long to wait before accepting again after running out of file descriptors or memory.
@@ -27,6 +28,7 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerContext>, max_conns: usize) {
     let mut last_warning: Option<Instant> = None;
     let mut accepting = Box::pin(listener.accept());
+    let drain_slot = DrainSlot::default();
     loop {
         if ctx.draining.get() {
             // Stop accepting: shutting the listener down completes the pending accept.
@@ -35,11 +37,12 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerContext>, max_conn
             if let Ok((stream, _)) = accepting.await {
                 drop(stream); // accepted in the last instant: close it, we are draining
             }
+            ctx.drain.release(&drain_slot);
             return;
         }
         let result = tokio::select! {
             result = &mut accepting => result,
-            () = ctx.drain_started.notified() => continue,
+            () = ctx.drain.wait(&drain_slot) => continue,
         };
         accepting = Box::pin(listener.accept());
         match result {

@@ -24,15 +24,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_uring::net::TcpStream;
-use tokio_uring::{InFlightOneshot, WriteData, WriteTransform};
 use tracing::debug;
 
 use super::buffers::{Received, process_after_tail, recv, with_scratch};
+use super::drain::{DrainSignal, DrainSlot};
 use super::readiness::{self, Readable};
 use super::relay;
+use super::send::{self, Outgoing, Sending, staging_buffer};
 use crate::gateway::http::{self, Endpoints, parse_plain_request};
 use crate::gateway::proxy::{ProxyPool, UpstreamRequest};
 use crate::gateway::pubsub::{Broker, Subscription};
@@ -86,10 +86,9 @@ pub struct WorkerContext {
     pub keepalive_connections: Cell<u64>,
     /// Set when the gateway starts draining; connections check it before every wait.
     pub draining: Cell<bool>,
-    /// Wakes every waiting connection of the worker when draining starts. A per-worker `Notify`
-    /// rather than a channel receiver per connection: connections are suspended in `select!` when
-    /// the worker's drain task runs (one thread), so `notify_waiters` reaches each of them.
-    pub drain_started: Notify,
+    /// Wakes every waiting connection of the worker when draining starts (one per worker rather
+    /// than a channel receiver per connection, which would cost memory on every idle connection).
+    pub drain: DrainSignal,
     /// The proxy routes' upstreams, shared by all workers.
     pub proxies: Arc<ProxyPool>,
     /// Time an upstream gets to accept a connection and to answer the upgrade.
@@ -129,8 +128,6 @@ enum Phase {
     Done,
 }
 
-pub(super) type Writing = InFlightOneshot<WriteData<Bytes>, WriteTransform<Bytes>>;
-
 /// Frames waiting to be written, encoded once into one buffer.
 #[derive(Default)]
 struct Outbound {
@@ -142,6 +139,9 @@ struct Outbound {
 
 impl Outbox for Outbound {
     fn send(&mut self, kind: MessageKind, payload: &[u8]) {
+        if self.staging.capacity() == 0 {
+            self.staging = staging_buffer();
+        }
         write_frame(&mut self.staging, kind.opcode(), payload, None);
         self.messages += 1;
         self.payload_bytes += payload.len() as u64;
@@ -191,6 +191,8 @@ struct Connection {
     ping_sent: bool,
     peer_closed_tcp: bool,
     deadline: Instant,
+    /// Where this connection waits for the worker's drain signal.
+    drain_slot: DrainSlot,
 }
 
 /// Serves one accepted connection to the end. Counts it open until it returns.
@@ -238,12 +240,13 @@ impl Connection {
             ping_sent: false,
             peer_closed_tcp: false,
             deadline,
+            drain_slot: DrainSlot::default(),
         }
     }
 
     async fn run(&mut self) {
         let mut readable: Option<Readable> = None;
-        let mut writing: Option<Writing> = None;
+        let mut writing: Option<Sending> = None;
         let ctx = Rc::clone(&self.ctx);
         let mut drain_seen = false;
         let timer = tokio::time::sleep_until(self.deadline);
@@ -300,7 +303,7 @@ impl Connection {
                     }
                 }
                 () = &mut timer => self.on_timer(),
-                () = ctx.drain_started.notified(), if !drain_seen => {}
+                () = ctx.drain.wait(&self.drain_slot), if !drain_seen => {}
                 () = subscriber_changed(&self.session), if writing.is_none() => {}
             }
         }
@@ -322,6 +325,7 @@ impl Connection {
             let _ = op.await;
         }
         self.session = Session::None;
+        self.ctx.drain.release(&self.drain_slot);
         self.set_keepalive(false);
         self.ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -333,7 +337,7 @@ impl Connection {
 
     /// The next bytes to write: our own frames first, then frames queued by the broker, copied
     /// together up to `COALESCE_LIMIT`; a lone shared frame is written without a copy.
-    fn next_batch(&mut self) -> Option<Bytes> {
+    fn next_batch(&mut self) -> Option<Outgoing> {
         let stats = &self.ctx.stats;
         if self.out.messages > 0 {
             stats.messages_out(RouteLabel::Echo, self.out.messages, self.out.payload_bytes);
@@ -352,13 +356,13 @@ impl Connection {
                 delivered.count(&frame);
                 if lone_large || (batch.is_empty() && !subscriber.has_queued()) {
                     delivered.report(stats);
-                    return Some(frame); // a single frame: written from the shared buffer, no copy
+                    return Some(Outgoing::shared(frame)); // a single frame: written from the shared buffer, no copy
                 }
                 batch.extend_from_slice(&frame);
             }
             delivered.report(stats);
         }
-        (!batch.is_empty()).then(|| Bytes::from(batch))
+        (!batch.is_empty()).then(|| Outgoing::staged(batch))
     }
 
     /// Lets the broker count what this connection holds outside its queue, so that the
@@ -390,24 +394,21 @@ impl Connection {
         self.out.staging.len() + self.in_flight_bytes
     }
 
-    fn submit_bytes(&mut self, bytes: Bytes) -> Writing {
-        self.in_flight_bytes = bytes.len();
-        self.ctx.stats.queue_bytes_add(bytes.len() as u64);
-        self.stream.write(bytes).submit()
+    fn submit_bytes(&mut self, out: Outgoing) -> Sending {
+        self.in_flight_bytes = out.len();
+        self.ctx.stats.queue_bytes_add(out.len() as u64);
+        send::send(self.fd, out)
     }
 
     /// Returns the unwritten rest of a short write, to be written before anything else.
-    fn on_written(&mut self, (result, mut bytes): (io::Result<usize>, Bytes)) -> Option<Bytes> {
+    fn on_written(&mut self, (result, mut out): (io::Result<usize>, Outgoing)) -> Option<Outgoing> {
         self.in_flight_bytes = 0;
-        self.ctx.stats.queue_bytes_sub(bytes.len() as u64);
+        self.ctx.stats.queue_bytes_sub(out.len() as u64);
         match result {
             Ok(written) => {
                 add(&self.ctx.stats.bytes_out, written as u64);
-                if written < bytes.len() {
-                    let _ = bytes.split_to(written);
-                    return Some(bytes);
-                }
-                None
+                out.advance(written);
+                (!out.is_empty()).then_some(out)
             }
             Err(error) => {
                 self.on_io_error(&error);
@@ -857,7 +858,7 @@ mod tests {
                 keepalive_connections: Cell::new(0),
                 open_connections: Arc::default(),
                 draining: Cell::new(false),
-                drain_started: Notify::new(),
+                drain: DrainSignal::default(),
                 proxies: Arc::default(),
                 upstream_timeout: Duration::from_secs(1),
             });

@@ -9,9 +9,11 @@
 mod accept;
 mod buffers;
 mod conn;
+mod drain;
 mod process;
 mod readiness;
 mod relay;
+mod send;
 mod worker;
 
 use std::cell::Cell;
@@ -25,7 +27,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -35,6 +36,7 @@ use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
 use conn::WorkerContext;
+use drain::DrainSignal;
 use worker::WorkerSetup;
 
 /// Why the gateway could not start.
@@ -242,7 +244,7 @@ fn context_builder(
             keepalive_connections: Cell::new(0),
             open_connections: shared.open_connections,
             draining: Cell::new(false),
-            drain_started: Notify::new(),
+            drain: DrainSignal::default(),
             proxies: shared.proxies,
             upstream_timeout,
         }

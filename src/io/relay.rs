@@ -22,15 +22,16 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::time::Instant;
 use tokio_uring::net::TcpStream;
 use tracing::debug;
 
 use super::buffers::{Received, process_after_tail, recv, with_scratch};
-use super::conn::{WorkerContext, Writing, in_flight};
+use super::conn::{WorkerContext, in_flight};
+use super::drain::DrainSlot;
 use super::readiness::{self, Readable};
+use super::send::{self, Outgoing, Sending};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
 use crate::metrics::{HandshakeFailure, UpstreamStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
@@ -412,6 +413,8 @@ struct Relay<'s> {
     /// our Close, so that the answers to the client's earlier messages still reach it first (as
     /// they would without the proxy).
     client_error: Option<(CloseCode, &'static str)>,
+    /// Where the relay waits for the worker's drain signal.
+    drain_slot: DrainSlot,
 }
 
 impl<'s> Relay<'s> {
@@ -430,11 +433,12 @@ impl<'s> Relay<'s> {
             last_activity: Instant::now(),
             ping_sent: false,
             client_error: None,
+            drain_slot: DrainSlot::default(),
         }
     }
 
     async fn run(&mut self) {
-        let mut writing: [Option<Writing>; 2] = [None, None];
+        let mut writing: [Option<Sending>; 2] = [None, None];
         let mut readable: [Option<Readable>; 2] = [None, None];
         let ctx = self.ctx;
         let mut drain_seen = false;
@@ -502,9 +506,10 @@ impl<'s> Relay<'s> {
                     }
                 }
                 () = &mut timer => self.on_timer(),
-                () = ctx.drain_started.notified(), if !drain_seen => {}
+                () = ctx.drain.wait(&self.drain_slot), if !drain_seen => {}
             }
         }
+        ctx.drain.release(&self.drain_slot);
         // Every op has completed (the loop ends only then); make sure both sockets are shut.
         for hop in &self.hops {
             let _ = hop.stream.shutdown(std::net::Shutdown::Both);
@@ -551,14 +556,18 @@ impl<'s> Relay<'s> {
         }
     }
 
-    fn submit(&mut self, side: usize, rest: Option<Bytes>) -> Writing {
+    fn submit(&mut self, side: usize, rest: Option<Outgoing>) -> Sending {
         let hop = &mut self.hops[side];
-        let bytes = rest.unwrap_or_else(|| Bytes::from(std::mem::take(&mut hop.out)));
-        hop.in_flight = bytes.len();
-        hop.stream.write(bytes).submit()
+        let out = rest.unwrap_or_else(|| Outgoing::staged(std::mem::take(&mut hop.out)));
+        hop.in_flight = out.len();
+        send::send(hop.stream.as_raw_fd(), out)
     }
 
-    fn on_written(&mut self, side: usize, (result, mut bytes): (io::Result<usize>, Bytes)) -> Option<Bytes> {
+    fn on_written(
+        &mut self,
+        side: usize,
+        (result, mut out): (io::Result<usize>, Outgoing),
+    ) -> Option<Outgoing> {
         self.hops[side].in_flight = 0;
         match result {
             Ok(written) => {
@@ -568,11 +577,8 @@ impl<'s> Relay<'s> {
                 } else {
                     add(&self.stats.bytes_to_upstream, written as u64);
                 }
-                if written < bytes.len() && self.hops[side].phase != HopPhase::Done {
-                    let _ = bytes.split_to(written);
-                    return Some(bytes);
-                }
-                None
+                out.advance(written);
+                (!out.is_empty() && self.hops[side].phase != HopPhase::Done).then_some(out)
             }
             Err(error) => {
                 self.on_io_error(side, &error);

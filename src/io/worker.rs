@@ -90,7 +90,7 @@ async fn serve(setup: WorkerSetup, done: mpsc::Sender<usize>) {
         // A closed channel means the main thread is gone: drain as well.
         let _ = drain.wait_for(|draining| *draining).await;
         drain_ctx.draining.set(true);
-        drain_ctx.drain_started.notify_waiters();
+        drain_ctx.drain.start();
     });
     let mut accept_loops = Vec::new();
     for listener in setup.listeners {

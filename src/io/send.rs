@@ -1,0 +1,165 @@
+//! Writing to a socket: one io_uring `SEND` from a buffer that the op owns until it completes.
+//!
+//! Why `SEND` rather than tokio-uring's `write`: `IORING_OP_WRITE` on a socket goes through the VFS
+//! write path (kiocb, iov_iter, `sock_write_iter`) before it reaches `tcp_sendmsg`; `SEND` calls
+//! the socket directly. The per-message overhead of the write path is the part of a message's
+//! cost we control (see BENCHMARKS.md). Why pooled staging buffers: an echo writes one small batch
+//! per message, and a fresh allocation for each was measurable; a finished write returns its
+//! buffer to the worker's pool instead of freeing it.
+//!
+//! Must never: let the buffer go while the kernel may still read it (the op owns the `Outgoing`
+//! until its completion arrives; callers keep the op until then), or hold more than
+//! [`POOL_BUFFERS`] buffers of at most [`POOL_BUFFER_CAPACITY`] bytes in the pool.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::RawFd;
+
+use bytes::Bytes;
+use io_uring::{cqueue, opcode, types};
+use tokio_uring::{InFlightOneshot, OneshotOutputTransform, UnsubmittedOneshot};
+
+/// Buffers kept for reuse per worker: enough for every write in flight at a few thousand busy
+/// connections; beyond that, finished buffers are freed.
+pub const POOL_BUFFERS: usize = 1024;
+/// Larger buffers (a big message, a coalesced pub/sub batch) are freed rather than kept, so the
+/// pool stays within `POOL_BUFFERS * POOL_BUFFER_CAPACITY` bytes (4 MiB) per worker.
+pub const POOL_BUFFER_CAPACITY: usize = 4 * 1024;
+/// What a fresh staging buffer reserves: a small frame or two without growing.
+const FRESH_CAPACITY: usize = 512;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer to encode frames into, from the worker's pool when it has one.
+pub fn staging_buffer() -> Vec<u8> {
+    POOL.with_borrow_mut(Vec::pop).unwrap_or_else(|| Vec::with_capacity(FRESH_CAPACITY))
+}
+
+fn recycle(mut buffer: Vec<u8>) {
+    if buffer.capacity() == 0 || buffer.capacity() > POOL_BUFFER_CAPACITY {
+        return;
+    }
+    buffer.clear();
+    POOL.with_borrow_mut(|pool| {
+        if pool.len() < POOL_BUFFERS {
+            pool.push(buffer);
+        }
+    });
+}
+
+/// Bytes on their way to a socket, and how many of them are already written.
+pub struct Outgoing {
+    payload: Payload,
+    written: usize,
+}
+
+enum Payload {
+    /// Frames this connection encoded; the buffer goes back to the pool when done.
+    Staged(Vec<u8>),
+    /// One frame shared with other connections (a pub/sub message encoded once for all).
+    Shared(Bytes),
+}
+
+impl Outgoing {
+    /// Frames encoded into a staging buffer (from [`staging_buffer`] or not).
+    pub fn staged(buffer: Vec<u8>) -> Outgoing {
+        Outgoing { payload: Payload::Staged(buffer), written: 0 }
+    }
+
+    /// A frame shared with other connections, written without a copy.
+    pub fn shared(frame: Bytes) -> Outgoing {
+        Outgoing { payload: Payload::Shared(frame), written: 0 }
+    }
+
+    /// What is still to be written.
+    pub fn remaining(&self) -> &[u8] {
+        let all: &[u8] = match &self.payload {
+            Payload::Staged(buffer) => buffer,
+            Payload::Shared(frame) => frame,
+        };
+        &all[self.written.min(all.len())..]
+    }
+
+    /// How many bytes are still to be written.
+    pub fn len(&self) -> usize {
+        self.remaining().len()
+    }
+
+    /// Whether everything has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks `n` more bytes as written (a short write leaves the rest for the next op).
+    pub fn advance(&mut self, n: usize) {
+        self.written = (self.written + n).min(self.written + self.len());
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let Payload::Staged(buffer) = &mut self.payload {
+            recycle(std::mem::take(buffer));
+        }
+    }
+}
+
+/// A `SEND` in flight; completes with how much was written and the buffer back.
+pub type Sending = InFlightOneshot<Outgoing, SendTransform>;
+
+/// Turns the completion into the byte count (or error) and hands the buffer back.
+pub struct SendTransform;
+
+impl OneshotOutputTransform for SendTransform {
+    type Output = (io::Result<usize>, Outgoing);
+    type StoredData = Outgoing;
+
+    fn transform_oneshot_output(self, out: Outgoing, cqe: cqueue::Entry) -> Self::Output {
+        let result = cqe.result();
+        let result =
+            if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
+        (result, out)
+    }
+}
+
+/// Submits one `SEND` of `out`'s remaining bytes on `fd` (a short write is possible: the caller
+/// advances and sends the rest). The caller keeps `fd` open until the op completes.
+pub fn send(fd: RawFd, out: Outgoing) -> Sending {
+    let bytes = out.remaining();
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    // The pointer stays valid until the completion: the op owns `out`, and moving an `Outgoing`
+    // does not move the heap buffer it points into.
+    let sqe = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build();
+    UnsubmittedOneshot::new(out, SendTransform, sqe).submit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Outgoing, POOL_BUFFER_CAPACITY, staging_buffer};
+    use bytes::Bytes;
+
+    #[test]
+    fn a_short_write_leaves_exactly_the_rest() {
+        let mut out = Outgoing::shared(Bytes::from_static(b"hello world"));
+        out.advance(6);
+        assert_eq!(out.remaining(), b"world");
+        out.advance(5);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn finished_small_buffers_come_back_from_the_pool_empty_and_big_ones_do_not() {
+        let mut small = staging_buffer();
+        small.extend_from_slice(b"frame");
+        let small_ptr = small.as_ptr();
+        drop(Outgoing::staged(small));
+        let again = staging_buffer();
+        assert_eq!(again.as_ptr(), small_ptr, "reused");
+        assert!(again.is_empty());
+
+        drop(Outgoing::staged(Vec::with_capacity(POOL_BUFFER_CAPACITY * 2)));
+        assert!(staging_buffer().capacity() <= POOL_BUFFER_CAPACITY, "a big buffer is not kept");
+    }
+}
