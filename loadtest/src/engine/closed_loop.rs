@@ -13,6 +13,7 @@ use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
+use super::sockops::send_all;
 use super::wire::{FrameReader, await_close, mask_key, put_pong, send_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
@@ -44,7 +45,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
             }
             stats.counters.total_sent += 1;
         }
-        let (result, buf) = stream.write_all(out).await;
+        let (result, buf) = send_all(&stream, out).await;
         out = buf;
         if result.is_err() {
             ctx.stats.borrow_mut().error(ErrorKind::WriteFailed);

@@ -18,9 +18,9 @@ use std::pin::pin;
 
 use ringgate::proto::handshake::{ClientHandshake, ClientHandshakeError, ServerResponse};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
+use super::sockops::{recv_more, send_all};
 use crate::clock;
 use crate::engine::race::{Either, race};
 use crate::engine::wire::READ_BUFFER;
@@ -91,18 +91,16 @@ async fn handshake(stream: &TcpStream, target: &Target) -> Result<Vec<u8>, Strin
     let client = ClientHandshake::new(nonce);
     let mut request = Vec::with_capacity(256);
     client.write_request(&mut request, &target.host, &target.path, &[]);
-    let (result, _) = stream.write_all(request).await;
+    let (result, _) = send_all(stream, request).await;
     result.map_err(|e| io_reason(&e))?;
 
     let mut buf = Vec::with_capacity(READ_BUFFER);
     loop {
-        let len = buf.len();
-        if len == buf.capacity() {
+        if buf.len() == buf.capacity() {
             buf.reserve(READ_BUFFER);
         }
-        let cap = buf.capacity();
-        let (result, slice) = stream.read(buf.slice(len..cap)).await;
-        buf = slice.into_inner();
+        let (result, back) = recv_more(stream, buf).await;
+        buf = back;
         match result {
             Ok(0) => return Err("closed_during_handshake".into()),
             Ok(_) => {}

@@ -11,6 +11,7 @@ use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
+use super::sockops::send_all;
 use super::wire::{FrameReader, await_close, put_pong, send_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
@@ -46,7 +47,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
             return;
         }
         if !out.is_empty() {
-            let (result, buf) = stream.write_all(std::mem::take(&mut out)).await;
+            let (result, buf) = send_all(&stream, std::mem::take(&mut out)).await;
             out = buf;
             out.clear();
             if result.is_err() {

@@ -14,6 +14,7 @@ mod open_loop;
 mod pacer;
 pub mod pubsub;
 mod race;
+mod sockops;
 mod timer;
 mod wire;
 

@@ -22,6 +22,7 @@ use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
+use super::sockops::send_all;
 use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
@@ -86,7 +87,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
                 }
                 let after = on_read(ctx, &mut reader, &schedule, sent, &mut received, &mut control);
                 if !control.is_empty() {
-                    let (_, buf) = stream.write_all(std::mem::take(&mut control)).await;
+                    let (_, buf) = send_all(&stream, std::mem::take(&mut control)).await;
                     control = buf;
                     control.clear();
                 }
@@ -101,7 +102,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
                 // intended time.
                 out.clear();
                 encode_due(ctx, &mut out, &mut payload, &schedule, &mut sent, 0, |_, _| {});
-                let (result, buf) = stream.write_all(std::mem::take(&mut out)).await;
+                let (result, buf) = send_all(&stream, std::mem::take(&mut out)).await;
                 out = buf;
                 if result.is_err() {
                     ctx.stats.borrow_mut().error(ErrorKind::WriteFailed);
@@ -126,7 +127,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
     if clean {
         out.clear();
         put_close(&mut out);
-        let _ = stream.write_all(out).await;
+        let _ = send_all(&stream, out).await;
     } else {
         let _ = stream.shutdown(Shutdown::Both);
     }

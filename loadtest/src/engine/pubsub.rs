@@ -35,6 +35,7 @@ use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
+use super::sockops::send_all;
 use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::cli::{PubSubPlan, SEQ_BITS};
@@ -295,7 +296,7 @@ async fn flush(stream: &TcpStream, control: &mut Vec<u8>) -> bool {
     if control.is_empty() {
         return true;
     }
-    let (result, mut buf) = stream.write_all(std::mem::take(control)).await;
+    let (result, mut buf) = send_all(stream, std::mem::take(control)).await;
     buf.clear();
     *control = buf;
     result.is_ok()
@@ -384,7 +385,7 @@ where
 {
     let mut out = Vec::with_capacity(32);
     put_close(&mut out);
-    let _ = stream.write_all(out).await;
+    let _ = send_all(stream, out).await;
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
     match race(read, pin!(tokio::time::sleep_until(deadline))).await {
         Either::Left((Ok(n), buf)) if n > 0 => {
@@ -462,7 +463,7 @@ pub async fn publish(
                     }
                     me.sent.store(next, SeqCst);
                 });
-                let (result, buf) = stream.write_all(std::mem::take(&mut out)).await;
+                let (result, buf) = send_all(&stream, std::mem::take(&mut out)).await;
                 out = buf;
                 if result.is_err() {
                     ctx.stats.borrow_mut().error(ErrorKind::WriteFailed);

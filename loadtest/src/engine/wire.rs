@@ -15,10 +15,10 @@ use ringgate::proto::close::{CloseCode, write_close_body};
 use ringgate::proto::frame::{OpCode, write_frame};
 use ringgate::proto::message::{Assembler, Event, Limits, Role};
 use tokio::time::Sleep;
-use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
+use super::sockops::{recv_more, send_all};
 
 /// Bytes read at once: many echoes of typical size per read, while 10,000 connections hold only
 /// 40 MB. Larger messages stream through the assembler in pieces.
@@ -88,10 +88,7 @@ impl FrameReader {
 /// Reads into `buf` after its current contents. Owns the buffer (tokio-uring needs it for the
 /// op's lifetime) and hands it back with the result, so the future borrows nothing but the stream.
 pub async fn read_more(stream: &TcpStream, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-    let len = buf.len();
-    let cap = buf.capacity();
-    let (result, slice) = stream.read(buf.slice(len..cap)).await;
-    (result, slice.into_inner())
+    recv_more(stream, buf).await
 }
 
 /// A fresh masking key; RFC 6455 section 5.3 wants it unpredictable per frame.
@@ -115,7 +112,7 @@ pub fn put_close(dst: &mut Vec<u8>) {
 pub async fn send_close(stream: &TcpStream) -> bool {
     let mut out = Vec::with_capacity(32);
     put_close(&mut out);
-    stream.write_all(out).await.0.is_ok()
+    send_all(stream, out).await.0.is_ok()
 }
 
 /// After our Close: reads until the server's Close, the end of the stream, or `deadline`; on the
