@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 usage() {
   cat <<'EOF'
 usage: scripts/compare.sh [--quick] [--rounds N] [--duration SECS] [--cases LIST] [--servers LIST]
-                          [--out DIR] [--no-build] [--write-benchmarks]
+                          [--baseline BIN] [--out DIR] [--no-build] [--write-benchmarks]
 
   --quick             1 round, 3 s measured windows (default: 3 rounds, 10 s)
   --rounds N          rounds per case (servers interleaved within each round)
@@ -36,6 +36,11 @@ usage: scripts/compare.sh [--quick] [--rounds N] [--duration SECS] [--cases LIST
   --cases LIST        comma-separated subset of: closed100x20,closed100x1k,closed1000x20,
                       closed1000x1k,open10k,idle10k (default: all)
   --servers LIST      comma-separated subset of: ringgate,fastwebsockets,tokio-tungstenite
+                      (plus ringgate-baseline with --baseline)
+  --baseline BIN      another ringgate binary (say, built before a change), run as server
+                      "ringgate-baseline" with ringgate's flags and interleaved with the others, so a
+                      change's effect is a ratio from the same rounds; adds it to the servers if
+                      --servers is not given
   --out DIR           where results go (default target/compare)
   --no-build          use the release binaries already in target/release
   --write-benchmarks  also write the results section into BENCHMARKS.md between the markers
@@ -54,6 +59,8 @@ build=1
 write_benchmarks=0
 server_cpu=${SERVER_CPU:-0}
 client_cpu=${CLIENT_CPU:-1}
+baseline=""
+servers_given=0
 invocation="scripts/compare.sh${*:+ $*}"
 
 while [ $# -gt 0 ]; do
@@ -62,7 +69,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=${2:?--rounds needs N}; shift ;;
     --duration) duration=${2:?--duration needs SECS}; shift ;;
     --cases) cases_arg=${2:?--cases needs a list}; shift ;;
-    --servers) servers_arg=${2:?--servers needs a list}; shift ;;
+    --servers) servers_arg=${2:?--servers needs a list}; servers_given=1; shift ;;
+    --baseline) baseline=${2:?--baseline needs a binary}; shift ;;
     --out) out=${2:?--out needs a directory}; shift ;;
     --no-build) build=0 ;;
     --write-benchmarks) write_benchmarks=1 ;;
@@ -73,6 +81,11 @@ while [ $# -gt 0 ]; do
 done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds must be a positive integer" >&2; exit 2; }
 [[ "$duration" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --duration must be whole seconds >= 1" >&2; exit 2; }
+if [ -n "$baseline" ]; then
+  [ -x "$baseline" ] || { echo "compare.sh: --baseline $baseline is not an executable" >&2; exit 2; }
+  baseline=$(realpath "$baseline")
+  [ "$servers_given" = 1 ] || servers_arg="ringgate,ringgate-baseline,fastwebsockets,tokio-tungstenite"
+fi
 IFS=, read -r -a cases <<<"$cases_arg"
 IFS=, read -r -a servers <<<"$servers_arg"
 for c in "${cases[@]}"; do
@@ -81,6 +94,7 @@ for c in "${cases[@]}"; do
 done
 for s in "${servers[@]}"; do
   case "$s" in ringgate|fastwebsockets|tokio-tungstenite) ;;
+    ringgate-baseline) [ -n "$baseline" ] || { echo "compare.sh: ringgate-baseline needs --baseline BIN" >&2; exit 2; } ;;
     *) echo "compare.sh: unknown server '$s'" >&2; exit 2 ;; esac
 done
 for tool in taskset python3 getconf; do
@@ -144,6 +158,7 @@ trap 'exit 143' TERM
 server_command() {
   case "$1" in
     ringgate) echo "$bin/ringgate --listen 127.0.0.1:0 --workers 1" ;;
+    ringgate-baseline) echo "$baseline --listen 127.0.0.1:0 --workers 1" ;;
     fastwebsockets) echo "$bin/peer-fastwebsockets --listen 127.0.0.1:0" ;;
     tokio-tungstenite) echo "$bin/peer-tokio-tungstenite --listen 127.0.0.1:0" ;;
   esac
