@@ -19,22 +19,23 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, types};
 use tokio_uring::{InFlightOneshot, OneshotOutputTransform, UnsubmittedOneshot};
 
-/// Buffers kept for reuse per worker: enough for every write in flight at a few thousand busy
-/// connections; beyond that, finished buffers are freed.
-pub const POOL_BUFFERS: usize = 1024;
+/// Buffers kept for reuse per worker. A cache, not a bound: more writes than this may be in flight
+/// (each with its own buffer), and what comes back beyond it is freed.
+pub const POOL_BUFFERS: usize = 256;
 /// Larger buffers (a big message, a coalesced pub/sub batch) are freed rather than kept, so the
-/// pool stays within `POOL_BUFFERS * POOL_BUFFER_CAPACITY` bytes (4 MiB) per worker.
+/// pool stays within `POOL_BUFFERS * POOL_BUFFER_CAPACITY` bytes (1 MiB) per worker.
 pub const POOL_BUFFER_CAPACITY: usize = 4 * 1024;
-/// What a fresh staging buffer reserves: a small frame or two without growing.
-const FRESH_CAPACITY: usize = 512;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty buffer to encode frames into, from the worker's pool when it has one.
+/// An empty buffer to encode frames into, from the worker's pool when it has one. A fresh one
+/// starts without capacity and grows to what is written into it, so that buffers in flight cost
+/// what their frames need (a buffer is in flight per busy connection: at 1,000 connections, 512
+/// bytes reserved up front showed as +0.2 KiB of RSS per connection).
 pub fn staging_buffer() -> Vec<u8> {
-    POOL.with_borrow_mut(Vec::pop).unwrap_or_else(|| Vec::with_capacity(FRESH_CAPACITY))
+    POOL.with_borrow_mut(Vec::pop).unwrap_or_default()
 }
 
 fn recycle(mut buffer: Vec<u8>) {
@@ -151,7 +152,7 @@ mod tests {
 
     #[test]
     fn finished_small_buffers_come_back_from_the_pool_empty_and_big_ones_do_not() {
-        let mut small = staging_buffer();
+        let mut small = Vec::with_capacity(64);
         small.extend_from_slice(b"frame");
         let small_ptr = small.as_ptr();
         drop(Outgoing::staged(small));
