@@ -37,7 +37,8 @@ usage: scripts/compare.sh [--quick] [--rounds N] [--duration SECS] [--cases LIST
                       closed1000x1k,open10k,idle10k (default: all)
   --servers LIST      comma-separated subset of: ringgate,fastwebsockets,tokio-tungstenite
                       (plus ringgate-baseline with --baseline)
-  --baseline BIN      another ringgate binary (say, built before a change), run as server
+  --baseline BIN      another ringgate binary (say, built before a change; a path relative to the
+                      repository root, or absolute), run as server
                       "ringgate-baseline" with ringgate's flags and interleaved with the others, so a
                       change's effect is a ratio from the same rounds; adds it to the servers if
                       --servers is not given
@@ -83,7 +84,6 @@ done
 [[ "$duration" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --duration must be whole seconds >= 1" >&2; exit 2; }
 if [ -n "$baseline" ]; then
   [ -x "$baseline" ] || { echo "compare.sh: --baseline $baseline is not an executable" >&2; exit 2; }
-  baseline=$(realpath "$baseline")
   [ "$servers_given" = 1 ] || servers_arg="ringgate,ringgate-baseline,fastwebsockets,tokio-tungstenite"
 fi
 IFS=, read -r -a cases <<<"$cases_arg"
@@ -346,7 +346,8 @@ export CMP_TSV="$runs_tsv" CMP_CLK_TCK="$clk_tck" CMP_ROUNDS="$rounds" CMP_DURAT
   CMP_STARTED="$started_at" CMP_NPROC="$(nproc --all)" CMP_MODEL="$model" CMP_MEM_GIB="$mem_gib" \
   CMP_KERNEL="$(uname -sr) ($(uname -m))" CMP_RUSTC="$(rustc --version)" CMP_REV="$rev" \
   CMP_FWS="$(lock_version fastwebsockets)" CMP_TT="$(lock_version tokio-tungstenite)" \
-  CMP_TOKIO="$(lock_version tokio)" CMP_HYPER="$(lock_version hyper)" CMP_LOAD="$(cut -d' ' -f1-3 /proc/loadavg)"
+  CMP_TOKIO="$(lock_version tokio)" CMP_HYPER="$(lock_version hyper)" CMP_LOAD="$(cut -d' ' -f1-3 /proc/loadavg)" \
+  CMP_BASELINE="$baseline"
 cmds_file="$out/commands.txt"
 {
   for name in "${servers[@]}"; do echo "taskset -c $server_cpu $(server_command "$name")"; done
@@ -449,6 +450,9 @@ lines.append(f"Machine: {env['CMP_NPROC']} CPUs, \"{env['CMP_MODEL']}\", {env['C
              f"{env['CMP_KERNEL']}, {env['CMP_RUSTC']}; load average at the end {env['CMP_LOAD']}.")
 lines.append(f"Peers: fastwebsockets {env['CMP_FWS']} (hyper {env['CMP_HYPER']}), tokio-tungstenite "
              f"{env['CMP_TT']}, tokio {env['CMP_TOKIO']} (`benches/peers/`, written as each crate's echo example).")
+if env.get('CMP_BASELINE'):
+    lines.append(f"ringgate-baseline: `{env['CMP_BASELINE']}`, another ringgate binary run with the same flags "
+                 "(before/after ratios of a change come from the same rounds).")
 lines.append("")
 lines.append(f"Each server is started fresh per run and pinned to CPU {env['CMP_SERVER_CPU']}; loadtest (1 thread) "
              f"to CPU {env['CMP_CLIENT_CPU']}. ringgate runs `--workers 1` (one worker per core it is given); "
