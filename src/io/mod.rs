@@ -2,9 +2,11 @@
 //!
 //! [`run`] binds the listeners, starts one worker per core (`worker`), each running a
 //! completion-based accept loop (`accept`) and one task per connection (`conn`) that reads through
-//! readiness polls into the worker's scratch buffer (`readiness`, `buffers`). It then waits for
-//! SIGTERM/SIGINT and drains. Must never: let a setup failure surface as a panic; every start-up
-//! error is a [`StartError`] with a message that names the fix.
+//! readiness polls into the worker's scratch buffer (`readiness`, `buffers`) and writes with io_uring
+//! `SEND` from pooled buffers (`send`); proxied connections go to `relay`, and `drain` tells every
+//! connection of a worker when shutdown begins. It then waits for SIGTERM/SIGINT and drains. Must
+//! never: let a setup failure surface as a panic; every start-up error is a [`StartError`] with a
+//! message that names the fix.
 
 mod accept;
 mod buffers;
