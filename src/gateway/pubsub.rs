@@ -12,6 +12,13 @@
 //! connection closes with 1008) or, with the `drop` policy, misses that message (counted). A slow
 //! subscriber never slows the others: fan-out never waits.
 //!
+//! Hand-offs between workers are bounded in bytes, not in messages: each worker accepts at most
+//! [`HANDOFF_LIMIT_BYTES`] of frames that it has not yet queued on its subscribers (a worker
+//! that falls behind, say one core saturated by other traffic, would otherwise let publishers on
+//! the other workers grow its channel without bound). A frame that does not fit is not handed to
+//! that worker; each of its subscribers there misses it, counted in
+//! `ringgate_pubsub_handoff_drops_total`. Publishers never wait for a slow worker either.
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
@@ -48,10 +55,17 @@ pub struct Delivery {
     pub frame: Bytes,
 }
 
+/// Bytes of frames handed to one worker and not yet queued on its subscribers, at most (a frame
+/// is counted once however many subscribers it is for).
+pub const HANDOFF_LIMIT_BYTES: usize = 64 << 20;
+
 /// The process-wide part of pub/sub: which workers have subscribers on which topic, and a channel
 /// into each worker.
 pub struct Hub {
     workers: Vec<mpsc::UnboundedSender<Delivery>>,
+    /// Per worker: bytes handed over and not yet delivered, bounded by `handoff_limit`.
+    handoff_bytes: Box<[AtomicUsize]>,
+    handoff_limit: usize,
     /// Subscribers per worker, per topic; a topic is here while any worker has a subscriber on it.
     presence: RwLock<HashMap<Arc<str>, Box<[AtomicUsize]>>>,
 }
@@ -60,8 +74,39 @@ impl Hub {
     /// A hub for `workers` workers, and each worker's receiving end (to be drained by
     /// [`Broker::deliver`] on that worker).
     pub fn new(workers: usize) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<Delivery>>) {
+        Hub::with_handoff_limit(workers, HANDOFF_LIMIT_BYTES)
+    }
+
+    /// A hub whose per-worker hand-off bound is `limit` bytes instead of [`HANDOFF_LIMIT_BYTES`].
+    pub fn with_handoff_limit(
+        workers: usize,
+        limit: usize,
+    ) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<Delivery>>) {
         let (senders, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        (Arc::new(Hub { workers: senders, presence: RwLock::default() }), receivers)
+        let handoff_bytes = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+        let hub = Hub { workers: senders, handoff_bytes, handoff_limit: limit, presence: RwLock::default() };
+        (Arc::new(hub), receivers)
+    }
+
+    /// Hands `delivery` to `worker` if its hand-off bound has room for the frame.
+    fn hand_off(&self, worker: usize, delivery: Delivery) -> bool {
+        let len = delivery.frame.len();
+        let pending = &self.handoff_bytes[worker];
+        let reserved = pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bytes| {
+                (bytes + len <= self.handoff_limit).then_some(bytes + len)
+            })
+            .is_ok();
+        if reserved && self.workers[worker].send(delivery).is_err() {
+            pending.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        reserved
+    }
+
+    /// `worker` has queued a handed-over frame of `len` bytes: its room is back.
+    fn handed_over(&self, worker: usize, len: usize) {
+        self.handoff_bytes[worker].fetch_sub(len, Ordering::AcqRel);
     }
 
     /// Topics with at least one subscriber, across all workers.
@@ -293,8 +338,10 @@ impl Broker {
                 let count = count.load(Ordering::Relaxed);
                 if worker != self.worker && count > 0 {
                     let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone() };
-                    if self.hub.workers[worker].send(delivery).is_ok() {
+                    if self.hub.hand_off(worker, delivery) {
                         reached += count;
+                    } else {
+                        add(&self.stats.handoff_drops, count as u64);
                     }
                 }
             }
@@ -305,6 +352,7 @@ impl Broker {
     /// Queues a frame handed over from another worker on this worker's subscribers.
     pub fn deliver(&self, delivery: &Delivery) {
         self.deliver_local(&delivery.topic, &delivery.frame, None);
+        self.hub.handed_over(self.worker, delivery.frame.len());
     }
 
     /// Local subscribers on a topic, for tests and metrics.
@@ -442,6 +490,27 @@ mod tests {
         assert!(receivers[2].try_recv().is_err(), "worker 2 has no subscribers");
         there.deliver(&delivery);
         assert_eq!(_remote.iter().filter(|s| s.subscriber().has_queued()).count(), 5);
+    }
+
+    #[test]
+    fn a_worker_that_falls_behind_gets_at_most_its_handoff_bound_and_drops_are_counted() {
+        let frame_len = 2 + 100; // a 100-byte text message: 2 header bytes
+        let (hub, mut receivers) = Hub::with_handoff_limit(2, 3 * frame_len);
+        let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let remote: Vec<Subscription> = (0..2).map(|_| there.subscribe("t")).collect();
+        let reached: Vec<usize> =
+            (0..5).map(|_| here.publish("t", MessageKind::Text, &[b'x'; 100], None)).collect();
+        assert_eq!(reached, [2, 2, 2, 0, 0], "three frames fit, the next two are not handed over");
+        assert_eq!(here.stats.handoff_drops.load(Ordering::Relaxed), 4, "two frames x two subscribers");
+
+        // Worker 1 catches up: its room comes back.
+        while let Ok(delivery) = receivers[1].try_recv() {
+            there.deliver(&delivery);
+        }
+        assert_eq!(hub.handoff_bytes[1].load(Ordering::Relaxed), 0);
+        assert_eq!(here.publish("t", MessageKind::Text, &[b'x'; 100], None), 2);
+        assert!(remote.iter().all(|s| s.subscriber().has_queued()));
     }
 
     #[test]

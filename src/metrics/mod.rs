@@ -230,6 +230,9 @@ pub struct WorkerStats {
     /// Frames this worker did not queue on a subscriber whose queue was over the bound (the `drop`
     /// slow-consumer policy).
     pub slow_consumer_drops: AtomicU64,
+    /// Frames this worker published that another worker had no hand-off room for (it was
+    /// `HANDOFF_LIMIT_BYTES` behind), once per subscriber there that missed them.
+    pub handoff_drops: AtomicU64,
     handshake_failures: [AtomicU64; HANDSHAKE_FAILURE_KINDS],
     close_codes_sent: [AtomicU64; CLOSE_CODE_SLOTS],
     close_codes_received: [AtomicU64; CLOSE_CODE_SLOTS],

@@ -193,6 +193,13 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
         "Frames not queued on a subscriber whose outbound queue was over the bound.",
     )
     .sample(&[], sum(&|w| &w.slow_consumer_drops));
+    family(
+        out,
+        "ringgate_pubsub_handoff_drops_total",
+        Counter,
+        "Frames not handed to another worker because it was too far behind, one per subscriber there.",
+    )
+    .sample(&[], sum(&|w| &w.handoff_drops));
     per_worker(
         out,
         "ringgate_pubsub_topics",
@@ -455,6 +462,7 @@ mod tests {
             ("ringgate_pubsub_delivered_total", Counter),
             ("ringgate_slow_consumer_closes_total", Counter),
             ("ringgate_slow_consumer_drops_total", Counter),
+            ("ringgate_pubsub_handoff_drops_total", Counter),
             ("ringgate_pubsub_topics", Gauge),
             ("ringgate_pubsub_subscribers", Gauge),
             ("ringgate_outbound_queue_bytes", Gauge),
@@ -520,6 +528,8 @@ mod tests {
         add(&w1.delivered, 10);
         add(&w1.slow_consumer_closes, 1);
         add(&w1.slow_consumer_drops, 4);
+        add(&w0.handoff_drops, 2);
+        add(&w1.handoff_drops, 3);
         w0.topic_opened();
         w1.topic_opened();
         w1.topic_opened();
@@ -618,6 +628,7 @@ mod tests {
         assert_eq!(v("ringgate_pubsub_delivered_total", &[]), 40.0);
         assert_eq!(v("ringgate_slow_consumer_closes_total", &[]), 1.0);
         assert_eq!(v("ringgate_slow_consumer_drops_total", &[]), 4.0);
+        assert_eq!(v("ringgate_pubsub_handoff_drops_total", &[]), 5.0, "summed over workers");
         assert_eq!(v("ringgate_pubsub_topics", &[("worker", "1")]), 2.0);
         assert_eq!(v("ringgate_pubsub_subscribers", &[("worker", "0")]), 0.0);
         assert_eq!(v("ringgate_pubsub_subscribers", &[("worker", "1")]), 1.0);
@@ -651,6 +662,7 @@ mod tests {
             add(&worker.delivered, 1);
             add(&worker.slow_consumer_closes, 1);
             add(&worker.slow_consumer_drops, 1);
+            add(&worker.handoff_drops, 1);
             worker.http_request(HttpEndpoint::Healthz, 503);
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
