@@ -212,6 +212,13 @@ fn round_robin_over_a_ringgate_and_a_tungstenite_upstream() {
     let metrics = scrape(&gateway);
     assert_eq!(metrics.sum_where("ringgate_upstream_connects_total", "route", "/app"), 6.0);
     assert!(metrics.sum_where("ringgate_upstream_bytes_total", "direction", "to_client") > 0.0);
+    // Relayed messages count on the proxy route, both ways, like any other route's.
+    let payload: f64 = (0..6).map(|i| format!("message {i}").len() as f64).sum();
+    assert_eq!(metrics.sum_where("ringgate_messages_received_total", "route", "proxy"), 6.0);
+    assert_eq!(metrics.sum_where("ringgate_messages_sent_total", "route", "proxy"), 6.0);
+    assert_eq!(metrics.sum_where("ringgate_payload_received_bytes_total", "route", "proxy"), payload);
+    assert_eq!(metrics.sum_where("ringgate_payload_sent_bytes_total", "route", "proxy"), payload);
+    assert_eq!(metrics.sum_where("ringgate_messages_received_total", "route", "echo"), 0.0);
 }
 
 #[test]

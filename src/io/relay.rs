@@ -33,7 +33,7 @@ use super::drain::DrainSlot;
 use super::readiness::{self, Readable};
 use super::send::{self, Outgoing, Sending};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
-use crate::metrics::{HandshakeFailure, UpstreamStats, add};
+use crate::metrics::{HandshakeFailure, RouteLabel, UpstreamStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::frame::{OpCode, write_frame};
 use crate::proto::handshake::{
@@ -734,6 +734,8 @@ impl<'s> Relay<'s> {
         let mut close: Option<Option<(CloseCode, [u8; 125], usize)>> = None;
         let mut protocol_error = None;
         let mut relayed = false;
+        // Messages (and payload bytes) of this read, for the proxy route's counters.
+        let (mut messages, mut payload_bytes) = (0u64, 0u64);
         while matches!(me.phase, HopPhase::Open | HopPhase::Closing) && close.is_none() {
             let progress = match me.assembler.feed(&mut buf[at..]) {
                 Ok(progress) => progress,
@@ -752,9 +754,17 @@ impl<'s> Relay<'s> {
             };
             match event {
                 Event::Message { kind, payload } => {
+                    if side == CLIENT {
+                        messages += 1;
+                        payload_bytes += payload.len() as u64;
+                    }
                     if other.takes_messages() {
                         push_frame(&mut other.out, other.role, rng, kind.opcode(), payload);
                         relayed = true;
+                        if side == UPSTREAM {
+                            messages += 1;
+                            payload_bytes += payload.len() as u64;
+                        }
                     }
                 }
                 Event::Ping(payload) => {
@@ -775,6 +785,14 @@ impl<'s> Relay<'s> {
         }
         if relayed && side == UPSTREAM {
             self.last_activity = Instant::now();
+        }
+        if messages > 0 {
+            let stats = &self.ctx.stats;
+            if side == CLIENT {
+                stats.messages_in(RouteLabel::Proxy, messages, payload_bytes);
+            } else {
+                stats.messages_out(RouteLabel::Proxy, messages, payload_bytes);
+            }
         }
         if let Some(error) = protocol_error {
             debug!(side, %error, "relay protocol error");

@@ -123,19 +123,22 @@ pub enum RouteLabel {
     Echo,
     /// A pub/sub topic route.
     PubSub,
+    /// A reverse-proxy route: messages from the client (in) and relayed to it (out).
+    Proxy,
 }
 
-const ROUTES: usize = 2;
+const ROUTES: usize = 3;
 
 impl RouteLabel {
     /// Every route, in table order.
-    pub const ALL: [RouteLabel; ROUTES] = [RouteLabel::Echo, RouteLabel::PubSub];
+    pub const ALL: [RouteLabel; ROUTES] = [RouteLabel::Echo, RouteLabel::PubSub, RouteLabel::Proxy];
 
     /// A stable label: the `route` of the message and payload families.
     pub fn label(self) -> &'static str {
         match self {
             RouteLabel::Echo => "echo",
             RouteLabel::PubSub => "pubsub",
+            RouteLabel::Proxy => "proxy",
         }
     }
 
