@@ -332,6 +332,35 @@ fn a_dead_upstream_is_skipped_and_all_dead_is_502() {
     assert_eq!(http_status(&gateway, "/app").0, 502);
 }
 
+/// Upgrades through the gateway: the socket on a 101, the status of any other answer.
+fn try_upgrade(gateway: &Server, path: &str) -> Result<WebSocket<TcpStream>, u16> {
+    let url = format!("ws://{}{path}", gateway.addr());
+    match tungstenite::client::client(url, gateway.connect()) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(error) => panic!("upgrade through the gateway: {error}"),
+    }
+}
+
+#[test]
+fn an_upstream_that_refuses_the_upgrade_is_skipped_like_a_dead_one() {
+    // A live ringgate at a path it has no route for answers the upgrade with 404: TCP works, the
+    // upgrade does not. The one client sent there gets a 502 and the upstream is marked down, so
+    // the next clients all go to the healthy one. (Were a TCP connect enough to count as healthy,
+    // round-robin would send every other client to the broken one.)
+    let broken = Server::start(&[]);
+    let recorder = Upstream::start(Mode::Echo);
+    let route = format!("/app=ws://{}/no-such-route,{}", broken.addr(), recorder.url());
+    let gateway = Server::start(&["--route", &route]);
+    let results: Vec<Result<(), u16>> = (0..6)
+        .map(|i| try_upgrade(&gateway, "/app").map(|mut ws| echo_once(&mut ws, &format!("message {i}"))))
+        .collect();
+    assert_eq!(results.iter().filter(|r| **r == Err(502)).count(), 1, "{results:?}");
+    assert_eq!(recorder.connections(), 5);
+}
+
 #[test]
 fn an_upstream_that_never_answers_the_upgrade_gives_504_in_time() {
     let silent = Upstream::start(Mode::Silent);

@@ -94,9 +94,13 @@ pub async fn run(client: &TcpStream, ctx: Rc<WorkerContext>, request: Box<Upstre
         Err(error) => Err(UpgradeFailure::Io(error)),
     };
     let (subprotocol, leftover) = match answer {
-        Ok(answer) => answer,
+        Ok(answer) => {
+            route.mark_up(index);
+            answer
+        }
         Err(failure) => {
             debug!(upstream = %url.url, ?failure, "upstream upgrade failed");
+            route.mark_down(index, now_ms());
             let _ = upstream.shutdown(std::net::Shutdown::Both);
             let (status, body) = match failure {
                 UpgradeFailure::TimedOut => (504, "the upstream did not answer the upgrade in time\n"),
@@ -140,8 +144,9 @@ async fn connect_upstream(route: &ProxyRoute, timeout: Duration) -> Result<(usiz
         let upstream = &route.upstreams[index];
         match connect(upstream.url.addr, deadline).await {
             Ok(stream) => {
+                // Healthy only once the upgrade succeeds too (`run`): an upstream whose port is
+                // open but whose application refuses upgrades must stay marked down.
                 add(&upstream.stats.connects, 1);
-                route.mark_up(index);
                 let _ = stream.set_nodelay(true);
                 // Like accepted sockets: io_uring writes wait for room, reads use MSG_DONTWAIT.
                 let _ = stream.set_nonblocking(false);
