@@ -189,12 +189,19 @@ fn scrape(gateway: &Server) -> Exposition {
     common::prom::scrape(&mut conn, "/metrics")
 }
 
-#[test]
-fn round_robin_over_a_ringgate_and_a_tungstenite_upstream() {
+/// A gateway whose `/app` route has two upstreams: a ringgate at `backend_path`, then a recording
+/// echo server. Returns (backend, recorder, gateway), to be kept alive together.
+fn gateway_over_ringgate_and_recorder(backend_path: &str) -> (Server, Upstream, Server) {
     let backend = Server::start(&[]);
     let recorder = Upstream::start(Mode::Echo);
-    let route = format!("/app=ws://{}/echo,{}", backend.addr(), recorder.url());
+    let route = format!("/app=ws://{}{backend_path},{}", backend.addr(), recorder.url());
     let gateway = Server::start(&["--route", &route]);
+    (backend, recorder, gateway)
+}
+
+#[test]
+fn round_robin_over_a_ringgate_and_a_tungstenite_upstream() {
+    let (_backend, recorder, gateway) = gateway_over_ringgate_and_recorder("/echo");
     let mut pattern = Vec::new();
     for i in 0..6 {
         let before = recorder.connections();
@@ -350,10 +357,7 @@ fn an_upstream_that_refuses_the_upgrade_is_skipped_like_a_dead_one() {
     // upgrade does not. The one client sent there gets a 502 and the upstream is marked down, so
     // the next clients all go to the healthy one. (Were a TCP connect enough to count as healthy,
     // round-robin would send every other client to the broken one.)
-    let broken = Server::start(&[]);
-    let recorder = Upstream::start(Mode::Echo);
-    let route = format!("/app=ws://{}/no-such-route,{}", broken.addr(), recorder.url());
-    let gateway = Server::start(&["--route", &route]);
+    let (_broken, recorder, gateway) = gateway_over_ringgate_and_recorder("/no-such-route");
     let results: Vec<Result<(), u16>> = (0..6)
         .map(|i| try_upgrade(&gateway, "/app").map(|mut ws| echo_once(&mut ws, &format!("message {i}"))))
         .collect();
