@@ -475,6 +475,20 @@ lines.append(f"Each server is started fresh per run and pinned to CPU {env['CMP_
              "Errors = loadtest errors + failed connections.")
 lines.append("")
 
+def echo_cells(rs):
+    """The cells every echo table shares, from msgs/s to RSS: medians (and ranges) of the runs."""
+    ok = [r for r in rs if r["report"]]
+    return (
+        f"{rng([r['report']['throughput_msgs_per_sec'] for r in ok], lambda v: f'{v:,.0f}')} "
+        f"| {us(med([r['report']['latency_us']['p50'] for r in ok]))} "
+        f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
+        f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+        f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
+        f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+        f"| {others(rs)} "
+        f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))}")
+
+
 closed = [c for c in order_cases if c.startswith("closed")]
 if closed:
     lines.append("### Closed loop (`--rate 0`)")
@@ -486,18 +500,7 @@ if closed:
             rs = runs(case, server)
             if not rs:
                 continue
-            ok = [r for r in rs if r["report"]]
-            lines.append(
-                f"| {titles[case]} | {server} "
-                f"| {rng([r['report']['throughput_msgs_per_sec'] for r in ok], lambda v: f'{v:,.0f}')} "
-                f"| {us(med([r['report']['latency_us']['p50'] for r in ok]))} "
-                f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
-                f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
-                f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
-                f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
-                f"| {others(rs)} "
-                f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))} "
-                f"| {errors(rs)} |")
+            lines.append(f"| {titles[case]} | {server} | {echo_cells(rs)} | {errors(rs)} |")
     lines.append("")
 
 open_cases = [
@@ -519,15 +522,7 @@ for open_case, heading in open_cases:
         late = med([100 * r["report"]["late_sends"] / max(1, r["report"]["messages_sent"]) for r in ok])
         lag = med([r["report"]["send_lag_us"]["p50"] for r in ok])
         lines.append(
-            f"| {server} "
-            f"| {rng([r['report']['throughput_msgs_per_sec'] for r in ok], lambda v: f'{v:,.0f}')} "
-            f"| {us(med([r['report']['latency_us']['p50'] for r in ok]))} "
-            f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
-            f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
-            f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
-            f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
-            f"| {others(rs)} "
-            f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))} "
+            f"| {server} | {echo_cells(rs)} "
             f"| {'-' if late is None else f'{late:.0f}%'}; {us(lag)} "
             f"| {errors(rs)} |")
     lines.append("")
