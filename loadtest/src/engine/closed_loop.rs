@@ -9,12 +9,11 @@ use std::net::Shutdown;
 use std::pin::pin;
 
 use ringgate::proto::frame::{OpCode, write_frame};
-use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
 use super::sockops::send_all;
-use super::wire::{FrameReader, await_close, mask_key, put_pong, send_close};
+use super::wire::{Drained, FrameReader, await_close, mask_key, send_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
 use crate::payload;
@@ -57,38 +56,29 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
         let mut echoed = false;
         loop {
             let now = clock::now();
-            let mut server_closed = false;
             let drained = {
                 let mut stats = ctx.stats.borrow_mut();
-                reader.drain(|event| {
-                    match event {
-                        Event::Message { payload, .. } => {
-                            if echoed || !payload::verify(payload, size, seq, sent_at) {
-                                stats.error(ErrorKind::EchoMismatch);
-                            } else {
-                                stats.received(clock::ns_to_us(now - sent_at), phases.measured(sent_at));
-                            }
-                            echoed = true;
-                        }
-                        Event::Ping(data) => put_pong(&mut control, data),
-                        Event::Pong(_) => {}
-                        Event::Close(_) => {
-                            server_closed = true;
-                            return false;
-                        }
+                reader.drain_messages(&mut control, |payload| {
+                    if echoed || !payload::verify(payload, size, seq, sent_at) {
+                        stats.error(ErrorKind::EchoMismatch);
+                    } else {
+                        stats.received(clock::ns_to_us(now - sent_at), phases.measured(sent_at));
                     }
-                    true
+                    echoed = true;
                 })
             };
-            if drained.is_err() {
-                ctx.stats.borrow_mut().error(ErrorKind::ProtocolError);
-                let _ = stream.shutdown(Shutdown::Both);
-                return;
-            }
-            if server_closed {
-                ctx.stats.borrow_mut().error(ErrorKind::ServerClosed);
-                let _ = send_close(&stream).await;
-                return;
+            match drained {
+                Drained::Open => {}
+                Drained::Broken => {
+                    ctx.stats.borrow_mut().error(ErrorKind::ProtocolError);
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+                Drained::Closed(_) => {
+                    ctx.stats.borrow_mut().error(ErrorKind::ServerClosed);
+                    let _ = send_close(&stream).await;
+                    return;
+                }
             }
             if echoed {
                 break;

@@ -7,12 +7,11 @@
 use std::net::Shutdown;
 use std::pin::pin;
 
-use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::race::{Either, race};
 use super::sockops::send_all;
-use super::wire::{FrameReader, await_close, put_pong, send_close};
+use super::wire::{Drained, FrameReader, await_close, send_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
 use crate::stats::ErrorKind;
@@ -25,26 +24,17 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader) {
     let close_at = std::cell::Cell::new(None);
     let close_by = || *close_at.get().get_or_insert(tokio::time::Instant::now() + CLOSE_TIMEOUT);
     loop {
-        let mut server_closed = false;
-        let drained = reader.drain(|event| {
-            match event {
-                Event::Ping(data) => put_pong(&mut out, data),
-                Event::Close(_) => {
-                    server_closed = true;
-                    return false;
-                }
-                Event::Message { .. } | Event::Pong(_) => {}
+        match reader.drain_messages(&mut out, |_| {}) {
+            Drained::Open => {}
+            Drained::Broken => {
+                ctx.stats.borrow_mut().error(ErrorKind::ProtocolError);
+                return;
             }
-            true
-        });
-        if drained.is_err() {
-            ctx.stats.borrow_mut().error(ErrorKind::ProtocolError);
-            return;
-        }
-        if server_closed {
-            ctx.stats.borrow_mut().error(ErrorKind::ServerClosed);
-            let _ = send_close(&stream).await;
-            return;
+            Drained::Closed(_) => {
+                ctx.stats.borrow_mut().error(ErrorKind::ServerClosed);
+                let _ = send_close(&stream).await;
+                return;
+            }
         }
         if !out.is_empty() {
             let (result, buf) = send_all(&stream, std::mem::take(&mut out)).await;

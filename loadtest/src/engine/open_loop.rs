@@ -17,13 +17,12 @@
 use std::net::Shutdown;
 use std::pin::pin;
 
-use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
 use super::sockops::send_all;
-use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
+use super::wire::{Drained, FrameReader, await_close, put_close, read_more};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
 use crate::payload;
@@ -158,41 +157,31 @@ fn on_read(
     let size = ctx.plan.size;
     let phases = ctx.phases;
     let now = clock::now();
-    let mut server_closed = false;
     let mut stats = ctx.stats.borrow_mut();
-    let drained = reader.drain(|event| {
-        match event {
-            Event::Message { payload, .. } => {
-                let seq = *received;
-                if seq >= sent {
-                    stats.error(ErrorKind::EchoMismatch);
-                    return true;
-                }
-                *received = seq + 1;
-                let at = schedule.at(seq);
-                if !payload::verify(payload, size, seq, at) {
-                    stats.error(ErrorKind::EchoMismatch);
-                    return true;
-                }
-                stats.received(clock::ns_to_us(now.saturating_sub(at)), phases.measured(at));
-            }
-            Event::Ping(data) => put_pong(control, data),
-            Event::Pong(_) => {}
-            Event::Close(_) => {
-                server_closed = true;
-                return false;
-            }
+    let drained = reader.drain_messages(control, |payload| {
+        let seq = *received;
+        if seq >= sent {
+            stats.error(ErrorKind::EchoMismatch);
+            return;
         }
-        true
+        *received = seq + 1;
+        let at = schedule.at(seq);
+        if !payload::verify(payload, size, seq, at) {
+            stats.error(ErrorKind::EchoMismatch);
+            return;
+        }
+        stats.received(clock::ns_to_us(now.saturating_sub(at)), phases.measured(at));
     });
-    if drained.is_err() {
-        stats.error(ErrorKind::ProtocolError);
-        return AfterRead::Stop;
+    match drained {
+        Drained::Open => AfterRead::Continue,
+        Drained::Broken => {
+            stats.error(ErrorKind::ProtocolError);
+            AfterRead::Stop
+        }
+        Drained::Closed(_) => {
+            stats.error(ErrorKind::ServerClosed);
+            put_close(control);
+            AfterRead::Stop
+        }
     }
-    if server_closed {
-        stats.error(ErrorKind::ServerClosed);
-        put_close(control);
-        return AfterRead::Stop;
-    }
-    AfterRead::Continue
 }

@@ -30,13 +30,12 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use ringgate::proto::message::Event;
 use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
 use super::sockops::send_all;
-use super::wire::{FrameReader, await_close, put_close, put_pong, read_more};
+use super::wire::{Drained, FrameReader, await_close, put_close, read_more};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::cli::{PubSubPlan, SEQ_BITS};
 use crate::clock;
@@ -261,34 +260,24 @@ fn on_read(
     control: &mut Vec<u8>,
 ) -> AfterRead {
     let now = clock::now();
-    let mut close_code = None;
     let mut stats = ctx.stats.borrow_mut();
-    let drained = reader.drain(|event| {
-        match event {
-            Event::Message { payload, .. } => {
-                if let Some(tracker) = tracker.as_deref_mut() {
-                    tracker.on_message(ctx, &mut stats, payload, now);
-                }
-            }
-            Event::Ping(data) => put_pong(control, data),
-            Event::Pong(_) => {}
-            Event::Close(frame) => {
-                close_code = Some(frame.map_or(0, |f| f.code.0));
-                return false;
-            }
+    let drained = reader.drain_messages(control, |payload| {
+        if let Some(tracker) = tracker.as_deref_mut() {
+            tracker.on_message(ctx, &mut stats, payload, now);
         }
-        true
     });
-    if drained.is_err() {
-        stats.error(ErrorKind::ProtocolError);
-        return AfterRead::Broken;
+    match drained {
+        Drained::Open => AfterRead::Continue,
+        Drained::Broken => {
+            stats.error(ErrorKind::ProtocolError);
+            AfterRead::Broken
+        }
+        Drained::Closed(code) => {
+            stats.closed(code);
+            put_close(control);
+            AfterRead::Closed
+        }
     }
-    if let Some(code) = close_code {
-        stats.closed(code);
-        put_close(control);
-        return AfterRead::Closed;
-    }
-    AfterRead::Continue
 }
 
 /// Writes pending control frames (Pongs, our Close). `false` if the write failed.

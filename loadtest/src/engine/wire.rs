@@ -83,6 +83,41 @@ impl FrameReader {
         self.buf.truncate(len - start);
         Ok(())
     }
+
+    /// Hands every complete data message to `on_message`, answers Pings into `control`, ignores
+    /// Pongs and stops at a Close (leaving anything after it unread): the event handling every load
+    /// mode shares.
+    pub fn drain_messages(&mut self, control: &mut Vec<u8>, mut on_message: impl FnMut(&[u8])) -> Drained {
+        let mut close_code = None;
+        let drained = self.drain(|event| {
+            match event {
+                Event::Message { payload, .. } => on_message(payload),
+                Event::Ping(data) => put_pong(control, data),
+                Event::Pong(_) => {}
+                Event::Close(frame) => {
+                    close_code = Some(frame.map_or(0, |f| f.code.0));
+                    return false;
+                }
+            }
+            true
+        });
+        match (drained, close_code) {
+            (Err(_), _) => Drained::Broken,
+            (Ok(()), Some(code)) => Drained::Closed(code),
+            (Ok(()), None) => Drained::Open,
+        }
+    }
+}
+
+/// How [`FrameReader::drain_messages`] left the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Everything complete was handled; more may come.
+    Open,
+    /// The server sent a Close, with this code (0 when it had none).
+    Closed(u16),
+    /// The server broke the protocol.
+    Broken,
 }
 
 /// Reads into `buf` after its current contents. Owns the buffer (tokio-uring needs it for the
@@ -137,5 +172,57 @@ pub async fn await_close(stream: &TcpStream, reader: &mut FrameReader, mut deadl
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ringgate::proto::close::{CloseCode, write_close_body};
+    use ringgate::proto::frame::{OpCode, write_frame};
+
+    use super::{Drained, FrameReader};
+
+    fn server_frames(frames: &[(OpCode, &[u8])]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for (opcode, payload) in frames {
+            write_frame(&mut bytes, *opcode, payload, None);
+        }
+        bytes
+    }
+
+    #[test]
+    fn messages_are_handed_over_pings_answered_and_a_close_stops_the_drain() {
+        let mut close = [0u8; 125];
+        let close_len = write_close_body(&mut close, CloseCode::GOING_AWAY, "bye");
+        let bytes = server_frames(&[
+            (OpCode::Text, b"a"),
+            (OpCode::Ping, b"p"),
+            (OpCode::Pong, b"ignored"),
+            (OpCode::Text, b"b"),
+            (OpCode::Close, &close[..close_len]),
+            (OpCode::Text, b"after the close"),
+        ]);
+        let mut reader = FrameReader::new(bytes, 1 << 20);
+        let mut control = Vec::new();
+        let mut messages = Vec::new();
+        let drained = reader.drain_messages(&mut control, |payload| messages.push(payload.to_vec()));
+        assert_eq!(drained, Drained::Closed(1001));
+        assert_eq!(messages, [b"a".to_vec(), b"b".to_vec()]);
+        // One masked Pong carrying the Ping's payload: 2 header bytes, 4 key bytes, 1 payload byte.
+        assert_eq!(control.len(), 7);
+        assert_eq!(control[0], 0x80 | 0xA);
+        assert_eq!(control[6] ^ control[2], b'p');
+        assert!(!reader.take_buffer().is_empty(), "the frame after the Close stays unread");
+    }
+
+    #[test]
+    fn a_protocol_error_is_broken_and_a_partial_frame_waits() {
+        let mut reader = FrameReader::new(vec![0x81, 0x05, b'h', b'e'], 1 << 20);
+        let mut control = Vec::new();
+        assert_eq!(reader.drain_messages(&mut control, |_| panic!("not complete yet")), Drained::Open);
+        // A reserved opcode (0x3).
+        let mut broken = FrameReader::new(vec![0x83, 0x00], 1 << 20);
+        assert_eq!(broken.drain_messages(&mut control, |_| {}), Drained::Broken);
+        assert!(control.is_empty());
     }
 }
