@@ -3,10 +3,10 @@
 //! Round-robin over the healthy upstreams of a route, with passive health: an upstream that fails
 //! to connect, or connects but does not complete the WebSocket upgrade (any answer but a valid
 //! 101, or none in time), is skipped for a back-off period (5 s, doubling up to 60 s, reset by a
-//! completed upgrade). The
-//! pool is shared by every worker through atomics (one round-robin counter per route, one
-//! down-until time and failure count per upstream), so no lock is taken per connection. Time is an
-//! argument (milliseconds on the caller's monotonic clock), which keeps this testable.
+//! completed upgrade). The pool is shared by every worker through atomics (one round-robin counter
+//! per route, one down-until time and failure count per upstream), so no lock is taken per
+//! connection. Time is an argument (milliseconds on the caller's monotonic clock), which keeps
+//! this testable.
 //!
 //! Must never: do I/O (the io layer connects and reports back), or hand out an upstream that is
 //! marked down while a healthy one exists.

@@ -95,7 +95,7 @@ impl Outgoing {
 
     /// Marks `n` more bytes as written (a short write leaves the rest for the next op).
     pub fn advance(&mut self, n: usize) {
-        self.written = (self.written + n).min(self.written + self.len());
+        self.written += n.min(self.len());
     }
 }
 

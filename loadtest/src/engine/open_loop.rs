@@ -21,8 +21,8 @@ use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
-use super::sockops::send_all;
-use super::wire::{Drained, FrameReader, await_close, put_close, read_more};
+use super::sockops::{recv_more, send_all};
+use super::wire::{Drained, FrameReader, await_close, put_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::clock;
 use crate::payload;
@@ -62,7 +62,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
     if let AfterRead::Stop = on_read(ctx, &mut reader, &schedule, sent, &mut received, &mut control) {
         return;
     }
-    let mut read = pin!(read_more(&stream, reader.take_buffer()));
+    let mut read = pin!(recv_more(&stream, reader.take_buffer()));
     let mut due = pin!(ctx.pacer.sleep_until(schedule.at(0)));
     let mut drain_over = pin!(tokio::time::sleep_until(clock::tokio_instant(phases.drain_end)));
     let mut sending = schedule.at(0) < phases.end;
@@ -94,7 +94,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
                     let _ = stream.shutdown(Shutdown::Both);
                     return;
                 }
-                read.set(read_more(&stream, reader.take_buffer()));
+                read.set(recv_more(&stream, reader.take_buffer()));
             }
             Wake::Due => {
                 // Everything due by now goes out in one write, each message stamped with its own

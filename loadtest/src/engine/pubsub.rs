@@ -34,8 +34,8 @@ use tokio_uring::net::TcpStream;
 
 use super::due::encode_due;
 use super::race::{Either, race};
-use super::sockops::send_all;
-use super::wire::{Drained, FrameReader, await_close, put_close, read_more};
+use super::sockops::{recv_more, send_all};
+use super::wire::{Drained, FrameReader, await_close, put_close};
 use super::{CLOSE_TIMEOUT, ThreadCtx};
 use crate::cli::{PubSubPlan, SEQ_BITS};
 use crate::clock;
@@ -315,7 +315,7 @@ pub async fn subscribe(
         let _ = stream.shutdown(Shutdown::Both);
         clean = false;
     } else {
-        let mut read = pin!(read_more(&stream, reader.take_buffer()));
+        let mut read = pin!(recv_more(&stream, reader.take_buffer()));
         let check_at = Cell::new(phases.end);
         let mut check = pin!(tokio::time::sleep_until(clock::tokio_instant(check_at.get())));
         let finished = loop {
@@ -339,7 +339,7 @@ pub async fn subscribe(
                         let _ = stream.shutdown(Shutdown::Both);
                         break false;
                     }
-                    read.set(read_more(&stream, reader.take_buffer()));
+                    read.set(recv_more(&stream, reader.take_buffer()));
                 }
                 () = &mut check => {
                     let now = clock::now();
@@ -420,7 +420,7 @@ pub async fn publish(
         let _ = stream.shutdown(Shutdown::Both);
         return;
     }
-    let mut read = pin!(read_more(&stream, reader.take_buffer()));
+    let mut read = pin!(recv_more(&stream, reader.take_buffer()));
     let mut due = pin!(ctx.pacer.sleep_until(schedule.at(0)));
     let mut sending = schedule.at(0) < phases.end;
     while sending {
@@ -438,7 +438,7 @@ pub async fn publish(
                     let _ = stream.shutdown(Shutdown::Both);
                     return;
                 }
-                read.set(read_more(&stream, reader.take_buffer()));
+                read.set(recv_more(&stream, reader.take_buffer()));
             }
             () = &mut due => {
                 out.clear();

@@ -53,7 +53,8 @@ impl OneshotOutputTransform for Sent {
 }
 
 /// Receives into `buf` after its current contents, up to its capacity; `Ok(0)` is the end of the
-/// stream (or a full buffer: callers keep room).
+/// stream (or a full buffer: callers keep room). Owns the buffer for the op's lifetime and hands
+/// it back with the result, so the future borrows nothing but the stream.
 pub async fn recv_more(stream: &TcpStream, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
     let spare = buf.spare_capacity_mut();
     let len = u32::try_from(spare.len()).unwrap_or(u32::MAX);

@@ -42,7 +42,7 @@ impl FrameReader {
 
     /// Reads more bytes after the kept tail. `Ok(0)` is end of stream.
     pub async fn fill(&mut self, stream: &TcpStream) -> io::Result<usize> {
-        let (result, buf) = read_more(stream, self.take_buffer()).await;
+        let (result, buf) = recv_more(stream, self.take_buffer()).await;
         self.restore(buf);
         result
     }
@@ -118,12 +118,6 @@ pub enum Drained {
     Closed(u16),
     /// The server broke the protocol.
     Broken,
-}
-
-/// Reads into `buf` after its current contents. Owns the buffer (tokio-uring needs it for the
-/// op's lifetime) and hands it back with the result, so the future borrows nothing but the stream.
-pub async fn read_more(stream: &TcpStream, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-    recv_more(stream, buf).await
 }
 
 /// A fresh masking key; RFC 6455 section 5.3 wants it unpredictable per frame.
