@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    Config, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url,
+    Config, IoChoice, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url,
 };
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
@@ -68,6 +68,7 @@ impl<'de> Deserialize<'de> for Upstream {
 struct ServerSection {
     listen: Option<Vec<SocketAddr>>,
     workers: Option<usize>,
+    io: Option<IoChoice>,
     backlog: Option<u32>,
     max_conns: Option<usize>,
     drain_timeout: Option<Seconds>,
@@ -175,6 +176,7 @@ impl FileConfig {
         }
         take!("listen", server.listen, config.listen);
         take!("workers", server.workers.map(Some), config.workers);
+        take!("io", server.io, config.io);
         take!("backlog", server.backlog, config.backlog);
         take!("max_conns", server.max_conns, config.max_conns);
         take!("drain_timeout", server.drain_timeout.map(|d| d.0), config.drain_timeout);

@@ -46,6 +46,12 @@ pub struct Config {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
+    /// I/O backend: `uring` (io_uring: multishot receives into a provided-buffer ring), `epoll`
+    /// (readiness; for hosts where io_uring is blocked, such as Docker's default seccomp profile),
+    /// or `auto`: io_uring when it works here, else epoll, with one log line saying why.
+    #[arg(long, value_enum, value_name = "BACKEND", default_value = "auto", env = "RINGGATE_IO")]
+    pub io: IoChoice,
+
     /// Listen backlog per worker socket (the kernel caps it at net.core.somaxconn).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub backlog: u32,
@@ -128,6 +134,18 @@ pub struct Config {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+}
+
+/// Which I/O backend runs the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoChoice {
+    /// io_uring when it can be set up here, else epoll.
+    Auto,
+    /// io_uring only: fail to start where it is blocked.
+    Uring,
+    /// epoll only.
+    Epoll,
 }
 
 /// A route's path, or `None` when the operator turned the route off.

@@ -27,10 +27,10 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use bytes::{Bytes, BytesMut};
-use std::task::{Context, Poll, Waker};
+use std::sync::{OnceLock, mpsc};
+use std::task::Waker;
 
-use tokio::sync::mpsc;
+use bytes::{Bytes, BytesMut};
 
 use crate::metrics::{WorkerStats, add};
 use crate::proto::frame::{MAX_HEADER_LEN, write_frame};
@@ -62,7 +62,9 @@ pub const HANDOFF_LIMIT_BYTES: usize = 64 << 20;
 /// The process-wide part of pub/sub: which workers have subscribers on which topic, and a channel
 /// into each worker.
 pub struct Hub {
-    workers: Vec<mpsc::UnboundedSender<Delivery>>,
+    workers: Vec<mpsc::Sender<Delivery>>,
+    /// Per worker: how to wake it when a hand-off is queued (set once its loop runs).
+    wakers: Box<[OnceLock<Waker>]>,
     /// Per worker: bytes handed over and not yet delivered, bounded by `handoff_limit`.
     handoff_bytes: Box<[AtomicUsize]>,
     handoff_limit: usize,
@@ -73,7 +75,7 @@ pub struct Hub {
 impl Hub {
     /// A hub for `workers` workers, and each worker's receiving end (to be drained by
     /// [`Broker::deliver`] on that worker).
-    pub fn new(workers: usize) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<Delivery>>) {
+    pub fn new(workers: usize) -> (Arc<Hub>, Vec<mpsc::Receiver<Delivery>>) {
         Hub::with_handoff_limit(workers, HANDOFF_LIMIT_BYTES)
     }
 
@@ -81,11 +83,18 @@ impl Hub {
     pub fn with_handoff_limit(
         workers: usize,
         limit: usize,
-    ) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<Delivery>>) {
-        let (senders, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+    ) -> (Arc<Hub>, Vec<mpsc::Receiver<Delivery>>) {
+        let (senders, receivers) = (0..workers).map(|_| mpsc::channel()).unzip();
         let handoff_bytes = (0..workers).map(|_| AtomicUsize::new(0)).collect();
-        let hub = Hub { workers: senders, handoff_bytes, handoff_limit: limit, presence: RwLock::default() };
+        let wakers = (0..workers).map(|_| OnceLock::new()).collect();
+        let hub = Hub { workers: senders, wakers, handoff_bytes, handoff_limit: limit, presence: RwLock::default() };
         (Arc::new(hub), receivers)
+    }
+
+    /// Tells the hub how to wake `worker` when something is handed to it (the worker then drains
+    /// its receiver). Set once; a worker without a waker is expected to poll.
+    pub fn set_waker(&self, worker: usize, waker: Waker) {
+        let _ = self.wakers[worker].set(waker);
     }
 
     /// Hands `delivery` to `worker` if its hand-off bound has room for the frame.
@@ -97,11 +106,17 @@ impl Hub {
                 (bytes + len <= self.handoff_limit).then_some(bytes + len)
             })
             .is_ok();
-        if reserved && self.workers[worker].send(delivery).is_err() {
+        if !reserved {
+            return false;
+        }
+        if self.workers[worker].send(delivery).is_err() {
             pending.fetch_sub(len, Ordering::AcqRel);
             return false;
         }
-        reserved
+        if let Some(waker) = self.wakers[worker].get() {
+            waker.wake_by_ref();
+        }
+        true
     }
 
     /// `worker` has queued a handed-over frame of `len` bytes: its room is back.
@@ -163,30 +178,16 @@ pub struct Subscriber {
     /// Bytes the connection has taken from the queue (or queued itself) and not written yet.
     writing_bytes: Cell<usize>,
     slow: Cell<bool>,
-    /// The connection task waiting for frames, woken when one is queued. A bare waker rather than
-    /// a `Notify`: it keeps the connection's future (the bulk of an idle connection's memory) small.
-    waker: RefCell<Option<Waker>>,
+    /// The connection to tell when frames are queued (an opaque token of the io layer's).
+    owner: u64,
+    /// The owner has been told and has not taken the queue since.
+    notified: Cell<bool>,
 }
 
 impl Subscriber {
-    /// Ready when frames are queued or the subscriber was closed for being slow; otherwise
-    /// remembers the task to wake when that changes.
-    pub fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.slow.get() || !self.queue.borrow().is_empty() {
-            return Poll::Ready(());
-        }
-        let mut waker = self.waker.borrow_mut();
-        match waker.as_mut() {
-            Some(known) if known.will_wake(cx.waker()) => {}
-            _ => *waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
-
-    fn wake(&self) {
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
+    /// The owner is taking the queue: frames queued after this tell it again.
+    pub fn clear_notified(&self) {
+        self.notified.set(false);
     }
 
     /// Whether the broker closed this subscriber for not keeping up.
@@ -237,6 +238,9 @@ pub struct Broker {
     max_backpressure: usize,
     echo_to_publisher: bool,
     stats: Arc<WorkerStats>,
+    /// Owners of subscribers that got frames (or were closed as slow) since the io layer last
+    /// looked: each is told once until it takes its queue.
+    ready: RefCell<Vec<u64>>,
 }
 
 /// A connection's membership of a topic; unsubscribes when dropped, so that no path out of a
@@ -291,11 +295,24 @@ impl Broker {
             max_backpressure,
             echo_to_publisher,
             stats,
+            ready: RefCell::default(),
         }
     }
 
-    /// Subscribes a connection to `topic`, creating the topic on its first subscriber.
-    pub fn subscribe(self: &Rc<Self>, topic: &str) -> Subscription {
+    /// Hands over the owners to tell (see [`Subscriber`]'s owner), leaving the list empty.
+    pub fn take_ready(&self, out: &mut Vec<u64>) {
+        out.append(&mut self.ready.borrow_mut());
+    }
+
+    fn notify(&self, subscriber: &Subscriber) {
+        if !subscriber.notified.replace(true) {
+            self.ready.borrow_mut().push(subscriber.owner);
+        }
+    }
+
+    /// Subscribes a connection to `topic`, creating the topic on its first subscriber. `owner` is
+    /// what [`Broker::take_ready`] hands back when frames are queued for it.
+    pub fn subscribe(self: &Rc<Self>, topic: &str, owner: u64) -> Subscription {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         let mut topics = self.topics.borrow_mut();
@@ -314,7 +331,8 @@ impl Broker {
             queued_bytes: Cell::new(0),
             writing_bytes: Cell::new(0),
             slow: Cell::new(false),
-            waker: RefCell::new(None),
+            owner,
+            notified: Cell::new(false),
         });
         subscribers.push(Rc::clone(&subscriber));
         self.stats.subscriber_added();
@@ -381,7 +399,7 @@ impl Broker {
                 }
                 subscriber.queue.borrow_mut().push_back(frame.clone());
                 subscriber.queued_bytes.set(subscriber.queued_bytes.get() + frame.len());
-                subscriber.wake();
+                self.notify(subscriber);
                 delivered += 1;
                 queued_bytes += frame.len() as u64;
             }
@@ -401,7 +419,7 @@ impl Broker {
         subscriber.slow.set(true);
         self.discard_queue(subscriber);
         self.remove_from_topic(subscriber);
-        subscriber.wake();
+        self.notify(subscriber);
         add(&self.stats.slow_consumer_closes, 1);
     }
 
@@ -458,7 +476,7 @@ mod tests {
     fn a_message_is_encoded_once_and_shared_by_every_subscriber() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let subs: Vec<Subscription> = (0..3).map(|_| broker.subscribe("news")).collect();
+        let subs: Vec<Subscription> = (0..3).map(|_| broker.subscribe("news", 0)).collect();
         assert_eq!(broker.publish("news", MessageKind::Text, b"hello", None), 3);
         let frames: Vec<Bytes> = subs.iter().flat_map(|s| drain(s.subscriber())).collect();
         assert_eq!(frames.len(), 3);
@@ -471,8 +489,8 @@ mod tests {
     fn the_publisher_is_excluded_unless_echo_is_on() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let publisher = broker.subscribe("t");
-        let other = broker.subscribe("t");
+        let publisher = broker.subscribe("t", 0);
+        let other = broker.subscribe("t", 0);
         assert_eq!(publisher.publish(MessageKind::Binary, b"x"), 1);
         assert!(!publisher.subscriber().has_queued());
         assert!(other.subscriber().has_queued());
@@ -480,10 +498,10 @@ mod tests {
 
     #[test]
     fn other_workers_get_one_hand_off_per_message() {
-        let (hub, mut receivers) = Hub::new(3);
+        let (hub, receivers) = Hub::new(3);
         let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
         let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let _remote: Vec<Subscription> = (0..5).map(|_| there.subscribe("t")).collect();
+        let _remote: Vec<Subscription> = (0..5).map(|_| there.subscribe("t", 0)).collect();
         assert_eq!(here.publish("t", MessageKind::Text, b"a", None), 5);
         let delivery = receivers[1].try_recv().expect("one hand-off to worker 1");
         assert!(receivers[1].try_recv().is_err(), "never one per subscriber");
@@ -495,10 +513,10 @@ mod tests {
     #[test]
     fn a_worker_that_falls_behind_gets_at_most_its_handoff_bound_and_drops_are_counted() {
         let frame_len = 2 + 100; // a 100-byte text message: 2 header bytes
-        let (hub, mut receivers) = Hub::with_handoff_limit(2, 3 * frame_len);
+        let (hub, receivers) = Hub::with_handoff_limit(2, 3 * frame_len);
         let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
         let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let remote: Vec<Subscription> = (0..2).map(|_| there.subscribe("t")).collect();
+        let remote: Vec<Subscription> = (0..2).map(|_| there.subscribe("t", 0)).collect();
         let reached: Vec<usize> =
             (0..5).map(|_| here.publish("t", MessageKind::Text, &[b'x'; 100], None)).collect();
         assert_eq!(reached, [2, 2, 2, 0, 0], "three frames fit, the next two are not handed over");
@@ -517,8 +535,8 @@ mod tests {
     fn topics_disappear_with_their_last_subscriber() {
         let (hub, _rx) = Hub::new(2);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let a = broker.subscribe("t");
-        let b = broker.subscribe("t");
+        let a = broker.subscribe("t", 0);
+        let b = broker.subscribe("t", 0);
         assert_eq!(hub.topic_count(), 1);
         drop(a);
         assert_eq!(broker.local_subscribers("t"), 1);
@@ -532,8 +550,8 @@ mod tests {
     fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
-        let slow = broker.subscribe("t");
-        let fast = broker.subscribe("t");
+        let slow = broker.subscribe("t", 0);
+        let fast = broker.subscribe("t", 0);
         for i in 0..10u8 {
             broker.publish("t", MessageKind::Binary, &[i; 30], None);
             drain(fast.subscriber()); // the fast one keeps up
@@ -551,7 +569,7 @@ mod tests {
     fn with_the_drop_policy_a_slow_subscriber_misses_messages_but_stays() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Drop, 100);
-        let slow = broker.subscribe("t");
+        let slow = broker.subscribe("t", 0);
         for i in 0..10u8 {
             broker.publish("t", MessageKind::Binary, &[i; 30], None);
         }
@@ -566,7 +584,7 @@ mod tests {
     fn a_drained_queue_gives_back_the_capacity_of_a_burst() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let sub = broker.subscribe("t");
+        let sub = broker.subscribe("t", 0);
         for _ in 0..100 {
             broker.publish("t", MessageKind::Binary, b"x", None);
         }
@@ -579,9 +597,30 @@ mod tests {
     fn bytes_being_written_count_towards_the_bound() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
-        let sub = broker.subscribe("t");
+        let sub = broker.subscribe("t", 0);
         sub.subscriber().set_writing_bytes(90);
         broker.publish("t", MessageKind::Binary, &[0; 20], None);
         assert!(sub.subscriber().is_slow());
+    }
+
+    #[test]
+    fn an_owner_is_told_once_per_batch_of_frames_and_again_after_taking_them() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let sub = broker.subscribe("t", 42);
+        let mut ready = Vec::new();
+        broker.publish("t", MessageKind::Text, b"one", None);
+        broker.publish("t", MessageKind::Text, b"two", None);
+        broker.take_ready(&mut ready);
+        assert_eq!(ready, [42], "told once for two frames");
+        ready.clear();
+        broker.publish("t", MessageKind::Text, b"three", None);
+        broker.take_ready(&mut ready);
+        assert!(ready.is_empty(), "not told again before it took its queue");
+        sub.subscriber().clear_notified();
+        assert_eq!(drain(sub.subscriber()).len(), 3);
+        broker.publish("t", MessageKind::Text, b"four", None);
+        broker.take_ready(&mut ready);
+        assert_eq!(ready, [42]);
     }
 }

@@ -1,21 +1,24 @@
-//! The io_uring layer: the only part of ringgate that touches sockets.
+//! The I/O layer: the only part of ringgate that touches sockets.
 //!
-//! [`run`] binds the listeners, starts one worker per core (`worker`), each running a
-//! completion-based accept loop (`accept`) and one task per connection (`conn`) that reads through
-//! readiness polls into the worker's scratch buffer (`readiness`, `buffers`) and writes with io_uring
-//! `SEND` from pooled buffers (`send`); proxied connections go to `relay`, and `drain` tells every
-//! connection of a worker when shutdown begins. It then waits for SIGTERM/SIGINT and drains. Must
-//! never: let a setup failure surface as a panic; every start-up error is a [`StartError`] with a
-//! message that names the fix.
+//! [`run`] binds the listeners, picks the backend (`driver`, our io_uring driver, or `epoll`, for
+//! hosts where io_uring is blocked; see [`IoChoice`]), starts one worker per core (`worker`), each a
+//! loop over its backend and a slab of connection state machines (`conn`), then waits for
+//! SIGTERM/SIGINT and drains. The state machines know nothing of the backend: both produce the same
+//! completion-shaped events (`backend`).
+//!
+//! Must never: let a setup failure surface as a panic; every start-up error is a [`StartError`]
+//! with a message that names the fix.
 
-mod accept;
+mod backend;
 mod buffers;
 mod conn;
-mod drain;
+mod context;
+pub mod driver;
+mod epoll;
+mod outgoing;
 mod process;
-mod readiness;
-mod relay;
-mod send;
+mod token;
+mod wake;
 mod worker;
 
 use std::cell::Cell;
@@ -24,21 +27,24 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, IoChoice};
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::{Broker, Hub};
 use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
-use conn::WorkerContext;
-use drain::DrainSignal;
+use context::WorkerContext;
+use driver::{Setup, UringBackend};
+use epoll::EpollBackend;
+use wake::WakeFd;
 use worker::WorkerSetup;
 
 /// Why the gateway could not start.
@@ -88,22 +94,86 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The backend the workers run on, decided once at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendKind {
+    Uring(Setup),
+    Epoll,
+}
+
+/// Picks the backend for `choice`. `auto` probes io_uring (a ring with a provided-buffer ring, on a
+/// kernel with multishot receive) and falls back to epoll, saying why in one log line.
+fn choose_backend(choice: IoChoice) -> Result<BackendKind, StartError> {
+    let setup = uring_setup_override();
+    match choice {
+        IoChoice::Epoll => Ok(BackendKind::Epoll),
+        IoChoice::Uring => probe_uring(setup).map(|()| BackendKind::Uring(setup)).map_err(StartError::IoUringUnavailable),
+        IoChoice::Auto => match probe_uring(setup) {
+            Ok(()) => Ok(BackendKind::Uring(setup)),
+            Err(error) => {
+                warn!("io_uring is not usable here, running on epoll: {}", StartError::IoUringUnavailable(error));
+                Ok(BackendKind::Epoll)
+            }
+        },
+    }
+}
+
+/// The best ring flags to try, or fewer when `RINGGATE_URING_SETUP` asks (`defer`, `coop-single`,
+/// `coop`, `plain`): for measuring what each flag is worth, and for working around a kernel bug.
+fn uring_setup_override() -> Setup {
+    match std::env::var("RINGGATE_URING_SETUP").as_deref() {
+        Ok("coop-single") => Setup::CoopTaskrunSingleIssuer,
+        Ok("coop") => Setup::CoopTaskrun,
+        Ok("plain") => Setup::Plain,
+        _ => Setup::DeferTaskrun,
+    }
+}
+
+/// Whether a worker could run on io_uring: the kernel has multishot receive (6.0) and a ring with
+/// a provided-buffer ring can be set up (seccomp, `io_uring_disabled` and RLIMIT_MEMLOCK say no
+/// here, with the error that names them).
+fn probe_uring(setup: Setup) -> io::Result<()> {
+    if let Some((major, minor)) = kernel_version()
+        && (major, minor) < (6, 0)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("kernel {major}.{minor} has no multishot receive (Linux 6.0 or later needed)"),
+        ));
+    }
+    let wake = WakeFd::new()?;
+    UringBackend::new(setup, wake.fd()).map(drop)
+}
+
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Runs the gateway until it is told to stop, then drains. Returns once every connection has closed
 /// or `--drain-timeout` has passed.
 pub fn run(config: &Config) -> Result<(), StartError> {
     check_open_file_limit(config);
     let workers = config.worker_count();
+    let kind = choose_backend(config.io)?;
     let (listeners, bound) = bind_listeners(config, workers)?;
 
     process::block_shutdown_signals().map_err(StartError::Thread)?;
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain = Arc::new(AtomicBool::new(false));
     let open_connections = Arc::new(AtomicUsize::new(0));
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
     let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
+    let mut wakes = Vec::with_capacity(workers);
     for ((index, listeners), deliveries) in listeners.into_iter().enumerate().zip(deliveries) {
+        let wake = WakeFd::new().map_err(StartError::Thread)?;
+        hub.set_waker(index, Waker::from(Arc::clone(&wake)));
+        wakes.push(Arc::clone(&wake));
         let shared = Shared {
             stats: Arc::clone(&stats),
             open_connections: Arc::clone(&open_connections),
@@ -111,9 +181,8 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             proxies: Arc::clone(&proxies),
         };
         let context = context_builder(config, index, shared);
-        let drain = drain_rx.clone();
-        let setup = WorkerSetup { index, listeners, context, max_conns: config.max_conns, drain, deliveries };
-        worker::spawn(setup, ready_tx.clone(), done_tx.clone()).map_err(StartError::Thread)?;
+        let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
+        spawn_worker(kind, setup, ready_tx.clone(), done_tx.clone()).map_err(StartError::Thread)?;
     }
     for _ in 0..workers {
         match ready_rx.recv() {
@@ -126,11 +195,14 @@ pub fn run(config: &Config) -> Result<(), StartError> {
         // On stdout, one line per address, for operators and for scripts that start us on port 0.
         println!("ringgate listening on {addr}");
     }
-    info!(workers, addresses = ?bound, "serving");
+    info!(workers, addresses = ?bound, io = ?kind, "serving");
 
     let signal = process::wait_for_shutdown_signal();
     info!(signal, drain_timeout = ?config.drain_timeout, "draining: closing every connection with 1001");
-    let _ = drain_tx.send(true);
+    drain.store(true, Ordering::Release);
+    for wake in &wakes {
+        wake.wake();
+    }
     // A second signal exits at once.
     std::thread::spawn(|| {
         let signal = process::wait_for_shutdown_signal();
@@ -152,6 +224,47 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     }
     info!("stopped: {}", totals(&stats));
     Ok(())
+}
+
+/// Starts a worker thread on the chosen backend. It reports on `ready` whether its backend could
+/// be set up, then serves until the process exits, reporting on `done` once it has drained.
+fn spawn_worker(
+    kind: BackendKind,
+    setup: WorkerSetup,
+    ready: mpsc::Sender<io::Result<()>>,
+    done: mpsc::Sender<usize>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("ringgate-w{}", setup.index)).spawn(move || match kind {
+        BackendKind::Uring(best) => match UringBackend::new(best, setup.wake.fd()) {
+            Ok(backend) => {
+                let features = backend.features();
+                if setup.index == 0 {
+                    info!(
+                        flags = features.setup.describe(),
+                        receive_pool_bytes = features.pool_bytes,
+                        "io_uring ready (multishot accept and receive, provided-buffer ring)"
+                    );
+                }
+                let _ = ready.send(Ok(()));
+                worker::run(backend, setup, done);
+            }
+            Err(error) => {
+                let _ = ready.send(Err(error));
+            }
+        },
+        BackendKind::Epoll => match EpollBackend::new(setup.wake.fd()) {
+            Ok(backend) => {
+                if setup.index == 0 {
+                    info!("epoll ready");
+                }
+                let _ = ready.send(Ok(()));
+                worker::run(backend, setup, done);
+            }
+            Err(error) => {
+                let _ = ready.send(Err(error));
+            }
+        },
+    })
 }
 
 /// Raises the open-file limit and warns when it, not `--max-conns`, bounds the connection count.
@@ -215,7 +328,7 @@ fn context_builder(
     config: &Config,
     worker: usize,
     shared: Shared,
-) -> Box<dyn FnOnce() -> WorkerContext + Send> {
+) -> Box<dyn FnOnce(&'static str) -> WorkerContext + Send> {
     let limits = Limits { max_message_size: config.max_message_size, max_frame_size: config.frame_limit() };
     let policy = StaticPolicy { allowed_origins: config.allowed_origins.clone(), subprotocols: Vec::new() };
     let max_backpressure = config.max_backpressure;
@@ -227,7 +340,8 @@ fn context_builder(
     let slow_consumer = config.slow_consumer;
     let pubsub_echo = config.pubsub_echo;
     let upstream_timeout = config.upstream_timeout;
-    Box::new(move || {
+    let max_conns = config.max_conns;
+    Box::new(move |io_backend| {
         let stats = Arc::clone(&shared.stats[worker]);
         let broker =
             Broker::new(worker, shared.hub, slow_consumer, max_backpressure, pubsub_echo, Arc::clone(&stats));
@@ -240,13 +354,14 @@ fn context_builder(
             policy,
             router,
             stats,
+            open_connections: shared.open_connections,
+            max_conns,
             broker: Rc::new(broker),
             all_stats: shared.stats,
             start_time_seconds,
+            io_backend,
             keepalive_connections: Cell::new(0),
-            open_connections: shared.open_connections,
             draining: Cell::new(false),
-            drain: DrainSignal::default(),
             proxies: shared.proxies,
             upstream_timeout,
         }

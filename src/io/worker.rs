@@ -1,26 +1,105 @@
-//! One worker: a thread with its own tokio-uring runtime and its own `SO_REUSEPORT` listener per
-//! listen address. The kernel spreads incoming connections over the workers' listeners, so workers
-//! share nothing on the hot path (only relaxed counters).
+//! One worker: a thread with its own backend (io_uring ring or epoll instance), its own
+//! `SO_REUSEPORT` listener per listen address, and a slab of connection state machines. The kernel
+//! spreads incoming connections over the workers' listeners, so workers share nothing on the hot
+//! path (only relaxed counters).
 //!
-//! Must never: panic on a setup failure (the error goes back to the main thread, which exits with a
-//! message), or exit before its connections have drained or the main thread gives up on them.
+//! A loop turn: everything the last turn's events changed is turned into operations (sends,
+//! receives started or stopped, FINs, connects, closes), the backend submits them and waits for
+//! what happens next, each event goes to its connection's machine, then timers, wake-ups and
+//! pub/sub deliveries. One `io_uring_enter` per turn on the io_uring backend.
+//!
+//! A socket is closed only when nothing is in flight on it: a finished connection's socket is shut
+//! down (which completes its receive and any send at once), and closed when the last completion
+//! arrives; only then is its slot freed, so no completion can outlive what it points to.
+//!
+//! Must never: panic on a setup failure (the error goes back to the main thread, which exits with
+//! a message), block outside the backend's wait, or keep a finished connection's slot.
 
 use std::io;
-use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
-use tokio_uring::net::TcpListener;
+use socket2::SockAddr;
+use tracing::{debug, info, warn};
 
-use super::accept::accept_loop;
-use super::conn::WorkerContext;
+use super::backend::{Backend, Event, Received};
+use super::conn::{Cx, Machine};
+use super::context::WorkerContext;
+use super::driver::slab::Slab;
+use super::driver::timer::{self, Clock, Millis, Wheel};
+use super::outgoing::Outgoing;
+use super::token::{Side, Token};
+use super::wake::WakeFd;
 use crate::gateway::pubsub::Delivery;
+use crate::metrics::add;
 
-/// Submission queue size: enough for a burst of accepts and writes per loop turn; completions get
-/// twice as many slots, and the kernel buffers overflow beyond that.
-const RING_ENTRIES: u32 = 4096;
+/// How long to wait before accepting again after running out of file descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The receive is running (until a completion without "more").
+const RECV_ARMED: u8 = 1;
+/// We asked for the receive to stop; its last completion has not come yet.
+const RECV_STOPPING: u8 = 2;
+/// The send in `sending` has been handed to the backend.
+const SEND_SUBMITTED: u8 = 4;
+/// A connect is in flight.
+const CONNECTING: u8 = 8;
+/// The socket has been shut down both ways (its machine is done with it).
+const SHUT: u8 = 16;
+/// The socket is closed (`fd` is stale).
+const CLOSED: u8 = 32;
+/// The kernel ended the receive by itself (an empty buffer ring): starting it again is a re-arm.
+const RECV_ENDED: u8 = 64;
+
+/// The I/O state of one socket of a connection.
+struct SocketIo {
+    fd: RawFd,
+    flags: u8,
+    /// What is being sent (or waits to be handed over after a short write).
+    sending: Option<Outgoing>,
+}
+
+impl SocketIo {
+    fn new(fd: RawFd) -> SocketIo {
+        SocketIo { fd, flags: 0, sending: None }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn busy(&self) -> bool {
+        self.has(RECV_ARMED) || self.has(CONNECTING) || self.sending.as_ref().is_some() && self.has(SEND_SUBMITTED)
+    }
+}
+
+/// A proxied connection's upstream socket, with the address its connect points to.
+struct UpstreamIo {
+    io: SocketIo,
+    addr: SockAddr,
+}
+
+/// One slot of the slab: a connection's machine and its sockets.
+struct Entry {
+    machine: Machine,
+    client: SocketIo,
+    upstream: Option<Box<UpstreamIo>>,
+    /// The deadline the timer wheel holds an entry for.
+    scheduled: Option<Millis>,
+}
+
+impl Entry {
+    fn socket(&mut self, side: Side) -> Option<&mut SocketIo> {
+        match side {
+            Side::Client => Some(&mut self.client),
+            Side::Upstream => self.upstream.as_deref_mut().map(|u| &mut u.io),
+        }
+    }
+}
 
 /// Everything a worker thread needs, built on the main thread (`WorkerContext` itself is `!Send`,
 /// being per-thread, so the thread assembles it).
@@ -28,86 +107,521 @@ pub struct WorkerSetup {
     /// The worker's number, for thread names and logs.
     pub index: usize,
     /// Bound, listening sockets: one per `--listen` address.
-    pub listeners: Vec<std::net::TcpListener>,
+    pub listeners: Vec<TcpListener>,
     /// Builds the worker's context on its own thread.
-    pub context: Box<dyn FnOnce() -> WorkerContext + Send>,
-    /// Connection cap across all workers.
-    pub max_conns: usize,
-    /// Becomes `true` when the gateway starts draining.
-    pub drain: tokio::sync::watch::Receiver<bool>,
+    pub context: Box<dyn FnOnce(&'static str) -> WorkerContext + Send>,
+    /// Becomes `true` when the gateway starts draining (and the worker is woken).
+    pub drain: Arc<AtomicBool>,
     /// Pub/sub messages other workers hand to this one.
-    pub deliveries: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+    pub deliveries: mpsc::Receiver<Delivery>,
+    /// This worker's wake-up descriptor.
+    pub wake: Arc<WakeFd>,
 }
 
-/// Starts the worker thread. It reports on `ready` whether its io_uring could be set up, then serves
-/// until draining ends, then reports on `done`.
-pub fn spawn(
-    setup: WorkerSetup,
-    ready: mpsc::Sender<io::Result<()>>,
-    done: mpsc::Sender<usize>,
-) -> io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new().name(format!("ringgate-w{}", setup.index)).spawn(move || {
-        let runtime = match new_runtime() {
-            Ok(runtime) => runtime,
-            Err(error) => {
-                let _ = ready.send(Err(error));
-                return;
+/// The loop's state apart from the backend (so that the backend can lend buffers to it).
+struct State {
+    index: usize,
+    ctx: WorkerContext,
+    clock: Clock,
+    now: Millis,
+    slab: Slab<Entry>,
+    wheel: Wheel,
+    /// Entries touched this turn, to be turned into operations.
+    dirty: Vec<(u32, u32)>,
+    /// Sockets accepted this turn, to be admitted.
+    accepted: Vec<RawFd>,
+    listeners: Vec<TcpListener>,
+    /// Per listener: when to start accepting again (after an error), if it is stopped.
+    accept_restart: Vec<Option<Millis>>,
+    last_accept_warning: Option<Millis>,
+    woken: bool,
+    drain: Arc<AtomicBool>,
+    drain_seen: bool,
+    done_sent: bool,
+    deliveries: mpsc::Receiver<Delivery>,
+    wake: Arc<WakeFd>,
+    /// Owners the broker queued frames for.
+    ready: Vec<u64>,
+    due: Vec<timer::Entry>,
+    rearms: u64,
+}
+
+/// Runs a worker on `backend` until the process exits. Reports on `done` once it has drained.
+pub fn run<B: Backend>(mut backend: B, setup: WorkerSetup, done: mpsc::Sender<usize>) {
+    let ctx = (setup.context)(backend.name());
+    let listeners = setup.listeners;
+    for (index, listener) in listeners.iter().enumerate() {
+        backend.accept(index, listener.as_raw_fd());
+    }
+    let clock = Clock::default();
+    let mut state = State {
+        index: setup.index,
+        ctx,
+        now: clock.now(),
+        clock,
+        slab: Slab::default(),
+        wheel: Wheel::default(),
+        dirty: Vec::new(),
+        accepted: Vec::new(),
+        accept_restart: vec![None; listeners.len()],
+        listeners,
+        last_accept_warning: None,
+        woken: false,
+        drain: setup.drain,
+        drain_seen: false,
+        done_sent: false,
+        deliveries: setup.deliveries,
+        wake: setup.wake,
+        ready: Vec::new(),
+        due: Vec::new(),
+        rearms: 0,
+    };
+    loop {
+        state.flush(&mut backend);
+        let timeout = state.timeout();
+        let result = backend.wait(timeout, &mut |event| state.on_event(event));
+        if let Err(error) = result {
+            warn!(%error, worker = state.index, "waiting for I/O failed; retrying");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        state.now = state.clock.now();
+        state.admit_accepted(&mut backend);
+        state.restart_accepting(&mut backend);
+        state.on_wake();
+        state.expire_timers();
+        state.collect_ready();
+        state.publish_counters(&backend);
+        if state.drain_seen && !state.done_sent && state.drained() {
+            state.done_sent = true;
+            let _ = done.send(state.index);
+        }
+    }
+}
+
+/// The IP address of the peer of a connected socket (`getpeername(2)`), for `X-Forwarded-For`.
+fn peer_ip(fd: RawFd) -> Option<IpAddr> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is an open socket owned by the connection; ManuallyDrop keeps this temporary
+    // std handle from closing it.
+    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    socket.peer_addr().ok().map(|addr| addr.ip())
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int we own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown(2) on a descriptor we own has no memory-safety requirements.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+impl State {
+    fn cx<'a>(ctx: &'a WorkerContext, now: Millis, owner: Token, peer: &'a dyn Fn() -> Option<IpAddr>) -> Cx<'a> {
+        Cx { ctx, now, owner: owner.0, peer_ip: peer }
+    }
+
+    /// How long the backend may wait: until the next deadline or accept restart.
+    fn timeout(&self) -> Option<Duration> {
+        if !self.dirty.is_empty() || !self.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let timer = self.wheel.next_wake(self.now);
+        let restart = self.accept_restart.iter().flatten().map(|at| self.now.until(*at)).min();
+        match (timer, restart) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_event(&mut self, event: Event<'_>) {
+        match event {
+            Event::Recv { token, received, more } => self.on_recv(token, received, more),
+            Event::Sent { token, result } => self.on_sent(token, result),
+            Event::Connected { token, result } => self.on_connected(token, result),
+            Event::Accepted { listener, result, more } => self.on_accepted(listener, result, more),
+            Event::Woken => self.woken = true,
+        }
+    }
+
+    fn on_recv(&mut self, token: Token, received: Received<'_>, more: bool) {
+        let (slot, generation) = (token.slot(), token.generation());
+        let Some(entry) = self.slab.get_mut(slot, generation) else { return };
+        let side = token.side();
+        let Some(io) = entry.socket(side) else { return };
+        if !more {
+            if !io.has(RECV_STOPPING) && matches!(received, Received::Stopped | Received::Data(_)) {
+                io.flags |= RECV_ENDED;
             }
-        };
-        let _ = ready.send(Ok(()));
-        runtime.block_on(serve(setup, done));
-    })
+            io.flags &= !(RECV_ARMED | RECV_STOPPING);
+        }
+        let fd = entry.client.fd;
+        let peer = move || peer_ip(fd);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        match received {
+            Received::Data(data) => entry.machine.handle_data(side, data, &cx),
+            Received::Eof => entry.machine.handle_eof(side, &cx),
+            Received::Stopped => {}
+            Received::Error(error) => entry.machine.handle_error(side, &error, &cx),
+        }
+        self.dirty.push((slot, generation));
+    }
+
+    fn on_sent(&mut self, token: Token, result: io::Result<usize>) {
+        let (slot, generation) = (token.slot(), token.generation());
+        let Some(entry) = self.slab.get_mut(slot, generation) else { return };
+        let side = token.side();
+        let Some(io) = entry.socket(side) else { return };
+        let Some(out) = io.sending.take() else { return };
+        io.flags &= !SEND_SUBMITTED;
+        let fd = entry.client.fd;
+        let peer = move || peer_ip(fd);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        let rest = entry.machine.handle_sent(side, result, out, &cx);
+        if let Some(io) = entry.socket(side) {
+            io.sending = rest;
+        }
+        self.dirty.push((slot, generation));
+    }
+
+    fn on_connected(&mut self, token: Token, result: io::Result<()>) {
+        let (slot, generation) = (token.slot(), token.generation());
+        let Some(entry) = self.slab.get_mut(slot, generation) else { return };
+        let Some(upstream) = entry.upstream.as_deref_mut() else { return };
+        upstream.io.flags &= !CONNECTING;
+        if result.is_err() {
+            // A failed socket cannot be connected again: it goes, and a retry gets a new one.
+            upstream.io.flags |= SHUT;
+        }
+        let fd = entry.client.fd;
+        let peer = move || peer_ip(fd);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        entry.machine.handle_connected(result, &cx);
+        self.dirty.push((slot, generation));
+    }
+
+    fn on_accepted(&mut self, listener: usize, result: io::Result<RawFd>, more: bool) {
+        match result {
+            Ok(fd) => self.accepted.push(fd),
+            Err(error) => {
+                let exhausted =
+                    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+                if exhausted {
+                    let quiet = self.last_accept_warning.is_some_and(|at| at.until(self.now) < Duration::from_secs(1));
+                    if !quiet {
+                        warn!(%error, "accept failed: out of file descriptors or memory; backing off \
+                               (raise the open-file limit or lower --max-conns)");
+                        self.last_accept_warning = Some(self.now);
+                    }
+                } else if !self.drain_seen {
+                    debug!(%error, "accept failed");
+                }
+            }
+        }
+        if !more && !self.drain_seen && let Some(restart) = self.accept_restart.get_mut(listener) {
+            *restart = Some(self.now.after(ACCEPT_BACKOFF));
+        }
+    }
+
+    fn restart_accepting<B: Backend>(&mut self, backend: &mut B) {
+        for (index, restart) in self.accept_restart.iter_mut().enumerate() {
+            if restart.is_some_and(|at| at.is_at_or_before(self.now)) {
+                *restart = None;
+                if !self.drain_seen {
+                    self.rearms += 1;
+                    backend.accept(index, self.listeners[index].as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// Starts serving the sockets accepted this turn, or refusing them when the gateway is full.
+    fn admit_accepted<B: Backend>(&mut self, backend: &mut B) {
+        for fd in std::mem::take(&mut self.accepted) {
+            let ctx = &self.ctx;
+            if self.drain_seen {
+                backend.close(fd); // accepted in the last instant: we are draining
+                continue;
+            }
+            let open_before = ctx.open_connections.fetch_add(1, Ordering::Relaxed);
+            add(&ctx.stats.connections_accepted, 1);
+            add(&ctx.stats.connections_open, 1);
+            // Echo and request/response traffic want each message on the wire now, not batched.
+            set_nodelay(fd);
+            let peer = || None;
+            let cx = Self::cx(ctx, self.now, Token(0), &peer);
+            let machine = if open_before >= ctx.max_conns {
+                add(&ctx.stats.connections_rejected, 1);
+                Machine::over_capacity(&cx)
+            } else {
+                Machine::accepted(&cx)
+            };
+            let entry = Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None };
+            let (slot, generation) = self.slab.insert(entry);
+            if let Err(error) = backend.attach(fd, Token::new(slot, generation, Side::Client, super::token::Op::Recv)) {
+                warn!(%error, "cannot watch an accepted socket");
+                self.slab.remove(slot, generation);
+                backend.close(fd);
+                self.forget_connection();
+                continue;
+            }
+            self.dirty.push((slot, generation));
+        }
+    }
+
+    fn forget_connection(&self) {
+        self.ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Wake-ups from other threads: drain, and pub/sub hand-offs.
+    fn on_wake(&mut self) {
+        if !std::mem::take(&mut self.woken) {
+            return;
+        }
+        self.wake.clear();
+        if !self.drain_seen && self.drain.load(Ordering::Acquire) {
+            self.start_draining();
+        }
+        while let Ok(delivery) = self.deliveries.try_recv() {
+            self.ctx.broker.deliver(&delivery);
+        }
+    }
+
+    fn start_draining(&mut self) {
+        self.drain_seen = true;
+        self.ctx.draining.set(true);
+        for restart in &mut self.accept_restart {
+            *restart = None;
+        }
+        // Stop accepting: shutting the listeners down ends their pending accepts.
+        for listener in &self.listeners {
+            shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        for (slot, generation) in self.slab.keys() {
+            let Some(entry) = self.slab.get_mut(slot, generation) else { continue };
+            let fd = entry.client.fd;
+            let peer = move || peer_ip(fd);
+            let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+            let cx = Self::cx(&self.ctx, self.now, token, &peer);
+            entry.machine.handle_drain(&cx);
+            self.dirty.push((slot, generation));
+        }
+        info!(worker = self.index, connections = self.slab.len(), "draining");
+    }
+
+    /// Whether every connection that draining waits for has closed (idle keep-alive connections
+    /// are not waited for).
+    fn drained(&self) -> bool {
+        self.ctx.stats.connections_open.load(Ordering::Relaxed) <= self.ctx.keepalive_connections.get()
+    }
+
+    fn expire_timers(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.expire(self.now, &mut due);
+        for fired in due.drain(..) {
+            let (slot, generation) = fired.key;
+            let Some(entry) = self.slab.get_mut(slot, generation) else { continue };
+            if entry.scheduled != Some(fired.at) {
+                continue; // stale: an earlier deadline replaced it
+            }
+            entry.scheduled = None;
+            let fd = entry.client.fd;
+            let peer = move || peer_ip(fd);
+            let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+            let cx = Self::cx(&self.ctx, self.now, token, &peer);
+            if entry.machine.deadline(&cx).is_at_or_before(self.now) {
+                entry.machine.handle_timer(&cx);
+            }
+            // Either way the entry is looked at again: a later deadline gets scheduled.
+            self.dirty.push((slot, generation));
+        }
+        self.due = due;
+    }
+
+    /// Connections the broker queued frames for.
+    fn collect_ready(&mut self) {
+        self.ctx.broker.take_ready(&mut self.ready);
+        for owner in self.ready.drain(..) {
+            let token = Token(owner);
+            self.dirty.push((token.slot(), token.generation()));
+        }
+    }
+
+    fn publish_counters<B: Backend>(&self, backend: &B) {
+        let counters = backend.counters();
+        let io = &self.ctx.stats.io;
+        io.buffer_ring_empty.store(counters.buffer_ring_empty, Ordering::Relaxed);
+        io.cq_overflows.store(counters.cq_overflows, Ordering::Relaxed);
+        io.multishot_rearms.store(counters.multishot_rearms + self.rearms, Ordering::Relaxed);
+        io.events.store(counters.events, Ordering::Relaxed);
+        io.turns.store(counters.turns, Ordering::Relaxed);
+    }
+
+    /// Turns what this turn's events changed into operations.
+    fn flush<B: Backend>(&mut self, backend: &mut B) {
+        while !self.dirty.is_empty() {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for &(slot, generation) in &dirty {
+                self.sync(backend, slot, generation);
+            }
+            dirty.clear();
+            if self.dirty.is_empty() {
+                self.dirty = dirty;
+            }
+            // Publishing in `sync` (a pub/sub message from a connection's early bytes) may have
+            // queued frames for other connections.
+            self.collect_ready();
+        }
+        if self.slab.is_empty() {
+            self.slab.shrink();
+        }
+    }
+
+    /// Brings one connection's sockets in line with what its machine wants.
+    fn sync<B: Backend>(&mut self, backend: &mut B, slot: u32, generation: u32) {
+        let now = self.now;
+        let ctx = &self.ctx;
+        let Some(entry) = self.slab.get_mut(slot, generation) else { return };
+        let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+        let fd = entry.client.fd;
+        let peer = move || peer_ip(fd);
+        let cx = Self::cx(ctx, now, token, &peer);
+        entry.machine.settle(&cx);
+
+        // An upstream to connect: a failed socket goes first, then a fresh one is connected.
+        for _ in 0..3 {
+            if let Some(upstream) = &entry.upstream
+                && upstream.io.has(SHUT)
+                && !upstream.io.busy()
+            {
+                backend.close(upstream.io.fd);
+                entry.upstream = None;
+            }
+            if entry.upstream.is_some() {
+                break;
+            }
+            let Some(addr) = entry.machine.poll_connect(&cx) else { break };
+            let up_token = Token::new(slot, generation, Side::Upstream, super::token::Op::Connect);
+            let socket = backend.upstream_socket(addr).and_then(|socket| {
+                use std::os::fd::IntoRawFd;
+                let fd = socket.into_raw_fd();
+                match backend.attach(fd, up_token) {
+                    Ok(()) => Ok(fd),
+                    Err(error) => {
+                        backend.close(fd);
+                        Err(error)
+                    }
+                }
+            });
+            match socket {
+                Ok(up_fd) => {
+                    let mut upstream = Box::new(UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) });
+                    upstream.io.flags |= CONNECTING;
+                    backend.connect(up_fd, up_token, &upstream.addr);
+                    entry.upstream = Some(upstream);
+                }
+                Err(error) => entry.machine.handle_connected(Err(error), &cx),
+            }
+        }
+
+        for side in Side::BOTH {
+            let done = entry.machine.is_side_done(side);
+            let wants_read = !done && entry.machine.wants_read(side, &cx);
+            let Some(io) = entry.socket(side) else { continue };
+            if io.has(CLOSED) {
+                continue;
+            }
+            let sock_token = Token::new(slot, generation, side, super::token::Op::Recv);
+            // Sends: at most one in flight; a short write's rest goes before anything new.
+            if !done && !io.has(CONNECTING) && !io.has(SHUT) {
+                if let Some(out) = &io.sending {
+                    if !io.has(SEND_SUBMITTED) {
+                        backend.send(io.fd, sock_token, out);
+                        io.flags |= SEND_SUBMITTED;
+                    }
+                } else if let Some(out) = entry.machine.poll_transmit(side, &cx) {
+                    let io = entry.socket(side).expect("the socket exists");
+                    backend.send(io.fd, sock_token, &out);
+                    io.sending = Some(out);
+                    io.flags |= SEND_SUBMITTED;
+                } else if entry.machine.poll_fin(side, &cx) {
+                    let io = entry.socket(side).expect("the socket exists");
+                    shutdown(io.fd, libc::SHUT_WR);
+                }
+            }
+            let done = entry.machine.is_side_done(side);
+            let Some(io) = entry.socket(side) else { continue };
+            // Receives: started when wanted, stopped when not (backpressure, or done).
+            if wants_read && !done && !io.has(RECV_ARMED) && !io.has(CONNECTING) && !io.has(SHUT) {
+                if io.has(RECV_ENDED) {
+                    self.rearms += 1;
+                }
+                io.flags = (io.flags | RECV_ARMED) & !RECV_ENDED;
+                backend.start_recv(io.fd, sock_token);
+            } else if (!wants_read || done) && io.has(RECV_ARMED) && !io.has(RECV_STOPPING) {
+                if backend.stop_recv(io.fd, sock_token) {
+                    io.flags |= RECV_STOPPING;
+                } else {
+                    io.flags &= !RECV_ARMED;
+                }
+            }
+            // Finished with: shut down (completing what is in flight), closed once nothing is.
+            if done {
+                if !io.has(SHUT) {
+                    io.flags |= SHUT;
+                    shutdown(io.fd, libc::SHUT_RDWR);
+                }
+                if !io.busy() {
+                    backend.close(io.fd);
+                    io.flags |= CLOSED;
+                    if let Some(out) = io.sending.take() {
+                        // A rest never handed over: it leaves with the connection.
+                        ctx.stats.queue_bytes_sub(out.len() as u64);
+                    }
+                }
+            }
+        }
+
+        let upstream_closed = entry.upstream.as_ref().is_none_or(|u| u.io.has(CLOSED));
+        if entry.machine.is_done() && entry.client.has(CLOSED) && upstream_closed {
+            entry.machine.finish(&cx);
+            self.slab.remove(slot, generation);
+            self.forget_connection();
+            return;
+        }
+        let deadline = entry.machine.deadline(&cx);
+        if entry.scheduled.is_none_or(|at| !at.is_at_or_before(deadline)) {
+            entry.scheduled = Some(deadline);
+            self.wheel.schedule((slot, generation), deadline);
+        }
+    }
 }
 
-/// A runtime with the ring flags that help a thread-per-core server, falling back to plain flags on
-/// kernels that lack them (COOP_TASKRUN: 5.19, SINGLE_ISSUER: 6.0).
-fn new_runtime() -> io::Result<tokio_uring::Runtime> {
-    let mut tuned = tokio_uring::uring_builder();
-    tuned.setup_coop_taskrun().setup_single_issuer();
-    let with_flags =
-        tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES).uring_builder(&tuned));
-    match with_flags {
-        Ok(runtime) => Ok(runtime),
-        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-            tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))
-        }
-        Err(error) => Err(error),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn serve(setup: WorkerSetup, done: mpsc::Sender<usize>) {
-    let ctx = Rc::new((setup.context)());
-    let mut drain = setup.drain;
-    let drain_ctx = Rc::clone(&ctx);
-    let mut deliveries = setup.deliveries;
-    let broker = Rc::clone(&ctx.broker);
-    tokio_uring::spawn(async move {
-        while let Some(delivery) = deliveries.recv().await {
-            broker.deliver(&delivery);
-        }
-    });
-    tokio_uring::spawn(async move {
-        // A closed channel means the main thread is gone: drain as well.
-        let _ = drain.wait_for(|draining| *draining).await;
-        drain_ctx.draining.set(true);
-        drain_ctx.drain.start();
-    });
-    let mut accept_loops = Vec::new();
-    for listener in setup.listeners {
-        let listener = TcpListener::from_std(listener);
-        accept_loops.push(tokio_uring::spawn(accept_loop(listener, Rc::clone(&ctx), setup.max_conns)));
+    /// The slab holds one `Entry` per connection: with the client machine inside, this is the
+    /// bulk of an idle connection's memory (the budget is 320 bytes in all, allocator and slab
+    /// growth included). Where the bytes go beyond the machine: the client socket's descriptor,
+    /// flags and in-flight send (an `Outgoing`, 40 bytes), the boxed upstream pointer (8 bytes,
+    /// null unless proxied) and the scheduled deadline (8 bytes).
+    #[test]
+    fn an_entry_fits_the_idle_memory_budget() {
+        let size = std::mem::size_of::<Entry>();
+        assert!(size <= 288, "a connection's slab entry grew to {size} bytes");
     }
-    for handle in accept_loops {
-        let _ = handle.await;
-    }
-    // Accepting has stopped (draining); wait for this worker's connections to finish their closing
-    // handshakes (idle HTTP keep-alive connections are not waited for). The main thread stops
-    // waiting at --drain-timeout.
-    while ctx.stats.connections_open.load(Ordering::Relaxed) > ctx.keepalive_connections.get() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let _ = done.send(setup.index);
-    // Keep serving the idle keep-alive connections (their requests are answered `Connection:
-    // close`, /healthz with 503) until every worker is done and the process exits.
-    std::future::pending::<()>().await;
 }

@@ -245,6 +245,23 @@ pub struct WorkerStats {
     topics: AtomicI64,
     subscribers: AtomicI64,
     outbound_queue_bytes: AtomicI64,
+    /// The io backend's own counters, copied in by the worker after each loop turn.
+    pub io: IoCounters,
+}
+
+/// What a worker's io backend reports about itself (see `ringgate_io_*` in `/metrics`).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Receives stopped by an empty provided-buffer ring.
+    pub buffer_ring_empty: AtomicU64,
+    /// Completion queue overflows.
+    pub cq_overflows: AtomicU64,
+    /// Multishot operations started again after the kernel ended them.
+    pub multishot_rearms: AtomicU64,
+    /// Loop turns.
+    pub turns: AtomicU64,
+    /// Events handled.
+    pub events: AtomicU64,
 }
 
 /// Counters of one proxy upstream (one backend of one proxy route), shared by every worker: the

@@ -31,6 +31,9 @@ pub struct ProcessInfo {
     pub draining: bool,
     /// When the process started, in seconds since the Unix epoch: lets queries spot restarts.
     pub start_time_seconds: f64,
+    /// The io backend the workers run on (`uring` or `epoll`): a host where io_uring is blocked
+    /// runs the fallback, and dashboards should say so.
+    pub io_backend: &'static str,
 }
 
 /// The process's resident set size in bytes, from `/proc/self/statm`; `None` where that file is not
@@ -56,7 +59,7 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
     let sum = |pick: &dyn Fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| load(pick(w))).sum::<u64>();
 
     family(out, "ringgate_build_info", Gauge, "Always 1; the version of the running binary is a label.")
-        .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1u64);
+        .sample(&[("version", env!("CARGO_PKG_VERSION")), ("io", process.io_backend)], 1u64);
     family(
         out,
         "ringgate_process_start_time_seconds",
@@ -216,6 +219,42 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
         Gauge,
         "Bytes queued for writing on connections and not yet written.",
         &|w| load_gauge(&w.outbound_queue_bytes).into(),
+    );
+    per_worker(
+        out,
+        "ringgate_io_buffer_ring_empty_total",
+        Counter,
+        "Receives that stopped because the worker's provided-buffer ring was empty (io_uring; \
+         restarted at once, nothing lost). Growing fast means the pool is too small for the load.",
+        &|w| load(&w.io.buffer_ring_empty).into(),
+    );
+    per_worker(
+        out,
+        "ringgate_io_cq_overflows_total",
+        Counter,
+        "Completions the io_uring completion queue had no room for (kept by the kernel and reaped later).",
+        &|w| load(&w.io.cq_overflows).into(),
+    );
+    per_worker(
+        out,
+        "ringgate_io_multishot_rearms_total",
+        Counter,
+        "Multishot receives and accepts started again after the kernel ended them.",
+        &|w| load(&w.io.multishot_rearms).into(),
+    );
+    per_worker(
+        out,
+        "ringgate_io_loop_turns_total",
+        Counter,
+        "Turns of the worker's event loop (one wait for I/O each).",
+        &|w| load(&w.io.turns).into(),
+    );
+    per_worker(
+        out,
+        "ringgate_io_events_total",
+        Counter,
+        "Completions (or readiness events) the worker handled; divided by turns, the batch per turn.",
+        &|w| load(&w.io.events).into(),
     );
 
     let mut http = family(
@@ -425,7 +464,12 @@ mod tests {
     type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
 
     const PROCESS: ProcessInfo =
-        ProcessInfo { rss_bytes: Some(12 << 20), draining: false, start_time_seconds: 1_700_000_000.25 };
+        ProcessInfo {
+        rss_bytes: Some(12 << 20),
+        draining: false,
+        start_time_seconds: 1_700_000_000.25,
+        io_backend: "uring",
+    };
 
     fn render(workers: &[Arc<WorkerStats>], process: &ProcessInfo) -> String {
         let mut out = String::new();
@@ -466,6 +510,11 @@ mod tests {
             ("ringgate_pubsub_topics", Gauge),
             ("ringgate_pubsub_subscribers", Gauge),
             ("ringgate_outbound_queue_bytes", Gauge),
+            ("ringgate_io_buffer_ring_empty_total", Counter),
+            ("ringgate_io_cq_overflows_total", Counter),
+            ("ringgate_io_multishot_rearms_total", Counter),
+            ("ringgate_io_loop_turns_total", Counter),
+            ("ringgate_io_events_total", Counter),
             ("ringgate_http_requests_total", Counter),
         ]
     }
@@ -640,7 +689,7 @@ mod tests {
         assert_eq!(v("ringgate_process_resident_memory_bytes", &[]), f64::from(12 << 20));
         assert_eq!(v("ringgate_process_start_time_seconds", &[]), 1_700_000_000.25);
         assert_eq!(v("ringgate_draining", &[]), 0.0);
-        assert_eq!(v("ringgate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+        assert_eq!(v("ringgate_build_info", &[("version", env!("CARGO_PKG_VERSION")), ("io", "uring")]), 1.0);
     }
 
     #[test]

@@ -1,23 +1,18 @@
-//! Writing to a socket: one io_uring `SEND` from a buffer that the op owns until it completes.
+//! Bytes on their way to a socket: a staged buffer of frames (from a per-worker pool) or one
+//! shared pub/sub frame, plus how much of it is written.
 //!
-//! Why `SEND` rather than tokio-uring's `write`: `IORING_OP_WRITE` on a socket goes through the VFS
-//! write path (kiocb, iov_iter, `sock_write_iter`) before it reaches `tcp_sendmsg`; `SEND` calls
-//! the socket directly. The per-message overhead of the write path is the part of a message's
-//! cost we control (see BENCHMARKS.md). Why pooled staging buffers: an echo writes one small batch
-//! per message, and a fresh allocation for each was measurable; a finished write returns its
-//! buffer to the worker's pool instead of freeing it.
+//! Why pooled staging buffers: an echo writes one small batch per message, and a fresh allocation
+//! for each was measurable; a finished write returns its buffer to the worker's pool instead of
+//! freeing it. Why a shared frame is its own variant: a pub/sub message is encoded once and the
+//! same `Bytes` goes to every subscriber without a copy.
 //!
-//! Must never: let the buffer go while the kernel may still read it (the op owns the `Outgoing`
-//! until its completion arrives; callers keep the op until then), or hold more than
-//! [`POOL_BUFFERS`] buffers of at most [`POOL_BUFFER_CAPACITY`] bytes in the pool.
+//! Must never: let the buffer go while the kernel may still read it (the socket holds the
+//! `Outgoing` until the send's completion arrives), or hold more than [`POOL_BUFFERS`] buffers of
+//! at most [`POOL_BUFFER_CAPACITY`] bytes in the pool.
 
 use std::cell::RefCell;
-use std::io;
-use std::os::fd::RawFd;
 
 use bytes::Bytes;
-use io_uring::{cqueue, opcode, types};
-use tokio_uring::{InFlightOneshot, OneshotOutputTransform, UnsubmittedOneshot};
 
 /// Buffers kept for reuse per worker. A cache, not a bound: more writes than this may be in flight
 /// (each with its own buffer), and what comes back beyond it is freed.
@@ -105,35 +100,6 @@ impl Drop for Outgoing {
             recycle(std::mem::take(buffer));
         }
     }
-}
-
-/// A `SEND` in flight; completes with how much was written and the buffer back.
-pub type Sending = InFlightOneshot<Outgoing, SendTransform>;
-
-/// Turns the completion into the byte count (or error) and hands the buffer back.
-pub struct SendTransform;
-
-impl OneshotOutputTransform for SendTransform {
-    type Output = (io::Result<usize>, Outgoing);
-    type StoredData = Outgoing;
-
-    fn transform_oneshot_output(self, out: Outgoing, cqe: cqueue::Entry) -> Self::Output {
-        let result = cqe.result();
-        let result =
-            if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
-        (result, out)
-    }
-}
-
-/// Submits one `SEND` of `out`'s remaining bytes on `fd` (a short write is possible: the caller
-/// advances and sends the rest). The caller keeps `fd` open until the op completes.
-pub fn send(fd: RawFd, out: Outgoing) -> Sending {
-    let bytes = out.remaining();
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    // The pointer stays valid until the completion: the op owns `out`, and moving an `Outgoing`
-    // does not move the heap buffer it points into.
-    let sqe = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build();
-    UnsubmittedOneshot::new(out, SendTransform, sqe).submit()
 }
 
 #[cfg(test)]

@@ -1,0 +1,107 @@
+//! The interface between a worker's loop and whatever moves its bytes: the io_uring driver
+//! (`driver`) or the epoll fallback (`epoll`).
+//!
+//! The loop asks for operations on sockets named by a [`Token`]; the backend reports their
+//! outcomes as [`Event`]s, completion-shaped whichever backend runs: data that arrived (in a buffer
+//! the backend lends for the duration of the call), a send that finished, a connect that finished.
+//! The epoll backend performs a send or connect at once and queues its outcome as an event for
+//! the next wait, so the loop and the connection state machines are the same code on both.
+//!
+//! Must never: deliver an event for an operation that was not asked for, or lose the bytes of a
+//! receive that ended early (a receive that stops, for an empty buffer ring or a cancellation, is
+//! reported as [`Received::Stopped`] and the data stays in the socket for the next one).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use super::outgoing::Outgoing;
+use super::token::Token;
+
+/// What a receive produced.
+pub enum Received<'a> {
+    /// Bytes, in a buffer the backend lends until the handler returns: processed in place
+    /// (handshake parsing, unmasking), anything unfinished copied out.
+    Data(&'a mut [u8]),
+    /// The peer closed its side (or reset the connection).
+    Eof,
+    /// The receive ended without data or error: the buffer ring was empty, or it was cancelled.
+    /// Nothing is lost; the loop starts another if it still wants to read.
+    Stopped,
+    /// The socket failed.
+    Error(io::Error),
+}
+
+/// One outcome reported by a backend.
+pub enum Event<'a> {
+    /// A receive on the socket named by `token` produced something. `more` is false when the
+    /// receive has ended and must be started again to read further.
+    Recv { token: Token, received: Received<'a>, more: bool },
+    /// A send finished: bytes written (possibly fewer than asked, or 0: try again) or the error.
+    Sent { token: Token, result: io::Result<usize> },
+    /// A connect finished.
+    Connected { token: Token, result: io::Result<()> },
+    /// Listener `listener` accepted a socket (or failed to). `more` is false when accepting has
+    /// ended and must be started again.
+    Accepted { listener: usize, result: io::Result<RawFd>, more: bool },
+    /// Another thread woke the worker (pub/sub hand-offs, drain).
+    Woken,
+}
+
+/// Counters a backend keeps about itself, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendCounters {
+    /// Receives that ended because the provided-buffer ring was empty (io_uring only).
+    pub buffer_ring_empty: u64,
+    /// Times the completion queue overflowed (io_uring only; the kernel kept the completions).
+    pub cq_overflows: u64,
+    /// Multishot operations started again after the kernel ended them.
+    pub multishot_rearms: u64,
+    /// Events handled, and loop turns that handled them, for events per turn.
+    pub events: u64,
+    /// Waits for events (loop turns).
+    pub turns: u64,
+}
+
+/// What a worker's loop needs from an io backend. Each method only queues or performs the
+/// operation; outcomes come back through [`Backend::wait`].
+pub trait Backend {
+    /// The name `/metrics` and the log give this backend.
+    fn name(&self) -> &'static str;
+
+    /// Takes a freshly accepted or connected socket under the backend's care (the epoll backend
+    /// registers it; io_uring needs nothing).
+    fn attach(&mut self, fd: RawFd, token: Token) -> io::Result<()>;
+
+    /// Starts accepting on listener number `index`.
+    fn accept(&mut self, index: usize, listener: RawFd);
+
+    /// Starts (or restarts) receiving on `fd`; results come as `Event::Recv` for `token`.
+    fn start_recv(&mut self, fd: RawFd, token: Token);
+
+    /// Stops receiving on `fd`. Returns whether a final `Event::Recv` with `more: false` will
+    /// still come (io_uring: the cancelled receive completes; epoll: nothing is in flight).
+    fn stop_recv(&mut self, fd: RawFd, token: Token) -> bool;
+
+    /// Sends what `out` holds. `out` must stay where it is, untouched, until the `Event::Sent`
+    /// for `token` arrives.
+    fn send(&mut self, fd: RawFd, token: Token, out: &Outgoing);
+
+    /// Connects `fd` to `addr`; `addr` must stay where it is until `Event::Connected` arrives.
+    fn connect(&mut self, fd: RawFd, token: Token, addr: &socket2::SockAddr);
+
+    /// Closes a socket that has nothing in flight.
+    fn close(&mut self, fd: RawFd);
+
+    /// Makes a socket for an upstream connection to `addr`, set up the way this backend drives
+    /// sockets (blocking for io_uring, non-blocking for epoll).
+    fn upstream_socket(&self, addr: SocketAddr) -> io::Result<socket2::Socket>;
+
+    /// Submits what is queued, waits until something happens or `timeout` passes (`None`: no
+    /// limit; zero: do not wait), and hands every event to `handle`.
+    fn wait(&mut self, timeout: Option<Duration>, handle: &mut dyn FnMut(Event<'_>)) -> io::Result<()>;
+
+    /// The backend's own counters so far.
+    fn counters(&self) -> BackendCounters;
+}

@@ -1,0 +1,203 @@
+//! Connections as state machines: what a socket's bytes mean, and what to send back, with no I/O.
+//!
+//! A worker keeps one [`Machine`] per connection in its slab and drives it with the quinn-proto
+//! taxonomy: `handle_*` methods take what happened (bytes received, a send finished, a timer, a
+//! drain), `poll_*` and `wants_*` methods say what the machine wants done next (bytes to send,
+//! input wanted or not, a FIN, an upstream to connect). The worker's loop asks them after every
+//! turn and turns the answers into backend operations; neither this module nor anything it calls
+//! knows whether io_uring or epoll runs it.
+//!
+//! A machine is a [`Client`] (the upgrade request, plain HTTP, echo and pub/sub sessions) until a
+//! request routes to a proxy, when it becomes a [`Relay`] (boxed: only proxied connections pay for
+//! the second socket's state).
+//!
+//! Must never: block, perform I/O, or keep a pointer to the worker (the context is lent per call).
+
+mod client;
+mod relay;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+pub use client::Client;
+pub use relay::Relay;
+
+use super::context::WorkerContext;
+use super::driver::timer::Millis;
+use super::outgoing::Outgoing;
+use super::token::Side;
+
+/// How long we wait for the peer's Close after sending ours.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long we keep reading after our FIN, so the peer reads our last bytes before the socket goes.
+pub const LINGER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a machine is lent for one call.
+pub struct Cx<'a> {
+    /// The worker's shared state.
+    pub ctx: &'a WorkerContext,
+    /// The worker's clock at the start of this loop turn.
+    pub now: Millis,
+    /// The connection's own token (what pub/sub wake-ups name).
+    pub owner: u64,
+    /// The client's address, looked up only when a proxy needs it (`X-Forwarded-For`).
+    pub peer_ip: &'a dyn Fn() -> Option<IpAddr>,
+}
+
+/// One connection's state machine.
+pub enum Machine {
+    /// The client socket only.
+    Client(Client),
+    /// A proxied client and its upstream.
+    Relay(Box<Relay>),
+}
+
+impl Machine {
+    /// A freshly accepted connection, waiting for its request.
+    pub fn accepted(cx: &Cx<'_>) -> Machine {
+        Machine::Client(Client::new(cx))
+    }
+
+    /// A connection over `--max-conns`: answered 503 without reading its request.
+    pub fn over_capacity(cx: &Cx<'_>) -> Machine {
+        Machine::Client(Client::over_capacity(cx))
+    }
+
+    /// Bytes arrived on `side`, in a buffer the backend lends: processed in place.
+    pub fn handle_data(&mut self, side: Side, data: &mut [u8], cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) if side == Side::Client => client.handle_data(data, cx),
+            Machine::Client(client) => client.handle_stray(side),
+            Machine::Relay(relay) => relay.handle_data(side, data, cx),
+        }
+    }
+
+    /// The peer of `side` closed its sending side.
+    pub fn handle_eof(&mut self, side: Side, cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) if side == Side::Client => client.handle_eof(cx),
+            Machine::Client(client) => client.handle_stray(side),
+            Machine::Relay(relay) => relay.handle_eof(side, cx),
+        }
+    }
+
+    /// The socket of `side` failed.
+    pub fn handle_error(&mut self, side: Side, error: &io::Error, cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) if side == Side::Client => client.handle_error(error, cx),
+            Machine::Client(client) => client.handle_stray(side),
+            Machine::Relay(relay) => relay.handle_error(side, error, cx),
+        }
+    }
+
+    /// A send on `side` finished; `out` is what was being sent. Returns what is left of it to send
+    /// before anything else (a short write).
+    pub fn handle_sent(
+        &mut self,
+        side: Side,
+        result: io::Result<usize>,
+        out: Outgoing,
+        cx: &Cx<'_>,
+    ) -> Option<Outgoing> {
+        match self {
+            Machine::Client(client) => client.handle_sent(result, out, cx),
+            Machine::Relay(relay) => relay.handle_sent(side, result, out, cx),
+        }
+    }
+
+    /// The upstream connect finished.
+    pub fn handle_connected(&mut self, result: io::Result<()>, cx: &Cx<'_>) {
+        if let Machine::Relay(relay) = self {
+            relay.handle_connected(result, cx);
+        }
+    }
+
+    /// The machine's deadline passed.
+    pub fn handle_timer(&mut self, cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) => client.handle_timer(cx),
+            Machine::Relay(relay) => relay.handle_timer(cx),
+        }
+    }
+
+    /// The gateway started draining.
+    pub fn handle_drain(&mut self, cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) => client.handle_drain(cx),
+            Machine::Relay(relay) => relay.handle_drain(cx),
+        }
+    }
+
+    /// Moves on to the next shape when the current one is finished with: a client whose request
+    /// routed to a proxy becomes a relay. Called by the worker between events.
+    pub fn settle(&mut self, cx: &Cx<'_>) {
+        if let Machine::Client(client) = self
+            && let Some(handoff) = client.take_handoff()
+        {
+            *self = Machine::Relay(Box::new(Relay::new(handoff, cx)));
+        }
+    }
+
+    /// Whether the machine wants input on `side` now.
+    pub fn wants_read(&self, side: Side, cx: &Cx<'_>) -> bool {
+        match self {
+            Machine::Client(client) => side == Side::Client && client.wants_read(cx),
+            Machine::Relay(relay) => relay.wants_read(side, cx),
+        }
+    }
+
+    /// The next bytes to send on `side`, when nothing is being sent there.
+    pub fn poll_transmit(&mut self, side: Side, cx: &Cx<'_>) -> Option<Outgoing> {
+        match self {
+            Machine::Client(client) => (side == Side::Client).then(|| client.poll_transmit(cx)).flatten(),
+            Machine::Relay(relay) => relay.poll_transmit(side, cx),
+        }
+    }
+
+    /// Nothing is being sent on `side` and nothing is left to send: returns whether to send FIN
+    /// now (the machine moves on to lingering, or to done).
+    pub fn poll_fin(&mut self, side: Side, cx: &Cx<'_>) -> bool {
+        match self {
+            Machine::Client(client) => side == Side::Client && client.poll_fin(cx),
+            Machine::Relay(relay) => relay.poll_fin(side, cx),
+        }
+    }
+
+    /// The upstream to connect to, once.
+    pub fn poll_connect(&mut self, cx: &Cx<'_>) -> Option<SocketAddr> {
+        match self {
+            Machine::Client(_) => None,
+            Machine::Relay(relay) => relay.poll_connect(cx),
+        }
+    }
+
+    /// Whether the socket of `side` is finished with (it may be shut down and closed).
+    pub fn is_side_done(&self, side: Side) -> bool {
+        match self {
+            Machine::Client(client) => side == Side::Upstream || client.is_done(),
+            Machine::Relay(relay) => relay.is_side_done(side),
+        }
+    }
+
+    /// Whether the whole connection is finished with.
+    pub fn is_done(&self) -> bool {
+        self.is_side_done(Side::Client) && self.is_side_done(Side::Upstream)
+    }
+
+    /// When [`Machine::handle_timer`] is next due.
+    pub fn deadline(&self, cx: &Cx<'_>) -> Millis {
+        match self {
+            Machine::Client(client) => client.deadline(cx),
+            Machine::Relay(relay) => relay.deadline(cx),
+        }
+    }
+
+    /// The connection leaves the worker: give back what it holds outside itself (keep-alive
+    /// count, subscription, relay gauge).
+    pub fn finish(&mut self, cx: &Cx<'_>) {
+        match self {
+            Machine::Client(client) => client.finish(cx),
+            Machine::Relay(relay) => relay.finish(cx),
+        }
+    }
+}

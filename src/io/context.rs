@@ -1,0 +1,118 @@
+//! What every connection of a worker shares: configuration, routes, counters, the pub/sub broker.
+//!
+//! One per worker thread, lent to each state machine call (connections hold no pointer to it, so
+//! an idle connection does not pay 8 bytes for one). Must never: be shared across threads (it
+//! holds the worker's `Rc` broker and `Cell`s); anything global lives behind an `Arc` inside.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use crate::gateway::http::Endpoints;
+use crate::gateway::proxy::ProxyPool;
+use crate::gateway::pubsub::Broker;
+use crate::gateway::router::Router;
+use crate::metrics::{ProcessInfo, WorkerStats, process_rss_bytes, render_prometheus, render_upstreams};
+use crate::proto::handshake::StaticPolicy;
+use crate::proto::message::{Limits, MessageKind};
+
+/// A worker's shared state.
+pub struct WorkerContext {
+    /// Frame and message size limits.
+    pub limits: Limits,
+    /// Bytes that may be queued for one client before we stop reading from it.
+    pub max_backpressure: usize,
+    /// Bound on the request's header section.
+    pub max_header_bytes: usize,
+    /// Time to complete the upgrade request.
+    pub handshake_timeout: Duration,
+    /// Time without traffic before the connection is closed (a ping goes out at half).
+    pub idle_timeout: Duration,
+    /// Origin allow-list and subprotocols.
+    pub policy: StaticPolicy,
+    /// Path to route.
+    pub router: Router,
+    /// This worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// Connections open on all workers, for `--max-conns`.
+    pub open_connections: Arc<AtomicUsize>,
+    /// Connection cap across all workers.
+    pub max_conns: usize,
+    /// This worker's pub/sub broker.
+    pub broker: Rc<Broker>,
+    /// Every worker's counters, for `/metrics`.
+    pub all_stats: Arc<[Arc<WorkerStats>]>,
+    /// When the process started (Unix seconds), for `/metrics`.
+    pub start_time_seconds: f64,
+    /// Which io backend runs the workers, for `/metrics`.
+    pub io_backend: &'static str,
+    /// HTTP keep-alive connections of this worker waiting for their next request: draining does not
+    /// wait for them (they are answered `Connection: close` if they ask anything meanwhile).
+    pub keepalive_connections: Cell<u64>,
+    /// Set when the gateway starts draining.
+    pub draining: Cell<bool>,
+    /// The proxy routes' upstreams, shared by all workers.
+    pub proxies: Arc<ProxyPool>,
+    /// Time an upstream gets to accept a connection and to answer the upgrade.
+    pub upstream_timeout: Duration,
+}
+
+impl Endpoints for WorkerContext {
+    fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        let process = ProcessInfo {
+            rss_bytes: process_rss_bytes(),
+            draining: self.draining.get(),
+            start_time_seconds: self.start_time_seconds,
+            io_backend: self.io_backend,
+        };
+        render_prometheus(out, &self.all_stats, &process);
+        render_upstreams(out, &self.proxies.labels());
+    }
+
+    fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
+        self.broker.publish(topic, kind, payload, None)
+    }
+}
+
+#[cfg(test)]
+impl WorkerContext {
+    /// A context with default limits and one worker's counters, for state machine tests.
+    pub fn for_tests() -> WorkerContext {
+        let stats: Arc<WorkerStats> = Arc::default();
+        let (hub, _deliveries) = crate::gateway::pubsub::Hub::new(1);
+        let broker = Broker::new(
+            0,
+            hub,
+            crate::gateway::pubsub::SlowConsumerPolicy::Close,
+            1 << 20,
+            false,
+            Arc::clone(&stats),
+        );
+        WorkerContext {
+            limits: Limits::default(),
+            max_backpressure: 1 << 20,
+            max_header_bytes: 8192,
+            handshake_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            policy: StaticPolicy::default(),
+            router: Router::default(),
+            stats: Arc::clone(&stats),
+            open_connections: Arc::default(),
+            max_conns: 100,
+            broker: Rc::new(broker),
+            all_stats: Arc::from(vec![stats]),
+            start_time_seconds: 0.0,
+            io_backend: "test",
+            keepalive_connections: Cell::new(0),
+            draining: Cell::new(false),
+            proxies: Arc::default(),
+            upstream_timeout: Duration::from_secs(1),
+        }
+    }
+}

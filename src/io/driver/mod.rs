@@ -1,0 +1,274 @@
+//! Our io_uring driver: one ring per worker thread and no async runtime between it and the
+//! connections.
+//!
+//! Receives are multishot (`RECV` with `IORING_RECV_MULTISHOT`) into the worker's provided-buffer
+//! ring (`bufring`): one submission per connection for as long as it reads, the kernel choosing the
+//! buffer when data arrives. Accepts are multishot too. A send is one `SEND` from the connection's
+//! [`Outgoing`]. Every completion carries a [`Token`]; one `io_uring_enter` per loop turn submits
+//! everything queued and reaps what completed (`GETEVENTS`, which `DEFER_TASKRUN` needs to run
+//! completion work at all).
+//!
+//! Sockets stay blocking: io_uring waits for readiness itself, and a non-blocking socket would make
+//! it return `EAGAIN` to us instead.
+//!
+//! Must never: recycle a buffer before its handler returned, lose a completion (a full
+//! submission queue is submitted and retried, an overflowing completion queue is flushed by the
+//! next enter), or free anything an operation in flight points to (the owners keep it until the
+//! completion: see [`Backend`]).
+
+pub mod bufring;
+pub mod ring;
+pub mod slab;
+pub mod timer;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::backend::{Backend, BackendCounters, Event, Received};
+use super::outgoing::Outgoing;
+use super::token::{Op, Token};
+use bufring::BufRing;
+pub use ring::Setup;
+
+/// The buffer group of the worker's receive pool.
+const BUFFER_GROUP: u16 = 0;
+/// Receive buffers per worker: enough for a burst of small messages on many connections at once;
+/// when they run out, receives stop with ENOBUFS and start again once buffers are back (nothing
+/// is lost, the data waits in the socket).
+pub const RECV_BUFFERS: u16 = 512;
+/// Bytes per receive buffer: a typical message and its frame header fit, as do a batch of
+/// pipelined small messages.
+pub const RECV_BUFFER_SIZE: u32 = 8192;
+
+/// How the driver was set up, for the log and `/metrics`.
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    /// The ring's flags.
+    pub setup: Setup,
+    /// Bytes of the receive pool.
+    pub pool_bytes: usize,
+}
+
+/// The io_uring backend of one worker.
+pub struct UringBackend {
+    // Declared first so that it is dropped first: closing the ring unregisters the buffer ring
+    // before its memory is unmapped.
+    ring: IoUring,
+    buffers: BufRing,
+    wake_fd: RawFd,
+    /// Where the wake-up read lands; boxed so that its address is stable while the read is queued.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    /// Completions copied out of the queue, so that handlers may use the backend's buffers.
+    reaped: Vec<cqueue::Entry>,
+    counters: BackendCounters,
+    setup: Setup,
+}
+
+impl UringBackend {
+    /// A ring (the best `setup` this kernel allows, at most `best`) with a registered receive pool,
+    /// reading `wake_fd` (an eventfd) for cross-thread wake-ups.
+    pub fn new(best: Setup, wake_fd: RawFd) -> io::Result<UringBackend> {
+        let (ring, setup) = ring::build_ring(best)?;
+        let buffers = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE)?;
+        // SAFETY: the ring memory stays mapped until `buffers` is dropped, which happens after
+        // `ring` (field order), whose closing unregisters the group.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(buffers.ring_addr(), buffers.count(), BUFFER_GROUP, 0)?;
+        }
+        Ok(UringBackend {
+            ring,
+            buffers,
+            wake_fd,
+            wake_buf: Box::new(0),
+            wake_armed: false,
+            reaped: Vec::with_capacity(1024),
+            counters: BackendCounters::default(),
+            setup,
+        })
+    }
+
+    /// What the driver got from the kernel.
+    pub fn features(&self) -> Features {
+        Features { setup: self.setup, pool_bytes: self.buffers.footprint() }
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry we build points only into memory its owner keeps alive until the
+            // completion (the `Backend` contract), or into `self` (the wake-up buffer).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel and try again.
+            if let Err(error) = self.ring.submit() {
+                if error.raw_os_error() != Some(libc::EBUSY) {
+                    tracing::warn!(%error, "io_uring submit failed");
+                }
+                // EBUSY: completions must be reaped first; they will be at this turn's wait, and
+                // the ring keeps them (NODROP). Submitting again after reaping makes room.
+                let _ = self.ring.submitter().submit_and_wait(0);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        if !self.wake_armed {
+            let buf = std::ptr::from_mut::<u64>(&mut self.wake_buf).cast::<u8>();
+            let entry =
+                opcode::Read::new(Fd(self.wake_fd), buf, 8).build().user_data(Token::global(Op::Wake, 0).0);
+            self.push(entry);
+            self.wake_armed = true;
+        }
+    }
+
+    fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let ready = !self.ring.completion().is_empty();
+        let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { 1 };
+        let submitter = self.ring.submitter();
+        let result = match timeout {
+            Some(timeout) if want > 0 => {
+                let ts = Timespec::from(timeout);
+                let args = SubmitArgs::new().timespec(&ts);
+                submitter.submit_with_args(want, &args)
+            }
+            _ => submitter.submit_and_wait(want),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) => match error.raw_os_error() {
+                // Timed out, interrupted, or completions must be reaped before more submissions.
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
+                _ => Err(error),
+            },
+        }
+    }
+}
+
+fn result_of(cqe: &cqueue::Entry) -> io::Result<usize> {
+    let result = cqe.result();
+    if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) }
+}
+
+impl Backend for UringBackend {
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    fn attach(&mut self, _fd: RawFd, _token: Token) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn accept(&mut self, index: usize, listener: RawFd) {
+        let entry = opcode::AcceptMulti::new(Fd(listener))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Token::global(Op::Accept, index as u32).0);
+        self.push(entry);
+    }
+
+    fn start_recv(&mut self, fd: RawFd, token: Token) {
+        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build().user_data(token.with_op(Op::Recv).0);
+        self.push(entry);
+    }
+
+    fn stop_recv(&mut self, _fd: RawFd, token: Token) -> bool {
+        let entry = opcode::AsyncCancel::new(token.with_op(Op::Recv).0).build().user_data(token.with_op(Op::Cancel).0);
+        self.push(entry);
+        true
+    }
+
+    fn send(&mut self, fd: RawFd, token: Token, out: &Outgoing) {
+        let bytes = out.remaining();
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(Fd(fd), bytes.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token.with_op(Op::Send).0);
+        self.push(entry);
+    }
+
+    fn connect(&mut self, fd: RawFd, token: Token, addr: &socket2::SockAddr) {
+        let entry =
+            opcode::Connect::new(Fd(fd), addr.as_ptr().cast(), addr.len()).build().user_data(token.with_op(Op::Connect).0);
+        self.push(entry);
+    }
+
+    fn close(&mut self, fd: RawFd) {
+        // SAFETY: the caller owns `fd` and has nothing in flight on it.
+        unsafe { libc::close(fd) };
+    }
+
+    fn upstream_socket(&self, addr: SocketAddr) -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+        let _ = socket.set_tcp_nodelay(true);
+        Ok(socket)
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, handle: &mut dyn FnMut(Event<'_>)) -> io::Result<()> {
+        self.arm_wake();
+        self.enter(timeout)?;
+        self.counters.turns += 1;
+        let mut reaped = std::mem::take(&mut self.reaped);
+        {
+            let mut completion = self.ring.completion();
+            completion.sync();
+            self.counters.cq_overflows = u64::from(completion.overflow());
+            reaped.extend(completion.by_ref());
+        }
+        self.counters.events += reaped.len() as u64;
+        for cqe in &reaped {
+            let token = Token(cqe.user_data());
+            let flags = cqe.flags();
+            let more = cqueue::more(flags);
+            match token.op() {
+                Some(Op::Recv) => {
+                    let buffer = cqueue::buffer_select(flags);
+                    let received = match (cqe.result(), buffer) {
+                        (n, Some(bid)) if n > 0 => match self.buffers.filled(bid, n as usize) {
+                            Some(data) => Received::Data(data),
+                            None => Received::Error(io::Error::other("the kernel named an unknown buffer")),
+                        },
+                        (0, _) => Received::Eof,
+                        (n, _) if n == -libc::ENOBUFS => {
+                            self.counters.buffer_ring_empty += 1;
+                            Received::Stopped
+                        }
+                        (n, _) if n == -libc::ECANCELED => Received::Stopped,
+                        (n, _) if n == -libc::ECONNRESET => Received::Eof,
+                        (n, _) => Received::Error(io::Error::from_raw_os_error(-n)),
+                    };
+                    handle(Event::Recv { token, received, more });
+                    if let Some(bid) = buffer {
+                        self.buffers.put_back(bid);
+                    }
+                }
+                Some(Op::Send) => handle(Event::Sent { token, result: result_of(cqe) }),
+                Some(Op::Connect) => handle(Event::Connected { token, result: result_of(cqe).map(drop) }),
+                Some(Op::Accept) => {
+                    let result = result_of(cqe).map(|fd| fd as RawFd);
+                    handle(Event::Accepted { listener: token.slot() as usize, result, more });
+                }
+                Some(Op::Wake) => {
+                    self.wake_armed = false;
+                    handle(Event::Woken);
+                }
+                Some(Op::Cancel) | None => {}
+            }
+        }
+        self.buffers.publish();
+        reaped.clear();
+        self.reaped = reaped;
+        Ok(())
+    }
+
+    fn counters(&self) -> BackendCounters {
+        self.counters
+    }
+}

@@ -1,0 +1,138 @@
+//! A worker's connections: a slab of slots, each with a generation.
+//!
+//! A connection is a value in a slot, not a task: no future, no waker, no allocation of its own
+//! beyond what its state needs. A freed slot is reused for the next connection with its
+//! generation bumped, so that a late completion carrying the old generation finds nothing.
+//! Must never: hand out a slot that is occupied, or find a value under a stale generation.
+
+/// One slot: its generation and, while occupied, its value.
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+/// Values addressed by `(slot, generation)`.
+pub struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    /// Free slot numbers, most recently freed last (reused first: its memory is warm).
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> Slab<T> {
+    /// Stores `value` in a free slot; returns its slot and generation.
+    pub fn insert(&mut self, value: T) -> (u32, u32) {
+        self.len += 1;
+        if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            debug_assert!(slot.value.is_none());
+            slot.value = Some(value);
+            return (index, slot.generation);
+        }
+        let index = self.slots.len() as u32;
+        self.slots.push(Slot { generation: 0, value: Some(value) });
+        (index, 0)
+    }
+
+    /// The value in `slot` if it is still the one of `generation`.
+    pub fn get_mut(&mut self, slot: u32, generation: u32) -> Option<&mut T> {
+        match self.slots.get_mut(slot as usize) {
+            Some(Slot { generation: g, value: Some(value) }) if *g == generation => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The generation of an occupied slot.
+    pub fn generation(&self, slot: u32) -> Option<u32> {
+        self.slots.get(slot as usize).filter(|s| s.value.is_some()).map(|s| s.generation)
+    }
+
+    /// Takes the value out and frees the slot for reuse under the next generation.
+    pub fn remove(&mut self, slot: u32, generation: u32) -> Option<T> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        if entry.generation != generation {
+            return None;
+        }
+        let value = entry.value.take()?;
+        entry.generation = entry.generation.wrapping_add(1);
+        self.free.push(slot);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Occupied slots.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no slot is occupied.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The occupied slots' numbers and generations (a snapshot, so the slab may change meanwhile).
+    pub fn keys(&self) -> Vec<(u32, u32)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.value.is_some())
+            .map(|(i, s)| (i as u32, s.generation))
+            .collect()
+    }
+
+    /// Gives back the memory of a burst once most slots are free again: trailing free slots are
+    /// dropped and the vectors shrink, so that RSS returns after many connections close.
+    pub fn shrink(&mut self) {
+        while self.slots.last().is_some_and(|s| s.value.is_none()) {
+            self.slots.pop();
+        }
+        let len = self.slots.len() as u32;
+        self.free.retain(|&i| i < len);
+        // Keep the generation of the slots that stay: a stale token cannot match a popped slot
+        // either, since a new slot at that index starts at generation 0 only after every op of the
+        // old one has completed (a slot is freed only then).
+        if self.slots.capacity() > 2 * self.slots.len() + 64 {
+            self.slots.shrink_to_fit();
+            self.free.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slab;
+
+    #[test]
+    fn a_reused_slot_does_not_answer_to_its_old_generation() {
+        let mut slab = Slab::default();
+        let (slot, old) = slab.insert("first");
+        assert_eq!(slab.remove(slot, old), Some("first"));
+        let (again, new) = slab.insert("second");
+        assert_eq!(again, slot, "the freed slot is reused");
+        assert_ne!(new, old);
+        assert!(slab.get_mut(slot, old).is_none(), "a late completion for the old one finds nothing");
+        assert!(slab.remove(slot, old).is_none());
+        assert_eq!(slab.get_mut(slot, new).copied(), Some("second"));
+        assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn shrinking_after_a_burst_keeps_live_slots_addressable() {
+        let mut slab = Slab::default();
+        let keys: Vec<_> = (0..1000).map(|i| slab.insert(i)).collect();
+        for &(slot, generation) in &keys[1..] {
+            slab.remove(slot, generation);
+        }
+        slab.shrink();
+        assert_eq!(slab.len(), 1);
+        assert_eq!(slab.get_mut(keys[0].0, keys[0].1).copied(), Some(0));
+        let (slot, _) = slab.insert(7);
+        assert_eq!(slot, 1, "slots past the shrink point are gone from the free list");
+    }
+}
