@@ -507,7 +507,9 @@ impl State {
                 && upstream.io.has(SHUT)
                 && !upstream.io.busy()
             {
-                backend.close(upstream.io.fd);
+                if !upstream.io.has(CLOSED) {
+                    backend.close(upstream.io.fd);
+                }
                 entry.upstream = None;
             }
             if entry.upstream.is_some() {

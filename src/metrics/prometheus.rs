@@ -713,6 +713,10 @@ mod tests {
             add(&worker.slow_consumer_drops, 1);
             add(&worker.handoff_drops, 1);
             worker.http_request(HttpEndpoint::Healthz, 503);
+            let io = &worker.io;
+            for counter in [&io.buffer_ring_empty, &io.cq_overflows, &io.multishot_rearms, &io.turns, &io.events] {
+                add(counter, 1);
+            }
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
             worker.queue_bytes_sub(10);
@@ -741,7 +745,7 @@ mod tests {
 
     #[test]
     fn process_families_follow_process_info() {
-        let draining = ProcessInfo { rss_bytes: None, draining: true, start_time_seconds: 1.5 };
+        let draining = ProcessInfo { rss_bytes: None, draining: true, start_time_seconds: 1.5, io_backend: "epoll" };
         let exposition = parse(&render(&[], &draining));
         assert!(!exposition.families.contains_key("ringgate_process_resident_memory_bytes"));
         assert_eq!(value(&exposition, "ringgate_draining", &[]), 1.0);
