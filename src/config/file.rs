@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    Config, IoChoice, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size, parse_upstream_url,
+    Config, IoChoice, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size,
+    parse_upstream_url,
 };
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;

@@ -208,7 +208,9 @@ impl Config {
                 .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
             let file =
                 FileConfig::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-            file.apply(&mut config, |id| matches.value_source(id) == Some(ValueSource::CommandLine));
+            file.apply(&mut config, |id| {
+                matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+            });
         }
         config.validate()?;
         Ok(config)

@@ -80,14 +80,17 @@ impl Hub {
     }
 
     /// A hub whose per-worker hand-off bound is `limit` bytes instead of [`HANDOFF_LIMIT_BYTES`].
-    pub fn with_handoff_limit(
-        workers: usize,
-        limit: usize,
-    ) -> (Arc<Hub>, Vec<mpsc::Receiver<Delivery>>) {
+    pub fn with_handoff_limit(workers: usize, limit: usize) -> (Arc<Hub>, Vec<mpsc::Receiver<Delivery>>) {
         let (senders, receivers) = (0..workers).map(|_| mpsc::channel()).unzip();
         let handoff_bytes = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         let wakers = (0..workers).map(|_| OnceLock::new()).collect();
-        let hub = Hub { workers: senders, wakers, handoff_bytes, handoff_limit: limit, presence: RwLock::default() };
+        let hub = Hub {
+            workers: senders,
+            wakers,
+            handoff_bytes,
+            handoff_limit: limit,
+            presence: RwLock::default(),
+        };
         (Arc::new(hub), receivers)
     }
 

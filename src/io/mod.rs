@@ -107,11 +107,16 @@ fn choose_backend(choice: IoChoice) -> Result<BackendKind, StartError> {
     let setup = uring_setup_override();
     match choice {
         IoChoice::Epoll => Ok(BackendKind::Epoll),
-        IoChoice::Uring => probe_uring(setup).map(|()| BackendKind::Uring(setup)).map_err(StartError::IoUringUnavailable),
+        IoChoice::Uring => {
+            probe_uring(setup).map(|()| BackendKind::Uring(setup)).map_err(StartError::IoUringUnavailable)
+        }
         IoChoice::Auto => match probe_uring(setup) {
             Ok(()) => Ok(BackendKind::Uring(setup)),
             Err(error) => {
-                warn!("io_uring is not usable here, running on epoll: {}", StartError::IoUringUnavailable(error));
+                warn!(
+                    "io_uring is not usable here, running on epoll: {}",
+                    StartError::IoUringUnavailable(error)
+                );
                 Ok(BackendKind::Epoll)
             }
         },

@@ -73,7 +73,9 @@ impl SocketIo {
     }
 
     fn busy(&self) -> bool {
-        self.has(RECV_ARMED) || self.has(CONNECTING) || self.sending.as_ref().is_some() && self.has(SEND_SUBMITTED)
+        self.has(RECV_ARMED)
+            || self.has(CONNECTING)
+            || self.sending.as_ref().is_some() && self.has(SEND_SUBMITTED)
     }
 }
 
@@ -178,6 +180,11 @@ pub fn run<B: Backend>(mut backend: B, setup: WorkerSetup, done: mpsc::Sender<us
     };
     loop {
         state.flush(&mut backend);
+        // Checked after the flush, which is where finished connections leave.
+        if state.drain_seen && !state.done_sent && state.drained() {
+            state.done_sent = true;
+            let _ = done.send(state.index);
+        }
         let timeout = state.timeout();
         let result = backend.wait(timeout, &mut |event| state.on_event(event));
         if let Err(error) = result {
@@ -191,10 +198,6 @@ pub fn run<B: Backend>(mut backend: B, setup: WorkerSetup, done: mpsc::Sender<us
         state.expire_timers();
         state.collect_ready();
         state.publish_counters(&backend);
-        if state.drain_seen && !state.done_sent && state.drained() {
-            state.done_sent = true;
-            let _ = done.send(state.index);
-        }
     }
 }
 
@@ -227,7 +230,12 @@ fn shutdown(fd: RawFd, how: libc::c_int) {
 }
 
 impl State {
-    fn cx<'a>(ctx: &'a WorkerContext, now: Millis, owner: Token, peer: &'a dyn Fn() -> Option<IpAddr>) -> Cx<'a> {
+    fn cx<'a>(
+        ctx: &'a WorkerContext,
+        now: Millis,
+        owner: Token,
+        peer: &'a dyn Fn() -> Option<IpAddr>,
+    ) -> Cx<'a> {
         Cx { ctx, now, owner: owner.0, peer_ip: peer }
     }
 
@@ -314,10 +322,14 @@ impl State {
         match result {
             Ok(fd) => self.accepted.push(fd),
             Err(error) => {
-                let exhausted =
-                    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+                let exhausted = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
                 if exhausted {
-                    let quiet = self.last_accept_warning.is_some_and(|at| at.until(self.now) < Duration::from_secs(1));
+                    let quiet = self
+                        .last_accept_warning
+                        .is_some_and(|at| at.until(self.now) < Duration::from_secs(1));
                     if !quiet {
                         warn!(%error, "accept failed: out of file descriptors or memory; backing off \
                                (raise the open-file limit or lower --max-conns)");
@@ -328,7 +340,10 @@ impl State {
                 }
             }
         }
-        if !more && !self.drain_seen && let Some(restart) = self.accept_restart.get_mut(listener) {
+        if !more
+            && !self.drain_seen
+            && let Some(restart) = self.accept_restart.get_mut(listener)
+        {
             *restart = Some(self.now.after(ACCEPT_BACKOFF));
         }
     }
@@ -368,7 +383,9 @@ impl State {
             };
             let entry = Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None };
             let (slot, generation) = self.slab.insert(entry);
-            if let Err(error) = backend.attach(fd, Token::new(slot, generation, Side::Client, super::token::Op::Recv)) {
+            if let Err(error) =
+                backend.attach(fd, Token::new(slot, generation, Side::Client, super::token::Op::Recv))
+            {
                 warn!(%error, "cannot watch an accepted socket");
                 self.slab.remove(slot, generation);
                 backend.close(fd);
@@ -530,7 +547,8 @@ impl State {
             });
             match socket {
                 Ok(up_fd) => {
-                    let mut upstream = Box::new(UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) });
+                    let mut upstream =
+                        Box::new(UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) });
                     upstream.io.flags |= CONNECTING;
                     backend.connect(up_fd, up_token, &upstream.addr);
                     entry.upstream = Some(upstream);

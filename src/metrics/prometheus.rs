@@ -463,8 +463,7 @@ mod tests {
 
     type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
 
-    const PROCESS: ProcessInfo =
-        ProcessInfo {
+    const PROCESS: ProcessInfo = ProcessInfo {
         rss_bytes: Some(12 << 20),
         draining: false,
         start_time_seconds: 1_700_000_000.25,
@@ -714,7 +713,9 @@ mod tests {
             add(&worker.handoff_drops, 1);
             worker.http_request(HttpEndpoint::Healthz, 503);
             let io = &worker.io;
-            for counter in [&io.buffer_ring_empty, &io.cq_overflows, &io.multishot_rearms, &io.turns, &io.events] {
+            for counter in
+                [&io.buffer_ring_empty, &io.cq_overflows, &io.multishot_rearms, &io.turns, &io.events]
+            {
                 add(counter, 1);
             }
             // Gauges may go down, counters must not notice.
@@ -745,7 +746,8 @@ mod tests {
 
     #[test]
     fn process_families_follow_process_info() {
-        let draining = ProcessInfo { rss_bytes: None, draining: true, start_time_seconds: 1.5, io_backend: "epoll" };
+        let draining =
+            ProcessInfo { rss_bytes: None, draining: true, start_time_seconds: 1.5, io_backend: "epoll" };
         let exposition = parse(&render(&[], &draining));
         assert!(!exposition.families.contains_key("ringgate_process_resident_memory_bytes"));
         assert_eq!(value(&exposition, "ringgate_draining", &[]), 1.0);

@@ -204,7 +204,12 @@ impl Client {
     }
 
     /// A send finished. Returns the unsent rest of a short write, to be sent before anything else.
-    pub fn handle_sent(&mut self, result: io::Result<usize>, mut out: Outgoing, cx: &Cx<'_>) -> Option<Outgoing> {
+    pub fn handle_sent(
+        &mut self,
+        result: io::Result<usize>,
+        mut out: Outgoing,
+        cx: &Cx<'_>,
+    ) -> Option<Outgoing> {
         let stats = &cx.ctx.stats;
         stats.queue_bytes_sub(out.len() as u64);
         self.in_flight_bytes = 0;
@@ -297,7 +302,11 @@ impl Client {
         }
         let stats = &cx.ctx.stats;
         if self.out.messages > 0 {
-            stats.messages_out(RouteLabel::Echo, u64::from(self.out.messages), u64::from(self.out.payload_bytes));
+            stats.messages_out(
+                RouteLabel::Echo,
+                u64::from(self.out.messages),
+                u64::from(self.out.payload_bytes),
+            );
             (self.out.messages, self.out.payload_bytes) = (0, 0);
         }
         let mut batch = std::mem::take(&mut self.out.staging);
@@ -454,7 +463,14 @@ impl Client {
             Ok(request) => request,
             Err(error) => {
                 let status = error.status();
-                http::write_response(&mut self.out.staging, status, "text/plain", b"bad request\n", false, &[]);
+                http::write_response(
+                    &mut self.out.staging,
+                    status,
+                    "text/plain",
+                    b"bad request\n",
+                    false,
+                    &[],
+                );
                 self.start_flushing(cx);
                 return buf.len();
             }
@@ -681,7 +697,11 @@ mod tests {
         assert!(client.poll_transmit(&cx).is_none(), "nothing to answer yet");
         client.handle_data(&mut second.to_vec(), &cx);
         let answer = client.poll_transmit(&cx).expect("answered");
-        assert!(answer.remaining().starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(answer.remaining()));
+        assert!(
+            answer.remaining().starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(answer.remaining())
+        );
         assert!(client.tail.is_empty() && client.tail.capacity() == 0);
     }
 }

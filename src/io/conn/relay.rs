@@ -272,7 +272,8 @@ impl Relay {
                 // Healthy only once the upgrade succeeds too: an upstream whose port is open but
                 // whose application refuses upgrades must stay marked down.
                 add(&upstream.stats.connects, 1);
-                let Stage::Connecting { request, .. } = std::mem::replace(&mut self.stage, Stage::Refused) else {
+                let Stage::Connecting { request, .. } = std::mem::replace(&mut self.stage, Stage::Refused)
+                else {
                     return;
                 };
                 let mut nonce = [0u8; 16];
@@ -313,9 +314,11 @@ impl Relay {
             self.last_activity = cx.now;
             self.ping_sent = false;
         }
-        self.hops[side].received_any = true;
         match &mut self.stage {
-            Stage::Relaying { .. } => self.process_bytes(side, data, cx),
+            Stage::Relaying { .. } => {
+                self.hops[side].received_any = true;
+                self.process_bytes(side, data, cx);
+            }
             Stage::Upgrading { answer, .. } if side == UPSTREAM => {
                 let room = (DEFAULT_MAX_HEADER_BYTES + 1).saturating_sub(answer.len());
                 answer.extend_from_slice(&data[..data.len().min(room)]);
@@ -343,7 +346,8 @@ impl Relay {
                 return self.upgrade_failed(index, 502, "the upstream refused the WebSocket upgrade\n", cx);
             }
         };
-        let Stage::Upgrading { request, mut answer, .. } = std::mem::replace(&mut self.stage, Stage::Relaying { index })
+        let Stage::Upgrading { request, mut answer, .. } =
+            std::mem::replace(&mut self.stage, Stage::Relaying { index })
         else {
             return;
         };
@@ -359,6 +363,7 @@ impl Relay {
         answer.drain(..len);
         answer.extend_from_slice(beyond);
         if !answer.is_empty() {
+            self.hops[UPSTREAM].received_any = true;
             self.process_bytes(UPSTREAM, &mut answer, cx);
         }
         let mut early = std::mem::take(&mut self.hops[CLIENT].tail);
@@ -469,11 +474,21 @@ impl Relay {
                     add(&route.upstreams[index].stats.connect_failures, 1);
                     route.mark_down(index, now_ms());
                 }
-                return self.refuse(504, "the upstream did not accept the connection in time\n", Some(504), cx);
+                return self.refuse(
+                    504,
+                    "the upstream did not accept the connection in time\n",
+                    Some(504),
+                    cx,
+                );
             }
             Stage::Upgrading { index, deadline, .. } if deadline.is_at_or_before(now) => {
                 let index = *index;
-                return self.upgrade_failed(index, 504, "the upstream did not answer the upgrade in time\n", cx);
+                return self.upgrade_failed(
+                    index,
+                    504,
+                    "the upstream did not answer the upgrade in time\n",
+                    cx,
+                );
             }
             _ => {}
         }
@@ -488,7 +503,8 @@ impl Relay {
                 }
             }
         }
-        if matches!(self.stage, Stage::Relaying { .. }) && self.hops.iter().all(|h| h.phase == HopPhase::Open) {
+        if matches!(self.stage, Stage::Relaying { .. }) && self.hops.iter().all(|h| h.phase == HopPhase::Open)
+        {
             let idle = self.last_activity.until(now);
             if idle >= cx.ctx.idle_timeout {
                 self.start_closing(CLIENT, CloseCode::GOING_AWAY, "idle timeout", cx);

@@ -80,7 +80,12 @@ impl UringBackend {
         // SAFETY: the ring memory stays mapped until `buffers` is dropped, which happens after
         // `ring` (field order), whose closing unregisters the group.
         unsafe {
-            ring.submitter().register_buf_ring_with_flags(buffers.ring_addr(), buffers.count(), BUFFER_GROUP, 0)?;
+            ring.submitter().register_buf_ring_with_flags(
+                buffers.ring_addr(),
+                buffers.count(),
+                BUFFER_GROUP,
+                0,
+            )?;
         }
         Ok(UringBackend {
             ring,
@@ -179,7 +184,9 @@ impl Backend for UringBackend {
     }
 
     fn stop_recv(&mut self, _fd: RawFd, token: Token) -> bool {
-        let entry = opcode::AsyncCancel::new(token.with_op(Op::Recv).0).build().user_data(token.with_op(Op::Cancel).0);
+        let entry = opcode::AsyncCancel::new(token.with_op(Op::Recv).0)
+            .build()
+            .user_data(token.with_op(Op::Cancel).0);
         self.push(entry);
         true
     }
@@ -195,8 +202,9 @@ impl Backend for UringBackend {
     }
 
     fn connect(&mut self, fd: RawFd, token: Token, addr: &socket2::SockAddr) {
-        let entry =
-            opcode::Connect::new(Fd(fd), addr.as_ptr().cast(), addr.len()).build().user_data(token.with_op(Op::Connect).0);
+        let entry = opcode::Connect::new(Fd(fd), addr.as_ptr().cast(), addr.len())
+            .build()
+            .user_data(token.with_op(Op::Connect).0);
         self.push(entry);
     }
 

@@ -45,6 +45,9 @@ struct FdState {
     registered: bool,
     /// An input edge (or EOF, or error) seen and not yet read dry.
     readable: bool,
+    /// The peer's FIN (or a hang-up or error) was reported: read until the end shows, since no
+    /// further edge will announce it.
+    hup: bool,
     /// The owner wants input.
     want_read: bool,
     /// On the ready list already.
@@ -127,18 +130,21 @@ impl EpollBackend {
         }
         let token = Token(state.token);
         // SAFETY: the buffer is valid and writable for its whole length.
-        let n = unsafe {
-            libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), libc::MSG_DONTWAIT)
-        };
+        let n =
+            unsafe { libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), libc::MSG_DONTWAIT) };
         if n > 0 {
             let n = n as usize;
             if n == self.buffer.len() {
                 // Maybe more: read again next turn (the edge will not come again).
                 self.state(fd).queued = true;
                 self.ready.push_back(fd);
-            } else {
-                // Read dry: a new edge comes with new data.
+            } else if !self.state(fd).hup {
+                // Read dry: a new edge comes with new data (or the FIN).
                 self.state(fd).readable = false;
+            } else {
+                // The FIN is already behind this data: read again to see it.
+                self.state(fd).queued = true;
+                self.ready.push_back(fd);
             }
             handle(Event::Recv { token, received: Received::Data(&mut self.buffer[..n]), more: true });
             return;
@@ -212,7 +218,9 @@ impl EpollBackend {
             }
         }
         if events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
-            self.state(fd).readable = true;
+            let state = self.state(fd);
+            state.readable = true;
+            state.hup |= events & (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0;
             self.mark_ready(fd);
         }
     }
@@ -223,9 +231,8 @@ fn socket_error(fd: RawFd) -> io::Result<()> {
     let mut error: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `error` and `len` are valid for writes of the sizes given.
-    let result = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut error).cast(), &mut len)
-    };
+    let result =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut error).cast(), &mut len) };
     cvt(result)?;
     if error == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(error)) }
 }
@@ -324,8 +331,11 @@ impl Backend for EpollBackend {
     }
 
     fn upstream_socket(&self, addr: SocketAddr) -> io::Result<Socket> {
-        let socket =
-            Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
         let _ = socket.set_tcp_nodelay(true);
         Ok(socket)
     }
@@ -333,6 +343,8 @@ impl Backend for EpollBackend {
     fn wait(&mut self, timeout: Option<Duration>, handle: &mut dyn FnMut(Event<'_>)) -> io::Result<()> {
         self.counters.turns += 1;
         // Outcomes queued since the last wait, then one read for each socket still readable.
+        // Whatever they hand out must be acted on before the loop may sleep.
+        let delivered = self.pending.len() + self.ready.len();
         while let Some(event) = self.pending.pop_front() {
             self.counters.events += 1;
             handle(event);
@@ -342,7 +354,7 @@ impl Backend for EpollBackend {
             self.counters.events += 1;
             self.read_once(fd, handle);
         }
-        let busy = !self.ready.is_empty() || !self.pending.is_empty();
+        let busy = delivered > 0 || !self.ready.is_empty() || !self.pending.is_empty();
         let timeout_ms = match timeout {
             _ if busy => 0,
             None => -1,
