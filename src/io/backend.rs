@@ -102,6 +102,10 @@ pub trait Backend {
     /// limit; zero: do not wait), and hands every event to `handle`.
     fn wait(&mut self, timeout: Option<Duration>, handle: &mut dyn FnMut(Event<'_>)) -> io::Result<()>;
 
+    /// How many receives stopped by an empty buffer pool may start again per loop turn: about
+    /// what the pool can serve at once, so that a dry pool is refilled before everyone asks again.
+    fn rearm_budget(&self) -> usize;
+
     /// The backend's own counters so far.
     fn counters(&self) -> BackendCounters;
 }

@@ -52,8 +52,11 @@ const CONNECTING: u8 = 8;
 const SHUT: u8 = 16;
 /// The socket is closed (`fd` is stale).
 const CLOSED: u8 = 32;
-/// The kernel ended the receive by itself (an empty buffer ring): starting it again is a re-arm.
+/// The kernel ended the receive by itself: starting it again is a re-arm.
 const RECV_ENDED: u8 = 64;
+/// The receive ended because the buffer ring was empty: it waits its turn in the starved queue,
+/// so that a dry ring is not met by every connection re-arming at once.
+const STARVED: u8 = 128;
 
 /// The I/O state of one socket of a connection.
 struct SocketIo {
@@ -146,58 +149,16 @@ struct State {
     ready: Vec<u64>,
     due: Vec<timer::Entry>,
     rearms: u64,
+    /// Sockets whose receive stopped on an empty buffer ring, oldest first; a few are started again
+    /// each turn (as many as the ring can serve), the data waiting in their sockets meanwhile.
+    starved: std::collections::VecDeque<Token>,
 }
 
 /// Runs a worker on `backend` until the process exits. Reports on `done` once it has drained.
 pub fn run<B: Backend>(mut backend: B, setup: WorkerSetup, done: mpsc::Sender<usize>) {
-    let ctx = (setup.context)(backend.name());
-    let listeners = setup.listeners;
-    for (index, listener) in listeners.iter().enumerate() {
-        backend.accept(index, listener.as_raw_fd());
-    }
-    let clock = Clock::default();
-    let mut state = State {
-        index: setup.index,
-        ctx,
-        now: clock.now(),
-        clock,
-        slab: Slab::default(),
-        wheel: Wheel::default(),
-        dirty: Vec::new(),
-        accepted: Vec::new(),
-        accept_restart: vec![None; listeners.len()],
-        listeners,
-        last_accept_warning: None,
-        woken: false,
-        drain: setup.drain,
-        drain_seen: false,
-        done_sent: false,
-        deliveries: setup.deliveries,
-        wake: setup.wake,
-        ready: Vec::new(),
-        due: Vec::new(),
-        rearms: 0,
-    };
+    let mut state = State::new(&mut backend, setup);
     loop {
-        state.flush(&mut backend);
-        // Checked after the flush, which is where finished connections leave.
-        if state.drain_seen && !state.done_sent && state.drained() {
-            state.done_sent = true;
-            let _ = done.send(state.index);
-        }
-        let timeout = state.timeout();
-        let result = backend.wait(timeout, &mut |event| state.on_event(event));
-        if let Err(error) = result {
-            warn!(%error, worker = state.index, "waiting for I/O failed; retrying");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        state.now = state.clock.now();
-        state.admit_accepted(&mut backend);
-        state.restart_accepting(&mut backend);
-        state.on_wake();
-        state.expire_timers();
-        state.collect_ready();
-        state.publish_counters(&backend);
+        state.turn(&mut backend, &done);
     }
 }
 
@@ -230,6 +191,62 @@ fn shutdown(fd: RawFd, how: libc::c_int) {
 }
 
 impl State {
+    /// A worker's state, accepting on its listeners.
+    fn new<B: Backend>(backend: &mut B, setup: WorkerSetup) -> State {
+        let ctx = (setup.context)(backend.name());
+        let listeners = setup.listeners;
+        for (index, listener) in listeners.iter().enumerate() {
+            backend.accept(index, listener.as_raw_fd());
+        }
+        let clock = Clock::default();
+        State {
+            index: setup.index,
+            ctx,
+            now: clock.now(),
+            clock,
+            slab: Slab::default(),
+            wheel: Wheel::default(),
+            dirty: Vec::new(),
+            accepted: Vec::new(),
+            accept_restart: vec![None; listeners.len()],
+            listeners,
+            last_accept_warning: None,
+            woken: false,
+            drain: setup.drain,
+            drain_seen: false,
+            done_sent: false,
+            deliveries: setup.deliveries,
+            wake: setup.wake,
+            ready: Vec::new(),
+            due: Vec::new(),
+            rearms: 0,
+            starved: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// One loop turn: operations out, events in, then timers, wake-ups and deliveries.
+    fn turn<B: Backend>(&mut self, backend: &mut B, done: &mpsc::Sender<usize>) {
+        self.flush(backend);
+        // Checked after the flush, which is where finished connections leave.
+        if self.drain_seen && !self.done_sent && self.drained() {
+            self.done_sent = true;
+            let _ = done.send(self.index);
+        }
+        let timeout = self.timeout();
+        if let Err(error) = backend.wait(timeout, &mut |event| self.on_event(event)) {
+            warn!(%error, worker = self.index, "waiting for I/O failed; retrying");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.now = self.clock.now();
+        self.admit_accepted(backend);
+        self.restart_accepting(backend);
+        self.on_wake();
+        self.expire_timers();
+        self.feed_starved(backend.rearm_budget());
+        self.collect_ready();
+        self.publish_counters(backend);
+    }
+
     fn cx<'a>(
         ctx: &'a WorkerContext,
         now: Millis,
@@ -253,6 +270,12 @@ impl State {
     }
 
     fn on_event(&mut self, event: Event<'_>) {
+        // The drain flag is looked at before every event, not only when the wake-up arrives: a
+        // request that reaches this worker after draining began elsewhere (the wake-up may come
+        // later in the same batch) must already be answered as draining.
+        if !self.drain_seen && self.drain.load(Ordering::Acquire) {
+            self.start_draining();
+        }
         match event {
             Event::Recv { token, received, more } => self.on_recv(token, received, more),
             Event::Sent { token, result } => self.on_sent(token, result),
@@ -270,6 +293,10 @@ impl State {
         if !more {
             if !io.has(RECV_STOPPING) && matches!(received, Received::Stopped | Received::Data(_)) {
                 io.flags |= RECV_ENDED;
+                if matches!(received, Received::Stopped) && !io.has(STARVED) {
+                    io.flags |= STARVED;
+                    self.starved.push_back(token);
+                }
             }
             io.flags &= !(RECV_ARMED | RECV_STOPPING);
         }
@@ -466,6 +493,19 @@ impl State {
         self.due = due;
     }
 
+    /// Lets up to `budget` starved receives start again, oldest first.
+    fn feed_starved(&mut self, budget: usize) {
+        for _ in 0..budget {
+            let Some(token) = self.starved.pop_front() else { break };
+            let (slot, generation) = (token.slot(), token.generation());
+            let Some(entry) = self.slab.get_mut(slot, generation) else { continue };
+            if let Some(io) = entry.socket(token.side()) {
+                io.flags &= !STARVED;
+                self.dirty.push((slot, generation));
+            }
+        }
+    }
+
     /// Connections the broker queued frames for.
     fn collect_ready(&mut self) {
         self.ctx.broker.take_ready(&mut self.ready);
@@ -585,7 +625,7 @@ impl State {
             let done = entry.machine.is_side_done(side);
             let Some(io) = entry.socket(side) else { continue };
             // Receives: started when wanted, stopped when not (backpressure, or done).
-            if wants_read && !done && !io.has(RECV_ARMED) && !io.has(CONNECTING) && !io.has(SHUT) {
+            if wants_read && !done && !io.has(RECV_ARMED | CONNECTING | SHUT | STARVED) {
                 if io.has(RECV_ENDED) {
                     self.rearms += 1;
                 }
@@ -633,6 +673,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::driver::{Setup, UringBackend};
+    use crate::io::epoll::EpollBackend;
+    use std::io::{Read, Write};
 
     /// The slab holds one `Entry` per connection: with the client machine inside, this is the
     /// bulk of an idle connection's memory (the budget is 320 bytes in all, allocator and slab
@@ -643,5 +686,146 @@ mod tests {
     fn an_entry_fits_the_idle_memory_budget() {
         let size = std::mem::size_of::<Entry>();
         assert!(size <= 288, "a connection's slab entry grew to {size} bytes");
+    }
+
+    /// A worker on `backend` with one listener, driven turn by turn by the test.
+    fn worker<B: Backend>(mut backend: B, wake: Arc<WakeFd>) -> (B, State, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_hub, mut deliveries) = crate::gateway::pubsub::Hub::new(1);
+        let setup = WorkerSetup {
+            index: 0,
+            listeners: vec![listener],
+            context: Box::new(|_| WorkerContext::for_tests()),
+            drain: Arc::default(),
+            deliveries: deliveries.remove(0),
+            wake,
+        };
+        let state = State::new(&mut backend, setup);
+        (backend, state, addr)
+    }
+
+    fn turns_until<B: Backend>(backend: &mut B, state: &mut State, done: impl Fn(&State) -> bool) {
+        let (tx, _rx) = mpsc::channel();
+        for _ in 0..200 {
+            if done(state) {
+                return;
+            }
+            state.dirty.push((u32::MAX, 0)); // keep the wait short: there is always "work"
+            state.turn(backend, &tx);
+        }
+        panic!("the worker never got there");
+    }
+
+    fn echo_round_trip<B: Backend>(backend: &mut B, state: &mut State, client: &mut std::net::TcpStream) {
+        client.write_all(&[0x82, 0x83, 1, 2, 3, 4, b'a' ^ 1, b'b' ^ 2, b'c' ^ 3]).expect("send");
+        let mut echo = [0u8; 5];
+        let mut got = 0;
+        let (tx, _rx) = mpsc::channel();
+        for _ in 0..200 {
+            state.dirty.push((u32::MAX, 0));
+            state.turn(backend, &tx);
+            match client.read(&mut echo[got..]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            if got == echo.len() {
+                break;
+            }
+        }
+        assert_eq!(echo, [0x82, 3, b'a', b'b', b'c']);
+    }
+
+    fn upgraded<B: Backend>(
+        backend: &mut B,
+        state: &mut State,
+        addr: std::net::SocketAddr,
+    ) -> std::net::TcpStream {
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        client
+            .write_all(
+                b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .expect("send upgrade");
+        client.set_nonblocking(true).expect("nonblocking");
+        let mut head = Vec::new();
+        let (tx, _rx) = mpsc::channel();
+        for _ in 0..200 {
+            state.dirty.push((u32::MAX, 0));
+            state.turn(backend, &tx);
+            let mut buf = [0u8; 512];
+            if let Ok(n) = client.read(&mut buf) {
+                head.extend_from_slice(&buf[..n]);
+            }
+            if head.ends_with(b"\r\n\r\n") {
+                break;
+            }
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        client
+    }
+
+    /// The op-lifecycle case of tokio-uring's `complete_after_drop`, for slots: completions that
+    /// arrive for a connection that has closed, after its slot went to a new connection, are
+    /// recognised by their generation and dropped; the new connection sees none of them.
+    fn late_completions_for_a_reused_slot_are_dropped<B: Backend>(backend: B, wake: Arc<WakeFd>) {
+        let (mut backend, mut state, addr) = worker(backend, wake);
+        let first = upgraded(&mut backend, &mut state, addr);
+        let old = state.slab.keys()[0];
+        drop(first);
+        turns_until(&mut backend, &mut state, |s| s.slab.is_empty());
+        let mut second = upgraded(&mut backend, &mut state, addr);
+        let new = state.slab.keys()[0];
+        assert_eq!(new.0, old.0, "the slot is reused");
+        assert_ne!(new.1, old.1, "under a new generation");
+
+        state.flush(&mut backend);
+        assert!(state.dirty.is_empty());
+        let stale = |side, op| Token::new(old.0, old.1, side, op);
+        let mut request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        state.on_event(Event::Recv {
+            token: stale(Side::Client, super::super::token::Op::Recv),
+            received: Received::Data(&mut request),
+            more: true,
+        });
+        state.on_event(Event::Sent {
+            token: stale(Side::Client, super::super::token::Op::Send),
+            result: Ok(99),
+        });
+        state.on_event(Event::Connected {
+            token: stale(Side::Upstream, super::super::token::Op::Connect),
+            result: Ok(()),
+        });
+        state.on_event(Event::Recv {
+            token: stale(Side::Client, super::super::token::Op::Recv),
+            received: Received::Eof,
+            more: false,
+        });
+        assert!(state.dirty.is_empty(), "a stale completion touched a connection");
+        // The new connection is untouched: nothing was sent to it, and it still echoes.
+        let mut stray = [0u8; 64];
+        assert!(matches!(second.read(&mut stray), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+        echo_round_trip(&mut backend, &mut state, &mut second);
+        let key = state.slab.keys()[0];
+        let entry = state.slab.get_mut(key.0, key.1).expect("live");
+        assert!(entry.client.has(RECV_ARMED), "still reading");
+    }
+
+    #[test]
+    fn late_completions_for_a_reused_slot_are_dropped_on_io_uring() {
+        let wake = WakeFd::new().expect("eventfd");
+        match UringBackend::new(Setup::DeferTaskrun, wake.fd()) {
+            Ok(backend) => late_completions_for_a_reused_slot_are_dropped(backend, wake),
+            Err(error) => eprintln!("io_uring unavailable here ({error}); the epoll variant still runs"),
+        }
+    }
+
+    #[test]
+    fn late_completions_for_a_reused_slot_are_dropped_on_epoll() {
+        let wake = WakeFd::new().expect("eventfd");
+        let backend = EpollBackend::new(wake.fd()).expect("epoll");
+        late_completions_for_a_reused_slot_are_dropped(backend, wake);
     }
 }

@@ -34,10 +34,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `ringgate --listen 127.0.0.1:0 --workers 2 <flags>` and waits until it listens.
+    /// Starts `ringgate --listen 127.0.0.1:0 --workers 2 <flags>` (unless `flags` name the workers)
+    /// and waits until it listens.
     pub fn start(flags: &[&str]) -> Server {
+        Server::start_configured(flags, |_| {})
+    }
+
+    /// Like [`Server::start`], with the command adjusted first (environment, resource limits).
+    pub fn start_configured(flags: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let mut command = Command::new(BIN);
-        command.args(["--listen", "127.0.0.1:0", "--workers", "2"]).args(flags);
+        command.args(["--listen", "127.0.0.1:0"]);
+        if !flags.contains(&"--workers") {
+            command.args(["--workers", "2"]);
+        }
+        command.args(flags);
+        configure(&mut command);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

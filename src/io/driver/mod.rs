@@ -40,8 +40,17 @@ pub use ring::Setup;
 const BUFFER_GROUP: u16 = 0;
 /// Receive buffers per worker: enough for a burst of small messages on many connections at once;
 /// when they run out, receives stop with ENOBUFS and start again once buffers are back (nothing
-/// is lost, the data waits in the socket).
+/// is lost, the data waits in the socket). `RINGGATE_RECV_BUFFERS` (a power of two) overrides it,
+/// for tests that exhaust the ring on purpose and for sizing experiments.
 pub const RECV_BUFFERS: u16 = 512;
+
+fn recv_buffers() -> u16 {
+    std::env::var("RINGGATE_RECV_BUFFERS")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(RECV_BUFFERS)
+}
 /// Bytes per receive buffer: a typical message and its frame header fit, as do a batch of
 /// pipelined small messages.
 pub const RECV_BUFFER_SIZE: u32 = 8192;
@@ -76,7 +85,7 @@ impl UringBackend {
     /// reading `wake_fd` (an eventfd) for cross-thread wake-ups.
     pub fn new(best: Setup, wake_fd: RawFd) -> io::Result<UringBackend> {
         let (ring, setup) = ring::build_ring(best)?;
-        let buffers = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE)?;
+        let buffers = BufRing::new(recv_buffers(), RECV_BUFFER_SIZE)?;
         // SAFETY: the ring memory stays mapped until `buffers` is dropped, which happens after
         // `ring` (field order), whose closing unregisters the group.
         unsafe {
@@ -274,6 +283,10 @@ impl Backend for UringBackend {
         reaped.clear();
         self.reaped = reaped;
         Ok(())
+    }
+
+    fn rearm_budget(&self) -> usize {
+        usize::from(self.buffers.count() / 2).max(1)
     }
 
     fn counters(&self) -> BackendCounters {

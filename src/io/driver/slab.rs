@@ -17,11 +17,14 @@ pub struct Slab<T> {
     /// Free slot numbers, most recently freed last (reused first: its memory is warm).
     free: Vec<u32>,
     len: usize,
+    /// The generation a slot created past the end starts at: above every generation a slot given
+    /// up by [`Slab::shrink`] ever had, so that no token of a dropped slot names a new one.
+    fresh_generation: u32,
 }
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0, fresh_generation: 0 }
     }
 }
 
@@ -36,8 +39,9 @@ impl<T> Slab<T> {
             return (index, slot.generation);
         }
         let index = self.slots.len() as u32;
-        self.slots.push(Slot { generation: 0, value: Some(value) });
-        (index, 0)
+        let generation = self.fresh_generation;
+        self.slots.push(Slot { generation, value: Some(value) });
+        (index, generation)
     }
 
     /// The value in `slot` if it is still the one of `generation`.
@@ -90,13 +94,12 @@ impl<T> Slab<T> {
     /// dropped and the vectors shrink, so that RSS returns after many connections close.
     pub fn shrink(&mut self) {
         while self.slots.last().is_some_and(|s| s.value.is_none()) {
-            self.slots.pop();
+            if let Some(slot) = self.slots.pop() {
+                self.fresh_generation = self.fresh_generation.max(slot.generation.wrapping_add(1));
+            }
         }
         let len = self.slots.len() as u32;
         self.free.retain(|&i| i < len);
-        // Keep the generation of the slots that stay: a stale token cannot match a popped slot
-        // either, since a new slot at that index starts at generation 0 only after every op of the
-        // old one has completed (a slot is freed only then).
         if self.slots.capacity() > 2 * self.slots.len() + 64 {
             self.slots.shrink_to_fit();
             self.free.shrink_to_fit();
@@ -132,7 +135,9 @@ mod tests {
         slab.shrink();
         assert_eq!(slab.len(), 1);
         assert_eq!(slab.get_mut(keys[0].0, keys[0].1).copied(), Some(0));
-        let (slot, _) = slab.insert(7);
+        let (slot, generation) = slab.insert(7);
         assert_eq!(slot, 1, "slots past the shrink point are gone from the free list");
+        assert_ne!(generation, keys[1].1, "a slot made again does not answer to the old tokens");
+        assert!(slab.get_mut(keys[1].0, keys[1].1).is_none());
     }
 }

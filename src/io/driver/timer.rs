@@ -203,6 +203,14 @@ mod tests {
     }
 
     #[test]
+    fn a_deadline_later_in_the_current_tick_is_not_skipped() {
+        let mut wheel = Wheel::default();
+        wheel.schedule((1, 0), Millis(102));
+        assert!(fired(&mut wheel, 101).is_empty(), "its tick is swept, it is not yet due");
+        assert_eq!(fired(&mut wheel, 102), [(1, 0)], "and it is still there when it is");
+    }
+
+    #[test]
     fn a_deadline_already_past_fires_on_the_next_sweep() {
         let mut wheel = Wheel::default();
         assert!(fired(&mut wheel, 100).is_empty());
