@@ -11,9 +11,10 @@
 //! writing: a sender blocked in a write without reading could deadlock with a server that stops
 //! reading while its echoes cannot be written.
 //!
-//! Must never: have more than N messages in flight on a connection, stamp a message earlier than
-//! the write that carries it starts, or drop a pending op (on every exit the socket is shut down
-//! or closed, and the read and any write are driven to their end).
+//! Must never: have more than N messages in flight on a connection, stamp a message with the time
+//! it became owed rather than the time the write carrying it is built, or drop a pending op (on
+//! every exit the socket is shut down or closed, and the read and any write are driven to their
+//! end).
 
 use std::io;
 use std::net::Shutdown;
