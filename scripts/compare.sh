@@ -15,13 +15,21 @@
 # it may run on, which under taskset is also 1). The peers run their default tokio multi-thread
 # runtime, which sizes itself from the CPUs the process may run on: one worker thread under taskset.
 #
-# Cases: closed loop 100 and 1,000 connections x 20 B and 1 KiB; open loop 10,000 connections x
-# 10 msg/s (the issue's case, beyond what one loadtest core keeps on schedule) and x 3 msg/s (within
-# it, so latency is the servers'); 10,000 idle connections (memory, handshake CPU).
+# --io-rows runs ringgate twice per round instead of once, as "ringgate-uring" (`--io uring`) and
+# "ringgate-epoll" (`--io epoll`), interleaved with the others like any server: the I/O backends
+# compared in the same rounds.
 #
-# Time: a full run (3 rounds, 10 s windows) takes about 13 minutes after the build; --quick (1 round,
-# 3 s windows) about 2 minutes. Results: target/compare/results.md (and runs.tsv plus every run's
-# JSON and logs under target/compare/runs/); --write-benchmarks also replaces the section between
+# Cases: closed loop 100 and 1,000 connections x 20 B and 1 KiB; pipelined closed loop 100
+# connections x 20 B with 16 messages in flight each (loadtest --pipeline 16: frames arrive back to
+# back rather than one per round trip); open loop 10,000 connections x 10 msg/s (the issue's case,
+# beyond what one loadtest core keeps on schedule) and x 3 msg/s (within it, so latency is the
+# servers'); 10,000 idle connections (memory, handshake CPU).
+#
+# Time: a full run (3 rounds, 10 s windows) took about 13 minutes after the build before the
+# pipelined case was added (about 15 with it, estimated); --quick (1 round, 3 s windows) about 2
+# minutes; --io-rows makes ringgate two servers, so with the three default servers a third longer.
+# Results: target/compare/results.md (and runs.tsv plus every run's JSON and logs under
+# target/compare/runs/); --write-benchmarks also replaces the section between
 # `<!-- compare:begin -->` and `<!-- compare:end -->` in BENCHMARKS.md (appending it if absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,20 +37,22 @@ cd "$(dirname "$0")/.."
 usage() {
   cat <<'EOF'
 usage: scripts/compare.sh [--quick] [--rounds N] [--duration SECS] [--cases LIST] [--servers LIST]
-                          [--baseline BIN] [--out DIR] [--no-build] [--write-benchmarks]
+                          [--baseline BIN] [--io-rows] [--out DIR] [--no-build] [--write-benchmarks]
 
   --quick             1 round, 3 s measured windows (default: 3 rounds, 10 s)
   --rounds N          rounds per case (servers interleaved within each round)
   --duration SECS     measured window of every echo run, and how long idle connections are held
   --cases LIST        comma-separated subset of: closed100x20,closed100x1k,closed1000x20,
-                      closed1000x1k,open10k,open10k3,idle10k (default: all)
+                      closed1000x1k,pipe100x20,open10k,open10k3,idle10k (default: all)
   --servers LIST      comma-separated subset of: ringgate,fastwebsockets,tokio-tungstenite
-                      (plus ringgate-baseline with --baseline)
+                      (plus ringgate-baseline with --baseline; ringgate-uring,ringgate-epoll)
   --baseline BIN      another ringgate binary (say, built before a change; a path relative to the
                       repository root, or absolute), run as server
                       "ringgate-baseline" with ringgate's flags and interleaved with the others, so a
                       change's effect is a ratio from the same rounds; adds it to the servers if
                       --servers is not given
+  --io-rows           run ringgate as two servers, "ringgate-uring" (ringgate --io uring) and
+                      "ringgate-epoll" (ringgate --io epoll), in place of "ringgate" in the list
   --out DIR           where results go (default target/compare)
   --no-build          use the release binaries already in target/release
   --write-benchmarks  also write the results section into BENCHMARKS.md between the markers
@@ -54,7 +64,7 @@ EOF
 rounds=3
 duration=10
 quick=0
-cases_arg="closed100x20,closed100x1k,closed1000x20,closed1000x1k,open10k,open10k3,idle10k"
+cases_arg="closed100x20,closed100x1k,closed1000x20,closed1000x1k,pipe100x20,open10k,open10k3,idle10k"
 servers_arg="ringgate,fastwebsockets,tokio-tungstenite"
 out=target/compare
 build=1
@@ -62,6 +72,7 @@ write_benchmarks=0
 server_cpu=${SERVER_CPU:-0}
 client_cpu=${CLIENT_CPU:-1}
 baseline=""
+io_rows=0
 servers_given=0
 invocation="scripts/compare.sh${*:+ $*}"
 
@@ -73,6 +84,7 @@ while [ $# -gt 0 ]; do
     --cases) cases_arg=${2:?--cases needs a list}; shift ;;
     --servers) servers_arg=${2:?--servers needs a list}; servers_given=1; shift ;;
     --baseline) baseline=${2:?--baseline needs a binary}; shift ;;
+    --io-rows) io_rows=1 ;;
     --out) out=${2:?--out needs a directory}; shift ;;
     --no-build) build=0 ;;
     --write-benchmarks) write_benchmarks=1 ;;
@@ -89,12 +101,20 @@ if [ -n "$baseline" ]; then
 fi
 IFS=, read -r -a cases <<<"$cases_arg"
 IFS=, read -r -a servers <<<"$servers_arg"
+if [ "$io_rows" = 1 ]; then
+  # "ringgate" becomes its two backends, in its place in the order.
+  expanded=()
+  for s in "${servers[@]}"; do
+    if [ "$s" = ringgate ]; then expanded+=(ringgate-uring ringgate-epoll); else expanded+=("$s"); fi
+  done
+  servers=("${expanded[@]}")
+fi
 for c in "${cases[@]}"; do
-  case "$c" in closed100x20|closed100x1k|closed1000x20|closed1000x1k|open10k|open10k3|idle10k) ;;
+  case "$c" in closed100x20|closed100x1k|closed1000x20|closed1000x1k|pipe100x20|open10k|open10k3|idle10k) ;;
     *) echo "compare.sh: unknown case '$c'" >&2; exit 2 ;; esac
 done
 for s in "${servers[@]}"; do
-  case "$s" in ringgate|fastwebsockets|tokio-tungstenite) ;;
+  case "$s" in ringgate|ringgate-uring|ringgate-epoll|fastwebsockets|tokio-tungstenite) ;;
     ringgate-baseline) [ -n "$baseline" ] || { echo "compare.sh: ringgate-baseline needs --baseline BIN" >&2; exit 2; } ;;
     *) echo "compare.sh: unknown server '$s'" >&2; exit 2 ;; esac
 done
@@ -119,6 +139,16 @@ fi
 bin=target/release
 for b in ringgate loadtest peer-fastwebsockets peer-tokio-tungstenite; do
   [ -x "$bin/$b" ] || { echo "compare.sh: $bin/$b missing (run without --no-build)" >&2; exit 1; }
+done
+for s in "${servers[@]}"; do
+  case "$s" in
+    ringgate-uring|ringgate-epoll)
+      # The help is read whole first: with pipefail, `ringgate --help | grep -q` could fail on SIGPIPE.
+      ringgate_help=$("$bin/ringgate" --help 2>/dev/null || true)
+      grep -qE -- '(^|[[:space:],])--io([[:space:]=<]|$)' <<<"$ringgate_help" ||
+        { echo "compare.sh: $s needs a ringgate with --io (this $bin/ringgate has none)" >&2; exit 1; }
+      break ;;
+  esac
 done
 
 # From here on this shell (and the sampling, python, sleeps it runs) stays off the server's core.
@@ -159,6 +189,8 @@ trap 'exit 143' TERM
 server_command() {
   case "$1" in
     ringgate) echo "$bin/ringgate --listen 127.0.0.1:0 --workers 1" ;;
+    ringgate-uring) echo "$bin/ringgate --listen 127.0.0.1:0 --workers 1 --io uring" ;;
+    ringgate-epoll) echo "$bin/ringgate --listen 127.0.0.1:0 --workers 1 --io epoll" ;;
     ringgate-baseline) echo "$baseline --listen 127.0.0.1:0 --workers 1" ;;
     fastwebsockets) echo "$bin/peer-fastwebsockets --listen 127.0.0.1:0" ;;
     tokio-tungstenite) echo "$bin/peer-tokio-tungstenite --listen 127.0.0.1:0" ;;
@@ -234,6 +266,7 @@ case_flags() {
     closed100x1k) echo "--conns 100 --rate 0 --size 1024 --duration {DURATION}s --threads 1" ;;
     closed1000x20) echo "--conns 1000 --rate 0 --size 20 --duration {DURATION}s --threads 1" ;;
     closed1000x1k) echo "--conns 1000 --rate 0 --size 1024 --duration {DURATION}s --threads 1" ;;
+    pipe100x20) echo "--conns 100 --rate 0 --pipeline 16 --size 20 --duration {DURATION}s --threads 1" ;;
     open10k) echo "--conns 10000 --rate 10 --size 32 --duration {DURATION}s --threads 1" ;;
     open10k3) echo "--conns 10000 --rate 3 --size 32 --duration {DURATION}s --threads 1" ;;
     idle10k) echo "--mode connect --conns 10000 --duration {DURATION}s --threads 1" ;;
@@ -241,7 +274,7 @@ case_flags() {
 }
 case_ramp() {
   case "$1" in
-    closed100x*) echo 0.02 ;;
+    closed100x*|pipe100x*) echo 0.02 ;;
     closed1000x*) echo 0.2 ;;
     open10k|open10k3|idle10k) echo 2 ;;
   esac
@@ -440,6 +473,7 @@ titles = {
     "closed100x1k": "100 conns x 1 KiB",
     "closed1000x20": "1,000 conns x 20 B",
     "closed1000x1k": "1,000 conns x 1 KiB",
+    "pipe100x20": "100 conns x 20 B, 16 in flight each (`--pipeline 16`)",
     "open10k": "10,000 conns x 10 msg/s (open loop, 32 B)",
     "open10k3": "10,000 conns x 3 msg/s (open loop, 32 B)",
 }
@@ -453,6 +487,9 @@ lines.append(f"Machine: {env['CMP_NPROC']} CPUs, \"{env['CMP_MODEL']}\", {env['C
              f"{env['CMP_KERNEL']}, {env['CMP_RUSTC']}; load average at the end {env['CMP_LOAD']}.")
 lines.append(f"Peers: fastwebsockets {env['CMP_FWS']} (hyper {env['CMP_HYPER']}), tokio-tungstenite "
              f"{env['CMP_TT']}, tokio {env['CMP_TOKIO']} (`benches/peers/`, written as each crate's echo example).")
+if any(s in ("ringgate-uring", "ringgate-epoll") for s in order_servers):
+    lines.append("ringgate-uring and ringgate-epoll: the same ringgate binary and flags with `--io uring` and "
+                 "`--io epoll` added (its two I/O backends), interleaved like the other servers.")
 if env.get('CMP_BASELINE'):
     lines.append(f"ringgate-baseline: `{env['CMP_BASELINE']}`, another ringgate binary run with the same flags "
                  "(before/after ratios of a change come from the same rounds).")
@@ -489,7 +526,7 @@ def echo_cells(rs):
         f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))}")
 
 
-closed = [c for c in order_cases if c.startswith("closed")]
+closed = [c for c in order_cases if c.startswith(("closed", "pipe"))]
 if closed:
     lines.append("### Closed loop (`--rate 0`)")
     lines.append("")

@@ -25,7 +25,8 @@ use crate::target::Target;
         Open loop (--rate > 0): every connection sends on a fixed schedule and latency is measured \
         from each message's intended send time (as wrk2 does), so a stalled server shows up as \
         latency instead of being hidden. Closed loop (--rate 0): each connection sends the next \
-        message when the previous echo returns; latency is measured from the actual send time.\n\n\
+        message when the previous echo returns (or, with --pipeline N, keeps N messages in flight); \
+        latency is measured from the actual send time.\n\n\
         Every echo is verified byte for byte; a mismatch is counted as an error."
 )]
 pub struct Args {
@@ -47,6 +48,11 @@ pub struct Args {
     /// echo returns). In pubsub mode: messages per second per publisher (open loop only).
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
+
+    /// Closed loop: messages kept in flight per connection; each echo triggers the next send at
+    /// once. 1 is ping-pong. Only with --rate 0 in echo mode.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: u32,
 
     /// Payload bytes per message (at least 16: intended send time and sequence number).
     #[arg(long, default_value_t = 32)]
@@ -153,6 +159,8 @@ pub struct Plan {
     pub connect_rate: f64,
     /// Messages per second per connection; `None` for closed loop.
     pub rate: Option<f64>,
+    /// Closed loop: messages in flight per connection (1 = ping-pong; always 1 otherwise).
+    pub pipeline: u32,
     /// Payload bytes per message.
     pub size: usize,
     /// Measured run time.
@@ -234,6 +242,7 @@ impl Args {
         if self.size > MAX_SIZE {
             bail!("--size {} is over the {MAX_SIZE}-byte limit of one message", self.size);
         }
+        self.check_pipeline()?;
         if self.duration.is_zero() && self.mode != Mode::Connect {
             bail!("--duration must be more than 0");
         }
@@ -267,6 +276,7 @@ impl Args {
             conns,
             connect_rate: self.connect_rate,
             rate: (self.rate > 0.0).then_some(self.rate),
+            pipeline: self.pipeline,
             size: self.size,
             duration: self.duration,
             warmup: self.warmup,
@@ -280,6 +290,29 @@ impl Args {
             quiet: self.quiet,
             pubsub,
         })
+    }
+
+    /// `--pipeline` only means something where sends wait for echoes: echo mode's closed loop.
+    /// Open loop sends on a schedule whatever the echoes do, pubsub publishers likewise, and
+    /// connect mode sends nothing.
+    fn check_pipeline(&self) -> Result<()> {
+        if self.pipeline == 0 {
+            bail!("--pipeline must be at least 1 (1 = one message in flight, ping-pong)");
+        }
+        if self.pipeline > MAX_PIPELINE {
+            bail!("--pipeline {} is over the limit of {MAX_PIPELINE} messages in flight", self.pipeline);
+        }
+        if self.pipeline > 1 && self.mode != Mode::Echo {
+            bail!("--pipeline is for echo mode's closed loop, not --mode {}", self.mode.name());
+        }
+        if self.pipeline > 1 && self.rate != 0.0 {
+            bail!(
+                "--pipeline needs closed loop (--rate 0): with --rate {} messages go out on a schedule, \
+                 not when echoes return",
+                self.rate
+            );
+        }
+        Ok(())
     }
 
     /// Pubsub mode's flags, checked (the prefix is filled in once the URL is parsed).
@@ -313,6 +346,11 @@ impl Args {
 
 /// The largest payload: the protocol core's default message limit, which servers commonly share.
 pub const MAX_SIZE: usize = 1 << 20;
+
+/// The most messages a connection may keep in flight: a bound so that a slip of the keyboard cannot
+/// ask every connection for gigabytes (each message in flight costs a send-time slot, and room for
+/// its frame in the write buffer).
+pub const MAX_PIPELINE: u32 = 65_536;
 
 /// Parses `10s`, `500ms`, `2m`, `1.5s`, `250us`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -442,6 +480,27 @@ mod tests {
             all.extend_from_slice(bad);
             assert!(Args::parse_from(all).into_plan().is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn pipeline_is_for_the_closed_loop_only() {
+        let plan = |args: &[&str]| {
+            let mut all = vec!["loadtest"];
+            all.extend_from_slice(args);
+            Args::parse_from(all).into_plan().map_err(|e| e.to_string())
+        };
+        assert_eq!(plan(&[]).unwrap().pipeline, 1);
+        assert_eq!(plan(&["--rate", "0", "--pipeline", "16"]).unwrap().pipeline, 16);
+        // 1 is what every mode does anyway.
+        assert_eq!(plan(&["--rate", "5", "--pipeline", "1"]).unwrap().pipeline, 1);
+        let open = plan(&["--rate", "5", "--pipeline", "2"]).unwrap_err();
+        assert!(open.contains("needs closed loop (--rate 0)"), "{open}");
+        let connect = plan(&["--mode", "connect", "--rate", "0", "--pipeline", "2"]).unwrap_err();
+        assert!(connect.contains("not --mode connect"), "{connect}");
+        let pubsub = plan(&["--mode", "pubsub", "--pipeline", "2"]).unwrap_err();
+        assert!(pubsub.contains("not --mode pubsub"), "{pubsub}");
+        assert!(plan(&["--rate", "0", "--pipeline", "0"]).is_err());
+        assert!(plan(&["--rate", "0", "--pipeline", "65537"]).is_err());
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn run(args: Args) -> Result<ExitCode> {
         let what = match (plan.mode, plan.rate) {
             (Mode::Connect, _) => "holding idle connections".to_string(),
             (Mode::Echo, Some(rate)) => format!("open loop, {rate} msg/s per connection"),
-            (Mode::Echo, None) => "closed loop".to_string(),
+            (Mode::Echo, None) => format!("closed loop{}", report::in_flight(plan.pipeline)),
             (Mode::Pubsub, rate) => {
                 let l = plan.pubsub.as_ref().context("pubsub layout")?;
                 format!(

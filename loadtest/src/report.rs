@@ -73,6 +73,8 @@ pub struct RunConfig {
     pub rate: f64,
     /// `open`, `closed`, or `none` (connect mode).
     pub loop_kind: &'static str,
+    /// Closed loop: messages kept in flight per connection (`--pipeline`); 1 otherwise.
+    pub pipeline: u32,
     /// Payload bytes.
     pub size: usize,
     /// Measured seconds.
@@ -213,6 +215,7 @@ impl Summary {
                     (_, Some(_)) => "open",
                     (_, None) => "closed",
                 },
+                pipeline: plan.pipeline,
                 size: plan.size,
                 duration_secs: plan.duration.as_secs_f64(),
                 warmup_secs: plan.warmup.as_secs_f64(),
@@ -273,8 +276,11 @@ impl Summary {
                 c.rate, c.size, c.duration_secs, c.warmup_secs
             ),
             _ => format!(
-                "closed loop, {} B payload, {}s measured (+{}s warmup)",
-                c.size, c.duration_secs, c.warmup_secs
+                "closed loop{}, {} B payload, {}s measured (+{}s warmup)",
+                in_flight(c.pipeline),
+                c.size,
+                c.duration_secs,
+                c.warmup_secs
             ),
         };
         let _ =
@@ -363,6 +369,11 @@ impl Summary {
         let json = serde_json::to_string_pretty(self).context("serialising the report")?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
     }
+}
+
+/// How a closed loop's text names its pipelining: nothing for plain ping-pong.
+pub fn in_flight(pipeline: u32) -> String {
+    if pipeline > 1 { format!(" with {pipeline} messages in flight per connection") } else { String::new() }
 }
 
 fn by_kind<K: std::fmt::Display>(counts: &BTreeMap<K, u64>) -> String {

@@ -90,6 +90,95 @@ fn open_loop_echo_writes_hgrm_and_plot() {
 }
 
 #[test]
+fn pipelined_closed_loop_keeps_that_many_messages_in_flight() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // The server echoes only once it holds 8 messages from a connection (or after 50 ms without
+    // one): a full batch means the client had 8 in flight, a message beyond it that it had more.
+    let run_against_batches = |name: &str, pipeline: &str| {
+        let server = TestServer::start(Behaviour::Batches(8));
+        let run = run_loadtest(
+            name,
+            &[
+                &server.url,
+                "--conns",
+                "4",
+                "--rate",
+                "0",
+                "--pipeline",
+                pipeline,
+                "--duration",
+                "1s",
+                "--threads",
+                "1",
+                "--quiet",
+            ],
+            LIMIT,
+        );
+        assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+        assert_eq!(run.num("/errors"), 0.0, "--pipeline {pipeline}: {:#}", run.json());
+        assert_eq!(run.num("/config/pipeline"), pipeline.parse::<f64>().unwrap());
+        // Every message sent before the end is echoed in the drain.
+        assert_eq!(run.num("/messages_received"), run.num("/messages_sent"));
+        (run, server.batches.full.load(Relaxed), server.batches.overruns.load(Relaxed))
+    };
+
+    let (run, full, overruns) = run_against_batches("pipeline", "8");
+    assert_eq!(overruns, 0, "more than 8 messages were in flight on a connection");
+    assert!(full >= 10, "only {full} full batches of 8");
+    // Ping-pong gets at most one echo per connection per 50 ms here: 4 x 20 in the 1 s window.
+    let received = run.num("/messages_received");
+    assert!(received > 300.0, "only {received} echoes: messages did not stream");
+    assert!(run.stdout().contains("8 messages in flight"), "{}", run.stdout());
+
+    let (run, full, _) = run_against_batches("pipeline-1", "1");
+    assert_eq!(full, 0, "ping-pong filled a batch of 8");
+    assert!(run.num("/messages_received") <= 90.0, "{:#}", run.json());
+}
+
+#[test]
+fn pipelined_closed_loop_verifies_every_echo() {
+    let server = TestServer::start(Behaviour::Echo);
+    let run = run_loadtest(
+        "pipeline-echo",
+        &[
+            &server.url,
+            "--conns",
+            "8",
+            "--rate",
+            "0",
+            "--pipeline",
+            "16",
+            "--size",
+            "100",
+            "--duration",
+            "1s",
+            "--threads",
+            "2",
+            "--quiet",
+        ],
+        LIMIT,
+    );
+    assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+    assert_eq!(run.num("/errors"), 0.0, "{:#}", run.json());
+    let (sent, received) = (run.num("/messages_sent"), run.num("/messages_received"));
+    assert!(received > 100.0, "only {received} echoes in 1 s with 16 in flight");
+    assert_eq!(received, sent);
+    assert_percentiles(&run, "latency_us");
+
+    // Every 10th echo on each connection corrupted: each is caught, and the window goes on.
+    let server = TestServer::start(Behaviour::CorruptEvery(10));
+    let run = run_loadtest(
+        "pipeline-corrupt",
+        &[&server.url, "--conns", "2", "--rate", "0", "--pipeline", "4", "--duration", "1s", "--quiet"],
+        LIMIT,
+    );
+    let (received, mismatches) = (run.num("/messages_received"), run.num("/errors_by_kind/echo_mismatch"));
+    assert!(received > 100.0, "only {received} good echoes");
+    assert!(mismatches >= (received / 10.0 - 4.0).max(1.0), "{mismatches} mismatches for {received} echoes");
+    assert_eq!(run.num("/errors"), mismatches, "{:#}", run.json());
+}
+
+#[test]
 fn corrupted_echoes_are_counted_as_errors() {
     let server = TestServer::start(Behaviour::CorruptEvery(10));
     let run = run_loadtest(

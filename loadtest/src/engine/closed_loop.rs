@@ -2,6 +2,7 @@
 //! next at once: the most a server can echo, ping-pong style. Latency is measured from the actual
 //! send time (in a closed loop, the next send waits for the echo by design, so there is no
 //! schedule to fall behind; a stall shows as one long latency and lower throughput).
+//! `--pipeline` N > 1 (N messages in flight) is `pipelined`'s; this stays the plain ping-pong.
 //!
 //! Must never: have more than one message in flight per connection, or drop an op on timeout.
 

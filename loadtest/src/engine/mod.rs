@@ -12,6 +12,7 @@ mod due;
 mod hold;
 mod open_loop;
 mod pacer;
+mod pipelined;
 pub mod pubsub;
 mod race;
 mod sockops;
@@ -213,6 +214,7 @@ async fn connection(ctx: Rc<ThreadCtx>, index: u32) {
             }
         }
         (Mode::Echo, Some(rate), ..) => open_loop::run(&ctx, stream, reader, rate, now).await,
+        (Mode::Echo, None, ..) if plan.pipeline > 1 => pipelined::run(&ctx, stream, reader).await,
         (Mode::Echo, None, ..) => closed_loop::run(&ctx, stream, reader).await,
         (Mode::Connect | Mode::Pubsub, ..) => hold::run(&ctx, stream, reader).await,
     }

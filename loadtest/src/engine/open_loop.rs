@@ -19,11 +19,10 @@ use std::pin::pin;
 
 use tokio_uring::net::TcpStream;
 
+use super::ThreadCtx;
 use super::due::encode_due;
-use super::race::{Either, race};
 use super::sockops::{recv_more, send_all};
-use super::wire::{Drained, FrameReader, await_close, put_close};
-use super::{CLOSE_TIMEOUT, ThreadCtx};
+use super::wire::{Drained, FrameReader, close_while_reading, put_close};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
@@ -121,27 +120,7 @@ pub async fn run(ctx: &ThreadCtx, stream: TcpStream, mut reader: FrameReader, ra
         }
     };
 
-    // Close: send ours while the read is pending; it completes with the server's answer, or the
-    // close timeout cuts it off.
-    if clean {
-        out.clear();
-        put_close(&mut out);
-        let _ = send_all(&stream, out).await;
-    } else {
-        let _ = stream.shutdown(Shutdown::Both);
-    }
-    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-    match race(read, pin!(tokio::time::sleep_until(deadline))).await {
-        Either::Left((Ok(n), buf)) if n > 0 => {
-            reader.restore(buf);
-            await_close(&stream, &mut reader, pin!(tokio::time::sleep_until(deadline))).await;
-        }
-        Either::Left(_) => {}
-        Either::Right(read) => {
-            let _ = stream.shutdown(Shutdown::Both);
-            let _ = read.await;
-        }
-    }
+    close_while_reading(&stream, &mut reader, read, clean).await;
 }
 
 /// Verifies and records every complete event in the reader's buffer. `received` is the next

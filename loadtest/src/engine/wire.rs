@@ -17,6 +17,7 @@ use ringgate::proto::message::{Assembler, Event, Limits, Role};
 use tokio::time::Sleep;
 use tokio_uring::net::TcpStream;
 
+use super::CLOSE_TIMEOUT;
 use super::race::{Either, race};
 use super::sockops::{recv_more, send_all};
 
@@ -165,6 +166,37 @@ pub async fn await_close(stream: &TcpStream, reader: &mut FrameReader, mut deadl
                 let _ = read.await;
                 return;
             }
+        }
+    }
+}
+
+/// Ends a connection whose read (`read`, the reader's buffer lent to it) is still pending. When
+/// `clean`, sends our Close first: the read completes with the server's answer and the closing
+/// handshake is finished; otherwise the socket is shut down. Either way the read is driven to its
+/// end, within the close timeout.
+pub async fn close_while_reading<F>(
+    stream: &TcpStream,
+    reader: &mut FrameReader,
+    read: Pin<&mut F>,
+    clean: bool,
+) where
+    F: Future<Output = (io::Result<usize>, Vec<u8>)>,
+{
+    if clean {
+        let _ = send_close(stream).await;
+    } else {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    match race(read, pin!(tokio::time::sleep_until(deadline))).await {
+        Either::Left((Ok(n), buf)) if n > 0 => {
+            reader.restore(buf);
+            await_close(stream, reader, pin!(tokio::time::sleep_until(deadline))).await;
+        }
+        Either::Left((_, buf)) => reader.restore(buf),
+        Either::Right(read) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            let _ = read.await;
         }
     }
 }

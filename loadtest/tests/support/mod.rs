@@ -3,7 +3,8 @@
 //! The servers are plain std threads with tungstenite (an independent WebSocket implementation,
 //! so the client is not tested against its own protocol code), bound to 127.0.0.1 on an
 //! ephemeral port. Each behaviour is what one test needs: echo, delay every echo, stall once,
-//! corrupt some echoes. Servers stop when dropped; the runner kills the binary if it overruns.
+//! corrupt some echoes, echo in batches. Servers stop when dropped; the runner kills the binary if
+//! it overruns.
 
 #![allow(dead_code)]
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 pub mod pubsub;
 
 use serde_json::Value;
-use tungstenite::Message;
+use tungstenite::{Message, WebSocket};
 
 /// What the test server does with each data message.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +36,21 @@ pub enum Behaviour {
     CorruptEvery(u64),
     /// Echo at once, and send a Ping every 100 ms, counting the Pongs that come back.
     Pinging,
+    /// Hold each connection's echoes until `n` messages have come, then wait 20 ms for one more
+    /// (a client with at most `n` in flight cannot send it: one that comes is an overrun) and echo
+    /// them all together. A partial batch is echoed once no message has come for 50 ms, so a
+    /// client with fewer in flight still gets its echoes, one batch per 50 ms. See
+    /// [`TestServer::batches`].
+    Batches(usize),
+}
+
+/// What [`Behaviour::Batches`] saw, all connections together.
+#[derive(Debug, Default)]
+pub struct BatchCounts {
+    /// Batches echoed because they were full: the client had `n` messages in flight.
+    pub full: AtomicU64,
+    /// Messages that came while a full batch was held: the client had more than `n` in flight.
+    pub overruns: AtomicU64,
 }
 
 /// A WebSocket server on 127.0.0.1 that runs until dropped.
@@ -45,6 +61,8 @@ pub struct TestServer {
     pub pongs: Arc<AtomicU64>,
     /// The address of every accepted connection's peer.
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
+    /// [`Behaviour::Batches`]: full batches and overruns.
+    pub batches: Arc<BatchCounts>,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -58,16 +76,18 @@ impl TestServer {
         let stop = Arc::new(AtomicBool::new(false));
         let pongs = Arc::new(AtomicU64::new(0));
         let peers = Arc::new(Mutex::new(Vec::new()));
+        let batches = Arc::new(BatchCounts::default());
         let started = Instant::now();
         let acceptor = {
             let (stop, pongs, peers) = (Arc::clone(&stop), Arc::clone(&pongs), Arc::clone(&peers));
+            let batches = Arc::clone(&batches);
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, peer)) => {
                             peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer.ip());
-                            let pongs = Arc::clone(&pongs);
-                            thread::spawn(move || serve(stream, behaviour, started, &pongs));
+                            let (pongs, batches) = (Arc::clone(&pongs), Arc::clone(&batches));
+                            thread::spawn(move || serve(stream, behaviour, started, &pongs, &batches));
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             thread::sleep(Duration::from_millis(2))
@@ -77,7 +97,7 @@ impl TestServer {
                 }
             })
         };
-        TestServer { url, pongs, peers, stop, acceptor: Some(acceptor) }
+        TestServer { url, pongs, peers, batches, stop, acceptor: Some(acceptor) }
     }
 }
 
@@ -90,13 +110,23 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant, pongs: &AtomicU64) {
+/// Bounds every connection thread even if a client never closes.
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
+
+fn serve(
+    stream: TcpStream,
+    behaviour: Behaviour,
+    started: Instant,
+    pongs: &AtomicU64,
+    batches: &BatchCounts,
+) {
     const PING_EVERY: Duration = Duration::from_millis(100);
-    // Bounds every connection thread even if a client never closes.
-    const IDLE_LIMIT: Duration = Duration::from_secs(30);
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = tungstenite::accept(stream) else { return };
+    if let Behaviour::Batches(n) = behaviour {
+        return serve_batches(ws, n, batches);
+    }
     let read_timeout = match behaviour {
         Behaviour::Pinging => PING_EVERY,
         _ => IDLE_LIMIT,
@@ -137,7 +167,7 @@ fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant, pongs: &Atom
         };
         count += 1;
         match behaviour {
-            Behaviour::Echo | Behaviour::Pinging => {}
+            Behaviour::Echo | Behaviour::Pinging | Behaviour::Batches(_) => {}
             Behaviour::Delay(delay) => thread::sleep(delay),
             Behaviour::StallOnce { at, stall } => {
                 let now = started.elapsed();
@@ -156,6 +186,44 @@ fn serve(stream: TcpStream, behaviour: Behaviour, started: Instant, pongs: &Atom
         }
         if ws.send(Message::Binary(data.into())).is_err() {
             return;
+        }
+    }
+}
+
+/// [`Behaviour::Batches`] on one connection.
+fn serve_batches(mut ws: WebSocket<TcpStream>, n: usize, counts: &BatchCounts) {
+    const FLUSH_AFTER: Duration = Duration::from_millis(50);
+    const OVERRUN_WAIT: Duration = Duration::from_millis(20);
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut last_heard = Instant::now();
+    loop {
+        let wait = if held.len() >= n { OVERRUN_WAIT } else { FLUSH_AFTER };
+        let _ = ws.get_ref().set_read_timeout(Some(wait));
+        match ws.read() {
+            Ok(Message::Binary(data)) => {
+                if held.len() >= n {
+                    counts.overruns.fetch_add(1, Ordering::Relaxed);
+                }
+                held.push(data.to_vec());
+                last_heard = Instant::now();
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                if held.len() >= n {
+                    counts.full.fetch_add(1, Ordering::Relaxed);
+                }
+                for data in held.drain(..) {
+                    if ws.write(Message::Binary(data.into())).is_err() {
+                        return;
+                    }
+                }
+                if ws.flush().is_err() || last_heard.elapsed() > IDLE_LIMIT {
+                    return;
+                }
+            }
+            Err(_) => return,
         }
     }
 }
