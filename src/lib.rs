@@ -2,8 +2,8 @@
 //!
 //! The crate is layered so that each layer can be tested on its own: [`proto`] is RFC 6455 with no
 //! I/O at all, shared by the gateway and the bundled load generator; [`gateway`] decides what
-//! happens to messages without knowing about sockets; [`io`] is the io_uring layer that owns every
-//! socket. Dependencies point one way: `io -> gateway -> proto`.
+//! happens to messages without knowing about sockets; [`io`] owns every socket, on our own io_uring
+//! driver or, where io_uring is blocked, on epoll. Dependencies point one way: `io -> gateway -> proto`.
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

@@ -58,27 +58,68 @@ const RECV_ENDED: u8 = 64;
 /// so that a dry ring is not met by every connection re-arming at once.
 const STARVED: u8 = 128;
 
-/// The I/O state of one socket of a connection.
+/// No send in flight (the value of [`SocketIo::sending`]).
+const NO_SEND: u32 = u32::MAX;
+
+/// The I/O state of one socket of a connection: 12 bytes, whatever is being sent (that lives in
+/// the worker's [`Sends`], so an idle connection does not carry room for it).
 struct SocketIo {
     fd: RawFd,
     flags: u8,
-    /// What is being sent (or waits to be handed over after a short write).
-    sending: Option<Outgoing>,
+    /// Where in the worker's [`Sends`] the bytes being sent are (or wait to be handed over after
+    /// a short write); [`NO_SEND`] when nothing is.
+    sending: u32,
 }
 
 impl SocketIo {
     fn new(fd: RawFd) -> SocketIo {
-        SocketIo { fd, flags: 0, sending: None }
+        SocketIo { fd, flags: 0, sending: NO_SEND }
     }
 
     fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
 
+    fn is_sending(&self) -> bool {
+        self.sending != NO_SEND
+    }
+
     fn busy(&self) -> bool {
-        self.has(RECV_ARMED)
-            || self.has(CONNECTING)
-            || self.sending.as_ref().is_some() && self.has(SEND_SUBMITTED)
+        self.has(RECV_ARMED) || self.has(CONNECTING) || self.is_sending() && self.has(SEND_SUBMITTED)
+    }
+}
+
+/// The bytes of every send in flight on a worker, by index: a busy connection holds one entry, an
+/// idle one none. An `Outgoing` stays at its index, unmoved, until its send completes (the
+/// backend may point into it until then).
+#[derive(Default)]
+struct Sends {
+    entries: Vec<Option<Outgoing>>,
+    free: Vec<u32>,
+}
+
+impl Sends {
+    fn put(&mut self, out: Outgoing) -> u32 {
+        if let Some(index) = self.free.pop() {
+            self.entries[index as usize] = Some(out);
+            return index;
+        }
+        self.entries.push(Some(out));
+        (self.entries.len() - 1) as u32
+    }
+
+    fn get(&self, index: u32) -> Option<&Outgoing> {
+        self.entries.get(index as usize).and_then(Option::as_ref)
+    }
+
+    fn take(&mut self, index: u32) -> Option<Outgoing> {
+        let out = self.entries.get_mut(index as usize)?.take()?;
+        self.free.push(index);
+        if self.free.len() == self.entries.len() && self.entries.len() > 1024 {
+            // Everything is back after a burst: give the table's memory back too.
+            *self = Sends::default();
+        }
+        Some(out)
     }
 }
 
@@ -149,6 +190,7 @@ struct State {
     ready: Vec<u64>,
     due: Vec<timer::Entry>,
     rearms: u64,
+    sends: Sends,
     /// Sockets whose receive stopped on an empty buffer ring, oldest first; a few are started again
     /// each turn (as many as the ring can serve), the data waiting in their sockets meanwhile.
     starved: std::collections::VecDeque<Token>,
@@ -169,6 +211,16 @@ fn peer_ip(fd: RawFd) -> Option<IpAddr> {
     // std handle from closing it.
     let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     socket.peer_addr().ok().map(|addr| addr.ip())
+}
+
+/// Returns the allocator's free memory at the top of its heaps to the system (glibc keeps it
+/// otherwise, and RSS would stay at the high-water mark of the largest burst).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn set_nodelay(fd: RawFd) {
@@ -220,6 +272,7 @@ impl State {
             ready: Vec::new(),
             due: Vec::new(),
             rearms: 0,
+            sends: Sends::default(),
             starved: std::collections::VecDeque::new(),
         }
     }
@@ -317,14 +370,17 @@ impl State {
         let Some(entry) = self.slab.get_mut(slot, generation) else { return };
         let side = token.side();
         let Some(io) = entry.socket(side) else { return };
-        let Some(out) = io.sending.take() else { return };
+        let Some(out) = self.sends.take(io.sending) else { return };
+        io.sending = NO_SEND;
         io.flags &= !SEND_SUBMITTED;
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(&self.ctx, self.now, token, &peer);
-        let rest = entry.machine.handle_sent(side, result, out, &cx);
-        if let Some(io) = entry.socket(side) {
-            io.sending = rest;
+        if let Some(rest) = entry.machine.handle_sent(side, result, out, &cx) {
+            let index = self.sends.put(rest);
+            if let Some(io) = entry.socket(side) {
+                io.sending = index;
+            }
         }
         self.dirty.push((slot, generation));
     }
@@ -542,8 +598,9 @@ impl State {
             // queued frames for other connections.
             self.collect_ready();
         }
-        if self.slab.is_empty() {
-            self.slab.shrink();
+        // A burst has closed: give its memory back to the system, not only to the allocator.
+        if self.slab.is_mostly_free() && self.slab.shrink() >= 256 {
+            release_free_memory();
         }
     }
 
@@ -607,15 +664,20 @@ impl State {
             let sock_token = Token::new(slot, generation, side, super::token::Op::Recv);
             // Sends: at most one in flight; a short write's rest goes before anything new.
             if !done && !io.has(CONNECTING) && !io.has(SHUT) {
-                if let Some(out) = &io.sending {
-                    if !io.has(SEND_SUBMITTED) {
+                if io.is_sending() {
+                    if !io.has(SEND_SUBMITTED)
+                        && let Some(out) = self.sends.get(io.sending)
+                    {
                         backend.send(io.fd, sock_token, out);
                         io.flags |= SEND_SUBMITTED;
                     }
                 } else if let Some(out) = entry.machine.poll_transmit(side, &cx) {
+                    let index = self.sends.put(out);
                     let io = entry.socket(side).expect("the socket exists");
-                    backend.send(io.fd, sock_token, &out);
-                    io.sending = Some(out);
+                    if let Some(out) = self.sends.get(index) {
+                        backend.send(io.fd, sock_token, out);
+                    }
+                    io.sending = index;
                     io.flags |= SEND_SUBMITTED;
                 } else if entry.machine.poll_fin(side, &cx) {
                     let io = entry.socket(side).expect("the socket exists");
@@ -647,10 +709,9 @@ impl State {
                 if !io.busy() {
                     backend.close(io.fd);
                     io.flags |= CLOSED;
-                    if let Some(out) = io.sending.take() {
-                        // A rest never handed over: it leaves with the connection.
-                        ctx.stats.queue_bytes_sub(out.len() as u64);
-                    }
+                    // A rest never handed over leaves with the connection (its machine takes its
+                    // bytes off the queue gauge when it finishes).
+                    self.sends.take(std::mem::replace(&mut io.sending, NO_SEND));
                 }
             }
         }
@@ -680,12 +741,14 @@ mod tests {
     /// The slab holds one `Entry` per connection: with the client machine inside, this is the
     /// bulk of an idle connection's memory (the budget is 320 bytes in all, allocator and slab
     /// growth included). Where the bytes go beyond the machine: the client socket's descriptor,
-    /// flags and in-flight send (an `Outgoing`, 40 bytes), the boxed upstream pointer (8 bytes,
-    /// null unless proxied) and the scheduled deadline (8 bytes).
+    /// flags and the index of its send in flight (12 bytes; the bytes being sent live in the
+    /// worker's `Sends`, only while they are), the boxed upstream pointer (8 bytes, null unless
+    /// proxied) and the scheduled deadline (8 bytes).
     #[test]
     fn an_entry_fits_the_idle_memory_budget() {
+        assert_eq!(std::mem::size_of::<SocketIo>(), 12);
         let size = std::mem::size_of::<Entry>();
-        assert!(size <= 288, "a connection's slab entry grew to {size} bytes");
+        assert!(size <= 216, "a connection's slab entry grew to {size} bytes");
     }
 
     /// A worker on `backend` with one listener, driven turn by turn by the test.

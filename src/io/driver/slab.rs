@@ -90,9 +90,19 @@ impl<T> Slab<T> {
             .collect()
     }
 
+    /// Whether a burst has come and gone: many slots exist and at most a quarter are occupied,
+    /// with free slots at the end to give back (checked cheaply on every loop turn).
+    pub fn is_mostly_free(&self) -> bool {
+        self.slots.len() >= 256
+            && self.len * 4 <= self.slots.len()
+            && self.slots.last().is_some_and(|s| s.value.is_none())
+    }
+
     /// Gives back the memory of a burst once most slots are free again: trailing free slots are
     /// dropped and the vectors shrink, so that RSS returns after many connections close.
-    pub fn shrink(&mut self) {
+    /// Returns how many slots it gave up.
+    pub fn shrink(&mut self) -> usize {
+        let before = self.slots.len();
         while self.slots.last().is_some_and(|s| s.value.is_none()) {
             if let Some(slot) = self.slots.pop() {
                 self.fresh_generation = self.fresh_generation.max(slot.generation.wrapping_add(1));
@@ -104,6 +114,7 @@ impl<T> Slab<T> {
             self.slots.shrink_to_fit();
             self.free.shrink_to_fit();
         }
+        before - self.slots.len()
     }
 }
 
