@@ -70,6 +70,7 @@ struct ServerSection {
     listen: Option<Vec<SocketAddr>>,
     workers: Option<usize>,
     io: Option<IoChoice>,
+    coalesce_wait: Option<Seconds>,
     backlog: Option<u32>,
     max_conns: Option<usize>,
     drain_timeout: Option<Seconds>,
@@ -178,6 +179,7 @@ impl FileConfig {
         take!("listen", server.listen, config.listen);
         take!("workers", server.workers.map(Some), config.workers);
         take!("io", server.io, config.io);
+        take!("coalesce_wait", server.coalesce_wait.map(|d| d.0), config.coalesce_wait);
         take!("backlog", server.backlog, config.backlog);
         take!("max_conns", server.max_conns, config.max_conns);
         take!("drain_timeout", server.drain_timeout.map(|d| d.0), config.drain_timeout);

@@ -11,9 +11,10 @@
 
 mod backend;
 mod buffers;
+mod clock;
 mod conn;
 mod context;
-pub mod driver;
+mod driver;
 mod epoll;
 mod outgoing;
 mod process;
@@ -97,21 +98,21 @@ impl std::error::Error for StartError {}
 /// The backend the workers run on, decided once at start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BackendKind {
-    Uring(Setup),
+    /// io_uring with at most these ring flags, and `--coalesce-wait`.
+    Uring(Setup, Duration),
     Epoll,
 }
 
 /// Picks the backend for `choice`. `auto` probes io_uring (a ring with a provided-buffer ring, on a
 /// kernel with multishot receive) and falls back to epoll, saying why in one log line.
-fn choose_backend(choice: IoChoice) -> Result<BackendKind, StartError> {
+fn choose_backend(choice: IoChoice, coalesce_wait: Duration) -> Result<BackendKind, StartError> {
     let setup = uring_setup_override();
+    let uring = BackendKind::Uring(setup, coalesce_wait);
     match choice {
         IoChoice::Epoll => Ok(BackendKind::Epoll),
-        IoChoice::Uring => {
-            probe_uring(setup).map(|()| BackendKind::Uring(setup)).map_err(StartError::IoUringUnavailable)
-        }
+        IoChoice::Uring => probe_uring(setup).map(|()| uring).map_err(StartError::IoUringUnavailable),
         IoChoice::Auto => match probe_uring(setup) {
-            Ok(()) => Ok(BackendKind::Uring(setup)),
+            Ok(()) => Ok(uring),
             Err(error) => {
                 warn!(
                     "io_uring is not usable here, running on epoll: {}",
@@ -163,7 +164,7 @@ fn kernel_version() -> Option<(u32, u32)> {
 pub fn run(config: &Config) -> Result<(), StartError> {
     check_open_file_limit(config);
     let workers = config.worker_count();
-    let kind = choose_backend(config.io)?;
+    let kind = choose_backend(config.io, config.coalesce_wait)?;
     let (listeners, bound) = bind_listeners(config, workers)?;
 
     process::block_shutdown_signals().map_err(StartError::Thread)?;
@@ -240,23 +241,25 @@ fn spawn_worker(
     done: mpsc::Sender<usize>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("ringgate-w{}", setup.index)).spawn(move || match kind {
-        BackendKind::Uring(best) => match UringBackend::new(best, setup.wake.fd()) {
-            Ok(backend) => {
-                let features = backend.features();
-                if setup.index == 0 {
-                    info!(
-                        flags = features.setup.describe(),
-                        receive_pool_bytes = features.pool_bytes,
-                        "io_uring ready (multishot accept and receive, provided-buffer ring)"
-                    );
+        BackendKind::Uring(best, coalesce_wait) => {
+            match UringBackend::with_coalesce_wait(best, setup.wake.fd(), coalesce_wait) {
+                Ok(backend) => {
+                    let features = backend.features();
+                    if setup.index == 0 {
+                        info!(
+                            flags = features.setup.describe(),
+                            receive_pool_bytes = features.pool_bytes,
+                            "io_uring ready (multishot accept and receive, provided-buffer ring)"
+                        );
+                    }
+                    let _ = ready.send(Ok(()));
+                    worker::run(backend, setup, done);
                 }
-                let _ = ready.send(Ok(()));
-                worker::run(backend, setup, done);
+                Err(error) => {
+                    let _ = ready.send(Err(error));
+                }
             }
-            Err(error) => {
-                let _ = ready.send(Err(error));
-            }
-        },
+        }
         BackendKind::Epoll => match EpollBackend::new(setup.wake.fd()) {
             Ok(backend) => {
                 if setup.index == 0 {

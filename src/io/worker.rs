@@ -27,10 +27,11 @@ use socket2::SockAddr;
 use tracing::{debug, info, warn};
 
 use super::backend::{Backend, Event, Received};
+use super::clock::{Clock, Millis};
 use super::conn::{Cx, Machine};
 use super::context::WorkerContext;
 use super::driver::slab::Slab;
-use super::driver::timer::{self, Clock, Millis, Wheel};
+use super::driver::timer::{self, Wheel};
 use super::outgoing::Outgoing;
 use super::token::{Side, Token};
 use super::wake::WakeFd;

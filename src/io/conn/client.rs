@@ -27,7 +27,7 @@ use crate::gateway::pubsub::Subscription;
 use crate::gateway::router::Route;
 use crate::gateway::{Outbox, echo};
 use crate::io::buffers::process_after_tail;
-use crate::io::driver::timer::Millis;
+use crate::io::clock::Millis;
 use crate::io::outgoing::{Outgoing, staging_buffer};
 use crate::metrics::{HandshakeFailure, HttpEndpoint, RouteLabel, WorkerStats, add};
 use crate::proto::close::{CloseCode, write_close_body};

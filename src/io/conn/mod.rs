@@ -22,8 +22,8 @@ use std::net::{IpAddr, SocketAddr};
 pub use client::Client;
 pub use relay::Relay;
 
+use super::clock::Millis;
 use super::context::WorkerContext;
-use super::driver::timer::Millis;
 use super::outgoing::Outgoing;
 use super::token::Side;
 

@@ -22,7 +22,7 @@ use super::client::Handoff;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
 use crate::io::buffers::process_after_tail;
-use crate::io::driver::timer::Millis;
+use crate::io::clock::Millis;
 use crate::io::outgoing::Outgoing;
 use crate::io::token::Side;
 use crate::metrics::{HandshakeFailure, RouteLabel, UpstreamStats, add};

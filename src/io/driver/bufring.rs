@@ -98,11 +98,6 @@ impl BufRing {
         self.count
     }
 
-    /// Bytes per buffer.
-    pub fn buffer_size(&self) -> u32 {
-        self.size
-    }
-
     /// Bytes of the pool (buffers plus ring entries).
     pub fn footprint(&self) -> usize {
         self.entries.len + self.buffers.len

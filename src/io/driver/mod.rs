@@ -78,12 +78,27 @@ pub struct UringBackend {
     reaped: Vec<cqueue::Entry>,
     counters: BackendCounters,
     setup: Setup,
+    /// `--coalesce-wait` in microseconds, when the kernel supports it (0: off).
+    coalesce_wait_us: u32,
 }
+
+/// Completions a coalescing wait asks for before its window ends.
+const COALESCE_BATCH: usize = 64;
 
 impl UringBackend {
     /// A ring (the best `setup` this kernel allows, at most `best`) with a registered receive pool,
     /// reading `wake_fd` (an eventfd) for cross-thread wake-ups.
     pub fn new(best: Setup, wake_fd: RawFd) -> io::Result<UringBackend> {
+        UringBackend::with_coalesce_wait(best, wake_fd, Duration::ZERO)
+    }
+
+    /// Like [`UringBackend::new`]; an idle worker sleeps up to `coalesce_wait` for a batch of
+    /// completions before it wakes for the first (ignored, with a warning, before Linux 6.12).
+    pub fn with_coalesce_wait(
+        best: Setup,
+        wake_fd: RawFd,
+        coalesce_wait: Duration,
+    ) -> io::Result<UringBackend> {
         let (ring, setup) = ring::build_ring(best)?;
         let buffers = BufRing::new(recv_buffers(), RECV_BUFFER_SIZE)?;
         // SAFETY: the ring memory stays mapped until `buffers` is dropped, which happens after
@@ -96,7 +111,13 @@ impl UringBackend {
                 0,
             )?;
         }
+        let mut coalesce_wait_us = coalesce_wait.as_micros().min(u128::from(u32::MAX)) as u32;
+        if coalesce_wait_us > 0 && !ring.params().is_feature_min_timeout() {
+            tracing::warn!("--coalesce-wait needs Linux 6.12 (IORING_FEAT_MIN_TIMEOUT); ignored");
+            coalesce_wait_us = 0;
+        }
         Ok(UringBackend {
+            coalesce_wait_us,
             ring,
             buffers,
             wake_fd,
@@ -146,13 +167,25 @@ impl UringBackend {
         let ready = !self.ring.completion().is_empty();
         let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { 1 };
         let submitter = self.ring.submitter();
-        let result = match timeout {
-            Some(timeout) if want > 0 => {
-                let ts = Timespec::from(timeout);
-                let args = SubmitArgs::new().timespec(&ts);
-                submitter.submit_with_args(want, &args)
+        let result = if want > 0 && self.coalesce_wait_us > 0 {
+            // Sleep for a batch, but no longer than the coalescing window once one has come.
+            let args = SubmitArgs::new().min_wait_usec(self.coalesce_wait_us);
+            match timeout {
+                Some(timeout) => {
+                    let ts = Timespec::from(timeout);
+                    submitter.submit_with_args(COALESCE_BATCH, &args.timespec(&ts))
+                }
+                None => submitter.submit_with_args(COALESCE_BATCH, &args),
             }
-            _ => submitter.submit_and_wait(want),
+        } else {
+            match timeout {
+                Some(timeout) if want > 0 => {
+                    let ts = Timespec::from(timeout);
+                    let args = SubmitArgs::new().timespec(&ts);
+                    submitter.submit_with_args(want, &args)
+                }
+                _ => submitter.submit_and_wait(want),
+            }
         };
         match result {
             Ok(_) => Ok(()),

@@ -52,11 +52,6 @@ impl<T> Slab<T> {
         }
     }
 
-    /// The generation of an occupied slot.
-    pub fn generation(&self, slot: u32) -> Option<u32> {
-        self.slots.get(slot as usize).filter(|s| s.value.is_some()).map(|s| s.generation)
-    }
-
     /// Takes the value out and frees the slot for reuse under the next generation.
     pub fn remove(&mut self, slot: u32, generation: u32) -> Option<T> {
         let entry = self.slots.get_mut(slot as usize)?;
@@ -76,6 +71,7 @@ impl<T> Slab<T> {
     }
 
     /// Whether no slot is occupied.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -1,69 +1,30 @@
-//! Deadlines without a timer object per connection: a per-worker clock in milliseconds and a
-//! hashed timer wheel.
+//! Deadlines without a timer object per connection: a hashed timer wheel over the worker's clock.
 //!
-//! A connection keeps its deadline as a 4-byte [`Millis`]; the wheel holds at most about one 8-byte
-//! entry per connection, in the bucket of the deadline it was scheduled for. A deadline that moves
-//! later (traffic on an idle timer, the common case) costs nothing: when the old entry comes due the
-//! worker sees the later deadline and schedules it again. A deadline that moves earlier gets a new
-//! entry; the old one is recognised as stale when it fires. This is uSockets' tick sweep made exact
-//! enough for the close and linger timeouts (a few milliseconds of resolution).
+//! A connection keeps its deadline as a 4-byte [`Millis`]; the wheel holds at most about one 12-byte
+//! entry per connection. A deadline that moves later (traffic on an idle timer, the common case)
+//! costs nothing: when the old entry comes due the worker sees the later deadline and schedules it
+//! again. A deadline that moves earlier gets a new entry; the old one is recognised as stale when
+//! it fires. This is uSockets' tick sweep made exact enough for the close and linger timeouts (a
+//! few milliseconds of resolution).
 //!
-//! Must never: fire a deadline early, or lose one (an entry whose bucket comes round before its
-//! time, a deadline beyond the wheel's span, is kept for the next round).
+//! Two levels: deadlines within one turn of the wheel (4 s) sit in its buckets, so the next one due
+//! is found by looking at the first non-empty bucket; deadlines further away (idle timeouts, tens
+//! of seconds) wait in a plain list that is looked through once a second and moved into the wheel
+//! as they come within reach. The loop asks for the next wake-up on every turn: that must not cost
+//! a walk over every idle connection.
+//!
+//! Must never: fire a deadline early, or lose one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Milliseconds on a worker's clock (since the worker started), wrapping after 49 days; compared
-/// with wrapping arithmetic, so any two deadlines less than 24 days apart compare correctly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Millis(pub u32);
-
-impl Millis {
-    /// Whether `self` is at or before `other`.
-    pub fn is_at_or_before(self, other: Millis) -> bool {
-        other.0.wrapping_sub(self.0) as i32 >= 0
-    }
-
-    /// `self` plus `duration` (saturating at the 24-day horizon the comparisons allow).
-    pub fn after(self, duration: Duration) -> Millis {
-        let ms = duration.as_millis().min(i32::MAX as u128 / 2) as u32;
-        Millis(self.0.wrapping_add(ms))
-    }
-
-    /// How long from `self` until `later` (zero when `later` is not after `self`).
-    pub fn until(self, later: Millis) -> Duration {
-        let diff = later.0.wrapping_sub(self.0) as i32;
-        Duration::from_millis(diff.max(0) as u64)
-    }
-
-    /// The earlier of two deadlines.
-    pub fn earliest(self, other: Millis) -> Millis {
-        if self.is_at_or_before(other) { self } else { other }
-    }
-}
-
-/// A worker's clock: [`Millis`] since it started.
-pub struct Clock {
-    start: Instant,
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock { start: Instant::now() }
-    }
-}
-
-impl Clock {
-    /// Now, in milliseconds since the worker started (rounded down).
-    pub fn now(&self) -> Millis {
-        Millis(self.start.elapsed().as_millis() as u32)
-    }
-}
+use crate::io::clock::Millis;
 
 /// Milliseconds per bucket: the resolution of every timeout.
 pub const TICK_MS: u32 = 4;
 /// Buckets in the wheel: it spans `BUCKETS * TICK_MS` ms (4 s) per turn.
 const BUCKETS: usize = 1024;
+/// How often deadlines beyond the wheel's span are looked through.
+const FAR_SCAN_MS: u32 = 1000;
 
 /// One scheduled deadline: whose, and for when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,17 +35,30 @@ pub struct Entry {
     pub at: Millis,
 }
 
-/// The hashed wheel.
+/// The hashed wheel and its list of far deadlines.
 pub struct Wheel {
+    /// Bucket `t % BUCKETS` holds the entries of tick `t`, for ticks from `next_tick` up to a turn
+    /// ahead only.
     buckets: Box<[Vec<Entry>]>,
     /// The next tick to sweep: every bucket before it has been swept.
     next_tick: u32,
-    len: usize,
+    /// Entries in the buckets.
+    near: usize,
+    /// Deadlines a turn or more ahead.
+    far: Vec<Entry>,
+    /// When `far` is next looked through.
+    next_far_scan: Millis,
 }
 
 impl Default for Wheel {
     fn default() -> Self {
-        Wheel { buckets: (0..BUCKETS).map(|_| Vec::new()).collect(), next_tick: 0, len: 0 }
+        Wheel {
+            buckets: (0..BUCKETS).map(|_| Vec::new()).collect(),
+            next_tick: 0,
+            near: 0,
+            far: Vec::new(),
+            next_far_scan: Millis(FAR_SCAN_MS),
+        }
     }
 }
 
@@ -95,26 +69,33 @@ fn tick_of(at: Millis) -> u32 {
 impl Wheel {
     /// Schedules `key` for `at`. An `at` already past fires on the next sweep.
     pub fn schedule(&mut self, key: (u32, u32), at: Millis) {
-        let tick = tick_of(at);
+        let entry = Entry { key, at };
+        let ahead = tick_of(at).wrapping_sub(self.next_tick) as i32;
+        if ahead >= BUCKETS as i32 {
+            self.far.push(entry);
+            return;
+        }
         // A deadline in a tick already swept goes into the next one to be swept.
-        let tick = if (tick.wrapping_sub(self.next_tick) as i32) < 0 { self.next_tick } else { tick };
-        self.buckets[tick as usize % BUCKETS].push(Entry { key, at });
-        self.len += 1;
+        let tick = if ahead < 0 { self.next_tick } else { tick_of(at) };
+        self.buckets[tick as usize % BUCKETS].push(entry);
+        self.near += 1;
     }
 
     /// Scheduled entries (stale ones included).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        self.near + self.far.len()
     }
 
     /// Whether nothing is scheduled.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Hands out the entries due at `now` (stale or not: the caller compares with the
     /// connection's own deadline). Ticks wholly before `now` are swept and left behind; the current
-    /// tick's bucket gives up only what is due. Entries of a later round stay.
+    /// tick's bucket gives up only what is due.
     pub fn expire(&mut self, now: Millis, due: &mut Vec<Entry>) {
         let now_tick = tick_of(now);
         let mut swept = 0;
@@ -128,6 +109,33 @@ impl Wheel {
             self.next_tick = now_tick;
         }
         self.take_due(now_tick, now, due);
+        if self.next_far_scan.is_at_or_before(now) {
+            self.next_far_scan = now.after(Duration::from_millis(u64::from(FAR_SCAN_MS)));
+            self.bring_near(now, due);
+        }
+    }
+
+    /// Moves the far deadlines that came within a turn of the wheel into it (or hands them out,
+    /// if due already).
+    fn bring_near(&mut self, now: Millis, due: &mut Vec<Entry>) {
+        let mut far = std::mem::take(&mut self.far);
+        far.retain(|entry| {
+            if entry.at.is_at_or_before(now) {
+                due.push(*entry);
+                return false;
+            }
+            let ahead = tick_of(entry.at).wrapping_sub(self.next_tick) as i32;
+            if ahead >= BUCKETS as i32 {
+                return true;
+            }
+            self.buckets[tick_of(entry.at) as usize % BUCKETS].push(*entry);
+            self.near += 1;
+            false
+        });
+        if far.capacity() > 64 && far.len() < far.capacity() / 4 {
+            far.shrink_to(far.len() * 2);
+        }
+        self.far = far;
     }
 
     fn take_due(&mut self, tick: u32, now: Millis, due: &mut Vec<Entry>) {
@@ -141,33 +149,25 @@ impl Wheel {
                 true
             }
         });
-        self.len -= before - bucket.len();
+        self.near -= before - bucket.len();
         if bucket.is_empty() && bucket.capacity() > 64 {
             *bucket = Vec::new();
         }
     }
 
-    /// How long the worker may sleep before something is due (`None`: nothing is scheduled).
-    /// Looks at most one turn of the wheel ahead; a deadline beyond that wakes the worker once per
-    /// turn.
+    /// How long the worker may sleep before something is due (`None`: nothing is scheduled):
+    /// the earliest deadline in the first non-empty bucket, or the next look at the far list.
     pub fn next_wake(&self, now: Millis) -> Option<Duration> {
-        if self.len == 0 {
-            return None;
-        }
-        let mut earliest: Option<Millis> = None;
-        for ahead in 0..BUCKETS as u32 {
-            let tick = self.next_tick.wrapping_add(ahead);
-            for entry in &self.buckets[tick as usize % BUCKETS] {
-                earliest = Some(earliest.map_or(entry.at, |e| e.earliest(entry.at)));
-            }
-            // Every bucket further on holds only deadlines after this tick.
-            if let Some(at) = earliest
-                && tick_of(at).wrapping_sub(tick) as i32 <= 0
-            {
-                break;
+        if self.near > 0 {
+            for ahead in 0..BUCKETS as u32 {
+                let tick = self.next_tick.wrapping_add(ahead);
+                let bucket = &self.buckets[tick as usize % BUCKETS];
+                if let Some(at) = bucket.iter().map(|e| e.at).reduce(Millis::earliest) {
+                    return Some(now.until(at.earliest(self.next_far_scan)));
+                }
             }
         }
-        Some(earliest.map_or(Duration::from_millis(u64::from(TICK_MS) * BUCKETS as u64), |at| now.until(at)))
+        (!self.far.is_empty()).then(|| now.until(self.next_far_scan))
     }
 }
 
@@ -211,6 +211,23 @@ mod tests {
     }
 
     #[test]
+    fn a_far_deadline_is_brought_near_in_time_and_fires_on_time() {
+        let mut wheel = Wheel::default();
+        wheel.schedule((9, 1), Millis(30_000));
+        assert_eq!(wheel.len(), 1);
+        let mut now = 0;
+        while now < 30_000 {
+            assert!(fired(&mut wheel, now).is_empty(), "fired early at {now}");
+            let wake = wheel.next_wake(Millis(now)).expect("scheduled");
+            assert!(wake <= Duration::from_millis(u64::from(FAR_SCAN_MS)), "slept past a far scan");
+            now += (wake.as_millis() as u32).max(1);
+        }
+        assert_eq!(now, 30_000, "woken exactly at the deadline");
+        assert_eq!(fired(&mut wheel, 30_000), [(9, 1)]);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
     fn a_deadline_already_past_fires_on_the_next_sweep() {
         let mut wheel = Wheel::default();
         assert!(fired(&mut wheel, 100).is_empty());
@@ -226,15 +243,5 @@ mod tests {
         wheel.schedule((2, 0), Millis(900));
         let wake = wheel.next_wake(Millis(0)).expect("scheduled");
         assert_eq!(wake, Duration::from_millis(37));
-    }
-
-    #[test]
-    fn clock_comparisons_survive_wrapping() {
-        let before = Millis(u32::MAX - 5);
-        let after = before.after(Duration::from_millis(10));
-        assert!(before.is_at_or_before(after));
-        assert!(!after.is_at_or_before(before));
-        assert_eq!(before.until(after), Duration::from_millis(10));
-        assert_eq!(after.until(before), Duration::ZERO);
     }
 }
