@@ -207,3 +207,19 @@ fn a_connection_reset_while_its_send_is_in_flight_gives_everything_back() {
     next.expect_frame(BINARY, b"after");
     let _ = next.stream.shutdown(Shutdown::Both);
 }
+
+/// With a coalescing wait, a lone client is still answered (after at most the wait), and a burst
+/// is too: the wait batches wake-ups, it never holds a completion back for longer.
+#[test]
+fn a_coalescing_wait_delays_nothing_beyond_itself() {
+    let server = Server::start(&["--coalesce-wait", "2ms"]);
+    let mut client = server.raw_client();
+    for round in 0..20u8 {
+        let started = Instant::now();
+        client.send(BINARY, &[round; 10]);
+        client.expect_frame(BINARY, &[round; 10]);
+        // Generous for a loaded CI machine; a completion held until some later event would take
+        // seconds (the next timer), not milliseconds.
+        assert!(started.elapsed() < Duration::from_millis(500), "round {round}: {:?}", started.elapsed());
+    }
+}

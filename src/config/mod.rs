@@ -495,6 +495,16 @@ mod tests {
     }
 
     #[test]
+    fn the_coalescing_wait_is_bounded_because_sparse_traffic_pays_it_in_latency() {
+        assert_eq!(parse(&["--coalesce-wait", "250us"]).coalesce_wait, Duration::from_micros(250));
+        assert_eq!(parse(&[]).coalesce_wait, Duration::ZERO, "off unless asked for");
+        let message = invalid(load(&["--coalesce-wait", "20ms"], ""));
+        assert!(message.contains("--coalesce-wait"), "{message}");
+        let from_file = load(&[], "[server]\ncoalesce_wait = \"1ms\"\n").expect("valid");
+        assert_eq!(from_file.coalesce_wait, Duration::from_millis(1));
+    }
+
+    #[test]
     fn merged_values_are_validated() {
         let message =
             invalid(load(&[], "[limits]\nmax_message_size = \"1KiB\"\nmax_frame_size = \"2KiB\"\n"));
