@@ -84,9 +84,9 @@ pub trait Backend {
     /// still come (io_uring: the cancelled receive completes; epoll: nothing is in flight).
     fn stop_recv(&mut self, fd: RawFd, token: Token) -> bool;
 
-    /// Sends what `out` holds. `out` must stay where it is, untouched, until the `Event::Sent`
-    /// for `token` arrives.
-    fn send(&mut self, fd: RawFd, token: Token, out: &Outgoing);
+    /// Sends what `out` holds (preparing its message header when it is several frames). `out`
+    /// must stay where it is, untouched, until the `Event::Sent` for `token` arrives.
+    fn send(&mut self, fd: RawFd, token: Token, out: &mut Outgoing);
 
     /// Connects `fd` to `addr`; `addr` must stay where it is until `Event::Connected` arrives.
     fn connect(&mut self, fd: RawFd, token: Token, addr: &socket2::SockAddr);

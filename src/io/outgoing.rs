@@ -56,6 +56,30 @@ enum Payload {
     Staged(Vec<u8>),
     /// One frame shared with other connections (a pub/sub message encoded once for all).
     Shared(Bytes),
+    /// Several shared frames, sent together with one `sendmsg` (an iovec per frame, no copy).
+    /// Boxed: the message header must stay where it is while the kernel reads it.
+    Frames(Box<Vectored>),
+}
+
+/// Frames for one vectored send, and the header and iovecs that describe what is left of them.
+struct Vectored {
+    frames: Vec<Bytes>,
+    /// Frames wholly written.
+    first: usize,
+    iovecs: Vec<libc::iovec>,
+    header: libc::msghdr,
+}
+
+/// At most this many frames go in one vectored send (well under `IOV_MAX`).
+pub const MAX_FRAMES_PER_SEND: usize = 64;
+
+/// What the backend hands to the kernel for an [`Outgoing`].
+pub enum SendBuf<'a> {
+    /// One contiguous run of bytes (`send`).
+    Slice(&'a [u8]),
+    /// A message header with an iovec per frame (`sendmsg`); valid until the `Outgoing` is
+    /// advanced, dropped or prepared again.
+    Message(*const libc::msghdr),
 }
 
 impl Outgoing {
@@ -69,18 +93,62 @@ impl Outgoing {
         Outgoing { payload: Payload::Shared(frame), written: 0 }
     }
 
-    /// What is still to be written.
+    /// Several frames shared with other connections, written in one send without a copy. Empty
+    /// frames are left out; a single frame is [`Outgoing::shared`].
+    pub fn frames(mut frames: Vec<Bytes>) -> Outgoing {
+        frames.retain(|frame| !frame.is_empty());
+        if frames.len() <= 1 {
+            return Outgoing::shared(frames.pop().unwrap_or_default());
+        }
+        // SAFETY: an all-zero msghdr is a valid empty header (null name, no iovecs, no control).
+        let header: libc::msghdr = unsafe { std::mem::zeroed() };
+        let vectored = Vectored { frames, first: 0, iovecs: Vec::new(), header };
+        Outgoing { payload: Payload::Frames(Box::new(vectored)), written: 0 }
+    }
+
+    /// What is still to be written, for the backend to send. For several frames this (re)builds
+    /// the message header over what is left.
+    pub fn prepare(&mut self) -> SendBuf<'_> {
+        match &mut self.payload {
+            Payload::Staged(buffer) => SendBuf::Slice(&buffer[self.written.min(buffer.len())..]),
+            Payload::Shared(frame) => SendBuf::Slice(&frame[self.written.min(frame.len())..]),
+            Payload::Frames(vectored) => {
+                let Vectored { frames, first, iovecs, header } = &mut **vectored;
+                iovecs.clear();
+                for (i, frame) in frames[*first..].iter().enumerate() {
+                    // `written` counts bytes of the first unfinished frame.
+                    let skip = if i == 0 { self.written.min(frame.len()) } else { 0 };
+                    let rest = &frame[skip..];
+                    iovecs.push(libc::iovec {
+                        iov_base: rest.as_ptr() as *mut libc::c_void,
+                        iov_len: rest.len(),
+                    });
+                }
+                header.msg_iov = iovecs.as_mut_ptr();
+                header.msg_iovlen = iovecs.len();
+                SendBuf::Message(std::ptr::from_ref(header))
+            }
+        }
+    }
+
+    /// What is still to be written, as one slice: the contiguous forms only (tests and logs).
     pub fn remaining(&self) -> &[u8] {
-        let all: &[u8] = match &self.payload {
-            Payload::Staged(buffer) => buffer,
-            Payload::Shared(frame) => frame,
-        };
-        &all[self.written.min(all.len())..]
+        match &self.payload {
+            Payload::Staged(buffer) => &buffer[self.written.min(buffer.len())..],
+            Payload::Shared(frame) => &frame[self.written.min(frame.len())..],
+            Payload::Frames(_) => &[],
+        }
     }
 
     /// How many bytes are still to be written.
     pub fn len(&self) -> usize {
-        self.remaining().len()
+        match &self.payload {
+            Payload::Frames(vectored) => {
+                let left: usize = vectored.frames[vectored.first..].iter().map(Bytes::len).sum();
+                left - self.written
+            }
+            _ => self.remaining().len(),
+        }
     }
 
     /// Whether everything has been written.
@@ -90,7 +158,21 @@ impl Outgoing {
 
     /// Marks `n` more bytes as written (a short write leaves the rest for the next op).
     pub fn advance(&mut self, n: usize) {
-        self.written += n.min(self.len());
+        let n = n.min(self.len());
+        match &mut self.payload {
+            Payload::Frames(vectored) => {
+                let mut left = self.written + n;
+                while let Some(frame) = vectored.frames.get(vectored.first) {
+                    if left < frame.len() {
+                        break;
+                    }
+                    left -= frame.len();
+                    vectored.first += 1;
+                }
+                self.written = left;
+            }
+            _ => self.written += n,
+        }
     }
 }
 
@@ -104,7 +186,7 @@ impl Drop for Outgoing {
 
 #[cfg(test)]
 mod tests {
-    use super::{Outgoing, POOL_BUFFER_CAPACITY, staging_buffer};
+    use super::{Outgoing, POOL_BUFFER_CAPACITY, SendBuf, staging_buffer};
     use bytes::Bytes;
 
     #[test]
@@ -114,6 +196,40 @@ mod tests {
         assert_eq!(out.remaining(), b"world");
         out.advance(5);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_vectored_send_advances_across_frames_and_describes_only_what_is_left() {
+        let frames = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::new(),
+            Bytes::from_static(b"defg"),
+            Bytes::from_static(b"hi"),
+        ];
+        let mut out = Outgoing::frames(frames);
+        assert_eq!(out.len(), 9);
+        let left = |out: &mut Outgoing| -> Vec<u8> {
+            let SendBuf::Message(header) = out.prepare() else { panic!("vectored") };
+            // SAFETY: the header and its iovecs point into `out`, alive and unchanged here.
+            let header = unsafe { &*header };
+            let iovecs = unsafe { std::slice::from_raw_parts(header.msg_iov, header.msg_iovlen) };
+            iovecs
+                .iter()
+                .flat_map(|v| {
+                    unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) }.to_vec()
+                })
+                .collect()
+        };
+        assert_eq!(left(&mut out), b"abcdefghi");
+        out.advance(2);
+        assert_eq!(left(&mut out), b"cdefghi");
+        out.advance(3);
+        assert_eq!(left(&mut out), b"fghi", "the first frame is done, the second is part-written");
+        out.advance(2);
+        assert_eq!(left(&mut out), b"hi");
+        out.advance(5);
+        assert!(out.is_empty());
+        assert_eq!(Outgoing::frames(vec![Bytes::from_static(b"x")]).remaining(), b"x", "one frame: plain");
     }
 
     #[test]

@@ -109,8 +109,8 @@ impl Sends {
         (self.entries.len() - 1) as u32
     }
 
-    fn get(&self, index: u32) -> Option<&Outgoing> {
-        self.entries.get(index as usize).and_then(Option::as_ref)
+    fn get_mut(&mut self, index: u32) -> Option<&mut Outgoing> {
+        self.entries.get_mut(index as usize).and_then(Option::as_mut)
     }
 
     fn take(&mut self, index: u32) -> Option<Outgoing> {
@@ -667,7 +667,7 @@ impl State {
             if !done && !io.has(CONNECTING) && !io.has(SHUT) {
                 if io.is_sending() {
                     if !io.has(SEND_SUBMITTED)
-                        && let Some(out) = self.sends.get(io.sending)
+                        && let Some(out) = self.sends.get_mut(io.sending)
                     {
                         backend.send(io.fd, sock_token, out);
                         io.flags |= SEND_SUBMITTED;
@@ -675,7 +675,7 @@ impl State {
                 } else if let Some(out) = entry.machine.poll_transmit(side, &cx) {
                     let index = self.sends.put(out);
                     let io = entry.socket(side).expect("the socket exists");
-                    if let Some(out) = self.sends.get(index) {
+                    if let Some(out) = self.sends.get_mut(index) {
                         backend.send(io.fd, sock_token, out);
                     }
                     io.sending = index;

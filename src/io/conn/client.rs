@@ -23,12 +23,12 @@ use tracing::debug;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
 use crate::gateway::http::{self, parse_plain_request};
 use crate::gateway::proxy::UpstreamRequest;
-use crate::gateway::pubsub::Subscription;
+use crate::gateway::pubsub::{Subscriber, Subscription};
 use crate::gateway::router::Route;
 use crate::gateway::{Outbox, echo};
 use crate::io::buffers::process_after_tail;
 use crate::io::clock::Millis;
-use crate::io::outgoing::{Outgoing, staging_buffer};
+use crate::io::outgoing::{MAX_FRAMES_PER_SEND, Outgoing, staging_buffer};
 use crate::metrics::{HandshakeFailure, HttpEndpoint, RouteLabel, WorkerStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
@@ -89,9 +89,56 @@ enum Session {
     Proxy(Box<UpstreamRequest>),
 }
 
-/// Frames of several queued messages are copied into one send up to this size; a single larger
-/// frame is sent from its shared buffer as is.
+/// One send carries at most this many bytes of queued frames (a single larger frame goes alone).
 const COALESCE_LIMIT: usize = 64 * 1024;
+/// Queued frames totalling at most this many bytes are copied behind our own frames into one
+/// staging buffer (a copy of a few small frames costs less than describing each to the kernel);
+/// more go as an iovec per shared frame, with no copy.
+const COPY_LIMIT: usize = 4 * 1024;
+
+/// Takes the frames for one send from a subscriber's queue: as many as fit `COALESCE_LIMIT`
+/// beside the `staged` bytes already waiting (at least one), at most `MAX_FRAMES_PER_SEND`.
+fn take_frames(subscriber: &Subscriber, staged: usize, stats: &WorkerStats) -> Vec<Bytes> {
+    let mut frames = Vec::new();
+    let mut bytes = staged;
+    let mut delivered = Delivered::default();
+    while let Some(next_len) = subscriber.front_len() {
+        let room = bytes + next_len <= COALESCE_LIMIT || (frames.is_empty() && staged == 0);
+        if !room || frames.len() == MAX_FRAMES_PER_SEND {
+            break;
+        }
+        let Some(frame) = subscriber.pop() else { break };
+        delivered.count(&frame);
+        bytes += frame.len();
+        frames.push(frame);
+    }
+    delivered.report(stats);
+    frames
+}
+
+/// One send of our own `staged` frames followed by shared `frames`: a lone shared frame as it is,
+/// small ones copied behind ours, larger ones as a vectored send of the shared buffers.
+fn combine(mut staged: Vec<u8>, mut frames: Vec<Bytes>) -> Option<Outgoing> {
+    let frame_bytes: usize = frames.iter().map(Bytes::len).sum();
+    if staged.is_empty() && frames.len() == 1 {
+        return frames.pop().map(Outgoing::shared);
+    }
+    if frame_bytes <= COPY_LIMIT {
+        if staged.capacity() == 0 && !frames.is_empty() {
+            staged = staging_buffer();
+        }
+        for frame in &frames {
+            staged.extend_from_slice(frame);
+        }
+        return (!staged.is_empty()).then(|| Outgoing::staged(staged));
+    }
+    let mut all = Vec::with_capacity(frames.len() + 1);
+    if !staged.is_empty() {
+        all.push(Bytes::from(staged));
+    }
+    all.append(&mut frames);
+    Some(Outgoing::frames(all))
+}
 
 /// What a relay takes over from a client whose request routed to a proxy.
 pub struct Handoff {
@@ -309,29 +356,16 @@ impl Client {
             );
             (self.out.messages, self.out.payload_bytes) = (0, 0);
         }
-        let mut batch = std::mem::take(&mut self.out.staging);
-        let mut single = None;
-        if let Session::PubSub(subscription) = &self.session {
-            let subscriber = subscription.subscriber();
-            subscriber.clear_notified();
-            let mut delivered = Delivered::default();
-            while let Some(next_len) = subscriber.front_len() {
-                let lone_large = batch.is_empty() && next_len >= COALESCE_LIMIT;
-                if !lone_large && !batch.is_empty() && batch.len() + next_len > COALESCE_LIMIT {
-                    break;
-                }
-                let Some(frame) = subscriber.pop() else { break };
-                delivered.count(&frame);
-                if lone_large || (batch.is_empty() && !subscriber.has_queued()) {
-                    // A single frame: sent from the shared buffer, no copy.
-                    single = Some(Outgoing::shared(frame));
-                    break;
-                }
-                batch.extend_from_slice(&frame);
+        let batch = std::mem::take(&mut self.out.staging);
+        let out = match &self.session {
+            Session::PubSub(subscription) => {
+                let subscriber = subscription.subscriber();
+                subscriber.clear_notified();
+                let frames = take_frames(subscriber, batch.len(), stats);
+                combine(batch, frames)
             }
-            delivered.report(stats);
-        }
-        let out = single.or_else(|| (!batch.is_empty()).then(|| Outgoing::staged(batch)))?;
+            _ => (!batch.is_empty()).then(|| Outgoing::staged(batch)),
+        }?;
         self.in_flight_bytes = out.len() as u32;
         stats.queue_bytes_add(out.len() as u64);
         self.report_backpressure();
@@ -684,6 +718,19 @@ mod tests {
         let client = Client::new(&cx(&ctx));
         assert_eq!(client.tail.capacity(), 0, "an idle connection holds no buffer");
         assert_eq!(client.out.staging.capacity(), 0, "an idle connection holds no buffer");
+    }
+
+    #[test]
+    fn queued_frames_go_alone_copied_or_vectored_by_size() {
+        let frame = |len: usize| Bytes::from(vec![7u8; len]);
+        let lone = combine(Vec::new(), vec![frame(100)]).expect("one frame");
+        assert_eq!(lone.remaining().len(), 100, "a lone frame is sent from its shared buffer");
+        let small = combine(b"pong".to_vec(), vec![frame(100), frame(200)]).expect("small frames");
+        assert_eq!(small.remaining().len(), 304, "small frames are copied behind our own");
+        let large = combine(b"pong".to_vec(), vec![frame(3000), frame(3000)]).expect("large frames");
+        assert!(large.remaining().is_empty(), "large frames are not copied into one slice");
+        assert_eq!(large.len(), 6004, "but all of them are sent, ours first");
+        assert!(combine(Vec::new(), Vec::new()).is_none());
     }
 
     #[test]

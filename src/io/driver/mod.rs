@@ -31,7 +31,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::backend::{Backend, BackendCounters, Event, Received};
-use super::outgoing::Outgoing;
+use super::outgoing::{Outgoing, SendBuf};
 use super::token::{Op, Token};
 use bufring::BufRing;
 pub use ring::Setup;
@@ -233,14 +233,17 @@ impl Backend for UringBackend {
         true
     }
 
-    fn send(&mut self, fd: RawFd, token: Token, out: &Outgoing) {
-        let bytes = out.remaining();
-        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        let entry = opcode::Send::new(Fd(fd), bytes.as_ptr(), len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(token.with_op(Op::Send).0);
-        self.push(entry);
+    fn send(&mut self, fd: RawFd, token: Token, out: &mut Outgoing) {
+        let entry = match out.prepare() {
+            SendBuf::Slice(bytes) => {
+                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                opcode::Send::new(Fd(fd), bytes.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build()
+            }
+            SendBuf::Message(header) => {
+                opcode::SendMsg::new(Fd(fd), header).flags(libc::MSG_NOSIGNAL as u32).build()
+            }
+        };
+        self.push(entry.user_data(token.with_op(Op::Send).0));
     }
 
     fn connect(&mut self, fd: RawFd, token: Token, addr: &socket2::SockAddr) {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::backend::{Backend, BackendCounters, Event, Received};
-use super::outgoing::Outgoing;
+use super::outgoing::{Outgoing, SendBuf};
 use super::token::{Op, Token};
 
 /// The worker's receive buffer: one for every connection, borrowed for the length of one handler.
@@ -285,11 +285,14 @@ impl Backend for EpollBackend {
         false
     }
 
-    fn send(&mut self, fd: RawFd, token: Token, out: &Outgoing) {
-        let bytes = out.remaining();
-        // SAFETY: `bytes` is valid for reads of its length.
-        let n = unsafe {
-            libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    fn send(&mut self, fd: RawFd, token: Token, out: &mut Outgoing) {
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+        let n = match out.prepare() {
+            // SAFETY: `bytes` is valid for reads of its length.
+            SendBuf::Slice(bytes) => unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), flags) },
+            // SAFETY: the header and its iovecs describe live frames of `out`, unchanged until
+            // this call returns.
+            SendBuf::Message(header) => unsafe { libc::sendmsg(fd, header, flags) },
         };
         let token = token.with_op(Op::Send);
         if n >= 0 {
