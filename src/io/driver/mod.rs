@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::types::{self, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -80,6 +80,31 @@ pub struct UringBackend {
     setup: Setup,
     /// `--coalesce-wait` in microseconds, when the kernel supports it (0: off).
     coalesce_wait_us: u32,
+    /// Registered-file slots by descriptor, when `RINGGATE_URING_FIXED_FILES=1` (an experiment:
+    /// receives and sends then name the socket by its slot, sparing the kernel a file lookup).
+    fixed: Option<FixedFiles>,
+}
+
+/// A sparse registered-file table and which descriptor sits in which slot.
+struct FixedFiles {
+    /// `slot_of[fd]`: the slot of descriptor `fd`, or `u32::MAX`.
+    slot_of: Vec<u32>,
+    free: Vec<u32>,
+}
+
+/// An SQE's target: the registered slot of `fd` if it has one, else the plain descriptor.
+macro_rules! target {
+    ($self:expr, $fd:expr, $build:expr) => {
+        match $self
+            .fixed
+            .as_ref()
+            .and_then(|f| f.slot_of.get($fd as usize).copied())
+            .filter(|s| *s != u32::MAX)
+        {
+            Some(slot) => $build(types::Fixed(slot)),
+            None => $build(Fd($fd)),
+        }
+    };
 }
 
 /// Completions a coalescing wait asks for before its window ends.
@@ -116,7 +141,9 @@ impl UringBackend {
             tracing::warn!("--coalesce-wait needs Linux 6.12 (IORING_FEAT_MIN_TIMEOUT); ignored");
             coalesce_wait_us = 0;
         }
+        let fixed = fixed_files(&ring);
         Ok(UringBackend {
+            fixed,
             coalesce_wait_us,
             ring,
             buffers,
@@ -198,6 +225,25 @@ impl UringBackend {
     }
 }
 
+/// The registered-file table, if `RINGGATE_URING_FIXED_FILES=1` asks for it and the kernel
+/// gives one as large as the open-file limit.
+fn fixed_files(ring: &IoUring) -> Option<FixedFiles> {
+    if std::env::var("RINGGATE_URING_FIXED_FILES").as_deref() != Ok("1") {
+        return None;
+    }
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let slots = limit.rlim_cur.min(1 << 20) as u32;
+    match ring.submitter().register_files_sparse(slots) {
+        Ok(()) => Some(FixedFiles { slot_of: Vec::new(), free: (0..slots).rev().collect() }),
+        Err(error) => {
+            tracing::warn!(%error, "cannot register a file table; using plain descriptors");
+            None
+        }
+    }
+}
+
 fn result_of(cqe: &cqueue::Entry) -> io::Result<usize> {
     let result = cqe.result();
     if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) }
@@ -208,7 +254,18 @@ impl Backend for UringBackend {
         "uring"
     }
 
-    fn attach(&mut self, _fd: RawFd, _token: Token) -> io::Result<()> {
+    fn attach(&mut self, fd: RawFd, _token: Token) -> io::Result<()> {
+        let Some(fixed) = self.fixed.as_mut() else { return Ok(()) };
+        let Some(slot) = fixed.free.pop() else { return Ok(()) };
+        if self.ring.submitter().register_files_update(slot, &[fd]).is_err() {
+            fixed.free.push(slot);
+            return Ok(());
+        }
+        let index = fd as usize;
+        if fixed.slot_of.len() <= index {
+            fixed.slot_of.resize(index + 1, u32::MAX);
+        }
+        fixed.slot_of[index] = slot;
         Ok(())
     }
 
@@ -221,7 +278,8 @@ impl Backend for UringBackend {
     }
 
     fn start_recv(&mut self, fd: RawFd, token: Token) {
-        let entry = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build().user_data(token.with_op(Op::Recv).0);
+        let entry = target!(self, fd, |t| opcode::RecvMulti::new(t, BUFFER_GROUP).build())
+            .user_data(token.with_op(Op::Recv).0);
         self.push(entry);
     }
 
@@ -237,11 +295,13 @@ impl Backend for UringBackend {
         let entry = match out.prepare() {
             SendBuf::Slice(bytes) => {
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                opcode::Send::new(Fd(fd), bytes.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build()
+                target!(self, fd, |t| opcode::Send::new(t, bytes.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build())
             }
-            SendBuf::Message(header) => {
-                opcode::SendMsg::new(Fd(fd), header).flags(libc::MSG_NOSIGNAL as u32).build()
-            }
+            SendBuf::Message(header) => target!(self, fd, |t| opcode::SendMsg::new(t, header)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()),
         };
         self.push(entry.user_data(token.with_op(Op::Send).0));
     }
@@ -254,6 +314,14 @@ impl Backend for UringBackend {
     }
 
     fn close(&mut self, fd: RawFd) {
+        if let Some(fixed) = self.fixed.as_mut()
+            && let Some(slot) = fixed.slot_of.get_mut(fd as usize)
+            && *slot != u32::MAX
+        {
+            let _ = self.ring.submitter().register_files_update(*slot, &[-1]);
+            fixed.free.push(*slot);
+            *slot = u32::MAX;
+        }
         // SAFETY: the caller owns `fd` and has nothing in flight on it.
         unsafe { libc::close(fd) };
     }
