@@ -33,7 +33,7 @@ use super::context::WorkerContext;
 use super::driver::slab::Slab;
 use super::driver::timer::{self, Wheel};
 use super::outgoing::Outgoing;
-use super::token::{Side, Token};
+use super::token::{Op, Side, Token};
 use super::wake::WakeFd;
 use crate::gateway::pubsub::Delivery;
 use crate::metrics::add;
@@ -203,6 +203,12 @@ pub fn run<B: Backend>(mut backend: B, setup: WorkerSetup, done: mpsc::Sender<us
     loop {
         state.turn(&mut backend, &done);
     }
+}
+
+/// The token that names a connection as a whole (its client socket): what pub/sub wake-ups and
+/// the state machines' `owner` carry.
+fn owner_token(slot: u32, generation: u32) -> Token {
+    Token::new(slot, generation, Side::Client, Op::Recv)
 }
 
 /// The IP address of the peer of a connected socket (`getpeername(2)`), for `X-Forwarded-For`.
@@ -467,9 +473,7 @@ impl State {
             };
             let entry = Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None };
             let (slot, generation) = self.slab.insert(entry);
-            if let Err(error) =
-                backend.attach(fd, Token::new(slot, generation, Side::Client, super::token::Op::Recv))
-            {
+            if let Err(error) = backend.attach(fd, owner_token(slot, generation)) {
                 warn!(%error, "cannot watch an accepted socket");
                 self.slab.remove(slot, generation);
                 backend.close(fd);
@@ -513,7 +517,7 @@ impl State {
             let Some(entry) = self.slab.get_mut(slot, generation) else { continue };
             let fd = entry.client.fd;
             let peer = move || peer_ip(fd);
-            let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+            let token = owner_token(slot, generation);
             let cx = Self::cx(&self.ctx, self.now, token, &peer);
             entry.machine.handle_drain(&cx);
             self.dirty.push((slot, generation));
@@ -539,7 +543,7 @@ impl State {
             entry.scheduled = None;
             let fd = entry.client.fd;
             let peer = move || peer_ip(fd);
-            let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+            let token = owner_token(slot, generation);
             let cx = Self::cx(&self.ctx, self.now, token, &peer);
             if entry.machine.deadline(&cx).is_at_or_before(self.now) {
                 entry.machine.handle_timer(&cx);
@@ -610,7 +614,7 @@ impl State {
         let now = self.now;
         let ctx = &self.ctx;
         let Some(entry) = self.slab.get_mut(slot, generation) else { return };
-        let token = Token::new(slot, generation, Side::Client, super::token::Op::Recv);
+        let token = owner_token(slot, generation);
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(ctx, now, token, &peer);
@@ -631,7 +635,7 @@ impl State {
                 break;
             }
             let Some(addr) = entry.machine.poll_connect(&cx) else { break };
-            let up_token = Token::new(slot, generation, Side::Upstream, super::token::Op::Connect);
+            let up_token = Token::new(slot, generation, Side::Upstream, Op::Connect);
             let socket = backend.upstream_socket(addr).and_then(|socket| {
                 use std::os::fd::IntoRawFd;
                 let fd = socket.into_raw_fd();
@@ -662,7 +666,7 @@ impl State {
             if io.has(CLOSED) {
                 continue;
             }
-            let sock_token = Token::new(slot, generation, side, super::token::Op::Recv);
+            let sock_token = Token::new(slot, generation, side, Op::Recv);
             // Sends: at most one in flight; a short write's rest goes before anything new.
             if !done && !io.has(CONNECTING) && !io.has(SHUT) {
                 if io.is_sending() {
@@ -850,20 +854,14 @@ mod tests {
         let stale = |side, op| Token::new(old.0, old.1, side, op);
         let mut request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         state.on_event(Event::Recv {
-            token: stale(Side::Client, super::super::token::Op::Recv),
+            token: stale(Side::Client, Op::Recv),
             received: Received::Data(&mut request),
             more: true,
         });
-        state.on_event(Event::Sent {
-            token: stale(Side::Client, super::super::token::Op::Send),
-            result: Ok(99),
-        });
-        state.on_event(Event::Connected {
-            token: stale(Side::Upstream, super::super::token::Op::Connect),
-            result: Ok(()),
-        });
+        state.on_event(Event::Sent { token: stale(Side::Client, Op::Send), result: Ok(99) });
+        state.on_event(Event::Connected { token: stale(Side::Upstream, Op::Connect), result: Ok(()) });
         state.on_event(Event::Recv {
-            token: stale(Side::Client, super::super::token::Op::Recv),
+            token: stale(Side::Client, Op::Recv),
             received: Received::Eof,
             more: false,
         });

@@ -165,6 +165,21 @@ impl EpollBackend {
         handle(Event::Recv { token, received, more: false });
     }
 
+    /// Hands out the queued outcomes of sends and connects, then reads each socket on the ready
+    /// list once (a socket read to a full buffer goes back on the list for the next turn).
+    /// Returns how many it handled.
+    fn deliver_queued(&mut self, handle: &mut dyn FnMut(Event<'_>)) -> usize {
+        let delivered = self.pending.len() + self.ready.len();
+        while let Some(event) = self.pending.pop_front() {
+            handle(event);
+        }
+        for _ in 0..self.ready.len() {
+            let Some(fd) = self.ready.pop_front() else { break };
+            self.read_once(fd, handle);
+        }
+        delivered
+    }
+
     fn accept_some(&mut self, index: usize, handle: &mut dyn FnMut(Event<'_>)) {
         let (listener, on) = self.listeners[index];
         if !on {
@@ -347,16 +362,8 @@ impl Backend for EpollBackend {
         self.counters.turns += 1;
         // Outcomes queued since the last wait, then one read for each socket still readable.
         // Whatever they hand out must be acted on before the loop may sleep.
-        let delivered = self.pending.len() + self.ready.len();
-        while let Some(event) = self.pending.pop_front() {
-            self.counters.events += 1;
-            handle(event);
-        }
-        for _ in 0..self.ready.len() {
-            let Some(fd) = self.ready.pop_front() else { break };
-            self.counters.events += 1;
-            self.read_once(fd, handle);
-        }
+        let delivered = self.deliver_queued(handle);
+        self.counters.events += delivered as u64;
         let busy = delivered > 0 || !self.ready.is_empty() || !self.pending.is_empty();
         let timeout_ms = match timeout {
             _ if busy => 0,
@@ -390,14 +397,9 @@ impl Backend for EpollBackend {
             }
         }
         self.events = events;
-        // Sends and connects that just became possible, then the input that just arrived.
-        while let Some(event) = self.pending.pop_front() {
-            handle(event);
-        }
-        for _ in 0..self.ready.len() {
-            let Some(fd) = self.ready.pop_front() else { break };
-            self.read_once(fd, handle);
-        }
+        // Sends and connects that just became possible, then the input that just arrived (counted
+        // above, as the epoll events that announced them).
+        self.deliver_queued(handle);
         Ok(())
     }
 
