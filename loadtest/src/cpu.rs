@@ -35,3 +35,13 @@ impl CpuTime {
         self.user + self.sys
     }
 }
+
+/// CPU time (user and system) the calling thread has used, in nanoseconds: what a client thread
+/// samples at the start and end of the measured window, to tell whether it was saturated.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_THREAD_CPUTIME_ID exists on
+    // every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

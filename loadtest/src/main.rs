@@ -13,6 +13,7 @@ mod clock;
 mod cpu;
 mod engine;
 mod hgrm;
+mod interrupt;
 mod limits;
 mod payload;
 mod plot;

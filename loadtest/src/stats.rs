@@ -131,6 +131,19 @@ pub struct ThreadStats {
     pub closes: BTreeMap<u16, u64>,
     /// When the first and the last connection were established (run clock, ns).
     pub established_span: Option<(u64, u64)>,
+    /// How busy each client thread was over the measured window: one entry per thread that
+    /// lived through it (merging concatenates).
+    pub loads: Vec<ThreadLoad>,
+}
+
+/// One client thread's CPU over the measured window: near 100% of the wall time means the thread
+/// was saturated, and the figures describe the client rather than the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadLoad {
+    /// CPU time the thread used (user and system), ns.
+    pub cpu_ns: u64,
+    /// Wall time it was measured over, ns.
+    pub wall_ns: u64,
 }
 
 impl Default for ThreadStats {
@@ -145,6 +158,7 @@ impl Default for ThreadStats {
             connect_failures: BTreeMap::new(),
             closes: BTreeMap::new(),
             established_span: None,
+            loads: Vec::new(),
         }
     }
 }
@@ -220,6 +234,7 @@ impl ThreadStats {
         for (code, count) in &other.closes {
             *self.closes.entry(*code).or_default() += count;
         }
+        self.loads.extend_from_slice(&other.loads);
         self.established_span = match (self.established_span, other.established_span) {
             (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
             (span, None) | (None, span) => span,
