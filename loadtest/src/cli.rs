@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+use ringgate::config::IoChoice;
+
 use crate::payload::HEADER_LEN;
 use crate::target::Target;
 
@@ -80,6 +82,11 @@ pub struct Args {
     /// and counted in the latency, never hidden.
     #[arg(long, default_value = "50us", value_parser = parse_duration)]
     pub timer_slack: Duration,
+
+    /// The io backend: io_uring (ringgate's driver: multishot receive into a provided-buffer
+    /// ring) where it can be set up, else epoll (`auto`); or either one only.
+    #[arg(long, value_enum, default_value_t = IoChoice::Auto, env = "LOADTEST_IO")]
+    pub io: IoChoice,
 
     /// What each connection does.
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
@@ -173,6 +180,8 @@ pub struct Plan {
     pub source_ips: Vec<Ipv4Addr>,
     /// Open-loop wakeup coalescing window.
     pub timer_slack: Duration,
+    /// The io backend asked for.
+    pub io: IoChoice,
     /// What connections do.
     pub mode: Mode,
     /// Output files.
@@ -283,6 +292,7 @@ impl Args {
             threads,
             source_ips,
             timer_slack: self.timer_slack,
+            io: self.io,
             mode: self.mode,
             json: self.json,
             hgrm: self.hgrm,

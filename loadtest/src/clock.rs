@@ -1,12 +1,11 @@
 //! The run's one clock: CLOCK_MONOTONIC in nanoseconds since a process-wide epoch taken at start.
 //!
-//! Every timestamp in the program (schedules, payloads, latencies, io_uring absolute timeouts)
+//! Every timestamp in the program (schedules, payloads, latencies, the pacing wheel)
 //! is on this clock, so they can be compared and subtracted without conversions.
 //!
 //! Must never: go backwards, or be read through a clock that can be adjusted (wall time).
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
 static EPOCH: OnceLock<u64> = OnceLock::new();
 
@@ -26,13 +25,6 @@ pub fn epoch() -> u64 {
 /// Nanoseconds since the epoch.
 pub fn now() -> u64 {
     monotonic_ns().saturating_sub(epoch())
-}
-
-/// A `tokio::time::Instant` for a time on this clock, for coarse deadlines (1 ms resolution).
-pub fn tokio_instant(at_ns: u64) -> tokio::time::Instant {
-    let now_ns = now();
-    let instant = tokio::time::Instant::now();
-    if at_ns >= now_ns { instant + Duration::from_nanos(at_ns - now_ns) } else { instant }
 }
 
 /// Converts nanoseconds to whole microseconds, the unit of every histogram.

@@ -1,6 +1,7 @@
 //! `loadtest`: ringgate's bundled WebSocket load generator.
 //!
-//! Opens `--conns` connections on io_uring (one tokio-uring runtime per thread), sends messages on
+//! Opens `--conns` connections on io_uring (ringgate's own driver, one loop per thread; epoll where
+//! io_uring is blocked), sends messages on
 //! a fixed schedule or ping-pong, verifies every echo, and reports coordinated-omission-corrected
 //! latency percentiles from HdrHistogram. The protocol itself is `ringgate::proto`'s; this crate
 //! is scheduling, measurement and reporting.
@@ -92,11 +93,15 @@ fn run(args: Args) -> Result<ExitCode> {
             plan.threads,
         );
     }
+    let (backend, fallback) = engine::choose_backend(plan.io)?;
+    if let Some(cause) = fallback {
+        eprintln!("loadtest: io_uring is not usable here, running on epoll: {cause}");
+    }
     let plan = Arc::new(plan);
     let cpu_at_start = cpu::CpuTime::now();
     let (reports, received) = mpsc::channel();
     let pubsub = plan.pubsub.as_ref().map(|layout| Arc::new(engine::pubsub::Shared::new(layout)));
-    let threads = engine::start(Arc::clone(&plan), phases, pubsub.clone(), reports)
+    let threads = engine::start(Arc::clone(&plan), phases, backend, pubsub.clone(), reports)
         .context("starting client threads")?;
     let stats = progress::collect(&plan, &phases, received)?;
     for thread in threads {

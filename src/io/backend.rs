@@ -33,18 +33,41 @@ pub enum Received<'a> {
     Error(io::Error),
 }
 
-/// One outcome reported by a backend.
+/// One outcome reported by a backend. Every variant names the operation's owner by the [`Token`]
+/// it was started with, so that a late outcome for a closed owner is recognised and dropped.
 pub enum Event<'a> {
-    /// A receive on the socket named by `token` produced something. `more` is false when the
-    /// receive has ended and must be started again to read further.
-    Recv { token: Token, received: Received<'a>, more: bool },
-    /// A send finished: bytes written (possibly fewer than asked, or 0: try again) or the error.
-    Sent { token: Token, result: io::Result<usize> },
+    /// A receive produced something.
+    Recv {
+        /// The receive's owner.
+        token: Token,
+        /// What came.
+        received: Received<'a>,
+        /// False when the receive has ended and must be started again to read further.
+        more: bool,
+    },
+    /// A send finished.
+    Sent {
+        /// The send's owner.
+        token: Token,
+        /// Bytes written (possibly fewer than asked, or 0: try again), or the error.
+        result: io::Result<usize>,
+    },
     /// A connect finished.
-    Connected { token: Token, result: io::Result<()> },
-    /// Listener `listener` accepted a socket (or failed to). `more` is false when accepting has
-    /// ended and must be started again.
-    Accepted { listener: usize, result: io::Result<RawFd>, more: bool },
+    Connected {
+        /// The connect's owner.
+        token: Token,
+        /// Whether the socket is connected.
+        result: io::Result<()>,
+    },
+    /// A listener accepted a socket (or failed to).
+    Accepted {
+        /// The listener's index.
+        listener: usize,
+        /// The new socket, or why there is none.
+        result: io::Result<RawFd>,
+        /// False when accepting has ended and must be started again.
+        more: bool,
+    },
     /// Another thread woke the worker (pub/sub hand-offs, drain).
     Woken,
 }

@@ -43,10 +43,15 @@ use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
 use context::WorkerContext;
-use driver::{Setup, UringBackend};
-use epoll::EpollBackend;
-use wake::WakeFd;
 use worker::WorkerSetup;
+
+pub use backend::{Backend, BackendCounters, Event, Received};
+pub use buffers::process_after_tail;
+pub use driver::{Setup, UringBackend};
+pub use epoll::EpollBackend;
+pub use outgoing::{Outgoing, staging_buffer};
+pub use token::{Op, Side, Token};
+pub use wake::WakeFd;
 
 /// Why the gateway could not start.
 #[derive(Debug)]
@@ -97,31 +102,52 @@ impl std::error::Error for StartError {}
 
 /// The backend the workers run on, decided once at start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BackendKind {
+pub enum BackendKind {
     /// io_uring with at most these ring flags, and `--coalesce-wait`.
     Uring(Setup, Duration),
+    /// The readiness fallback.
     Epoll,
 }
 
+/// What [`select_backend`] decided, and why it fell back when it did: the caller says so in its
+/// own voice (the gateway logs it, the load generator prints it).
+#[derive(Debug)]
+pub struct Selection {
+    /// The backend to run on.
+    pub kind: BackendKind,
+    /// Why `auto` fell back to epoll, when it did.
+    pub fallback: Option<StartError>,
+}
+
 /// Picks the backend for `choice`. `auto` probes io_uring (a ring with a provided-buffer ring, on a
-/// kernel with multishot receive) and falls back to epoll, saying why in one log line.
-fn choose_backend(choice: IoChoice, coalesce_wait: Duration) -> Result<BackendKind, StartError> {
+/// kernel with multishot receive) and falls back to epoll, naming the cause in
+/// [`Selection::fallback`]. Shared with the bundled load generator, which runs its client
+/// connections on the same two backends.
+pub fn select_backend(choice: IoChoice, coalesce_wait: Duration) -> Result<Selection, StartError> {
     let setup = uring_setup_override();
     let uring = BackendKind::Uring(setup, coalesce_wait);
     match choice {
-        IoChoice::Epoll => Ok(BackendKind::Epoll),
-        IoChoice::Uring => probe_uring(setup).map(|()| uring).map_err(StartError::IoUringUnavailable),
+        IoChoice::Epoll => Ok(Selection { kind: BackendKind::Epoll, fallback: None }),
+        IoChoice::Uring => probe_uring(setup)
+            .map(|()| Selection { kind: uring, fallback: None })
+            .map_err(StartError::IoUringUnavailable),
         IoChoice::Auto => match probe_uring(setup) {
-            Ok(()) => Ok(uring),
-            Err(error) => {
-                warn!(
-                    "io_uring is not usable here, running on epoll: {}",
-                    StartError::IoUringUnavailable(error)
-                );
-                Ok(BackendKind::Epoll)
-            }
+            Ok(()) => Ok(Selection { kind: uring, fallback: None }),
+            Err(error) => Ok(Selection {
+                kind: BackendKind::Epoll,
+                fallback: Some(StartError::IoUringUnavailable(error)),
+            }),
         },
     }
+}
+
+/// [`select_backend`] for the gateway: a fallback is logged as a warning.
+fn choose_backend(choice: IoChoice, coalesce_wait: Duration) -> Result<BackendKind, StartError> {
+    let selection = select_backend(choice, coalesce_wait)?;
+    if let Some(cause) = &selection.fallback {
+        warn!("io_uring is not usable here, running on epoll: {cause}");
+    }
+    Ok(selection.kind)
 }
 
 /// The best ring flags to try, or fewer when `RINGGATE_URING_SETUP` asks (`defer`, `coop-single`,

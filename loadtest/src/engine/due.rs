@@ -6,29 +6,30 @@
 
 use ringgate::proto::frame::{OpCode, write_frame};
 
+use super::LATE_THRESHOLD;
+use super::env::Env;
 use super::wire::mask_key;
-use super::{LATE_THRESHOLD, ThreadCtx};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
 
 /// Encodes, as masked client frames into `out`, every message from `*sent` on whose intended time
-/// is due by now and before the end of the run; advances `*sent` past them. Each message's tag is
+/// is due by `env.now` and before the end of the run; advances `*sent` past them. Each message's tag is
 /// `tag_base | index`. `on_encoded(next, measured)` runs after each one, with the new `*sent` and
 /// whether the message falls in the measured window.
 pub fn encode_due(
-    ctx: &ThreadCtx,
+    env: &mut Env<'_>,
     out: &mut Vec<u8>,
-    payload: &mut [u8],
     schedule: &Schedule,
     sent: &mut u64,
     tag_base: u64,
     mut on_encoded: impl FnMut(u64, bool),
 ) {
-    let phases = &ctx.phases;
-    let mut stats = ctx.stats.borrow_mut();
+    let phases = env.phases;
+    let stats = &mut *env.stats;
+    let payload = &mut *env.scratch;
     let late = LATE_THRESHOLD.as_nanos() as u64;
-    let now = clock::now();
+    let now = env.now;
     loop {
         let at = schedule.at(*sent);
         if at > now || at >= phases.end {

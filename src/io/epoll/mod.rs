@@ -73,6 +73,8 @@ pub struct EpollBackend {
     buffer: Box<[u8]>,
     events: Vec<libc::epoll_event>,
     counters: BackendCounters,
+    /// Whether `epoll_pwait2` is there (cleared at its first ENOSYS).
+    precise_wait: bool,
 }
 
 fn cvt(result: libc::c_int) -> io::Result<libc::c_int> {
@@ -94,6 +96,7 @@ impl EpollBackend {
             buffer: vec![0; RECV_BUFFER_SIZE].into_boxed_slice(),
             events: Vec::with_capacity(EVENTS_PER_WAIT),
             counters: BackendCounters::default(),
+            precise_wait: true,
         };
         backend.register(wake_fd, libc::EPOLLIN as u32, WAKE_TAG)?;
         Ok(backend)
@@ -119,6 +122,43 @@ impl EpollBackend {
             state.queued = true;
             self.ready.push_back(fd);
         }
+    }
+
+    /// Waits for events into `self.events`, for at most `timeout` (`None`: no limit), with
+    /// nanosecond precision where the kernel has `epoll_pwait2` (5.11): a paced sender (the load
+    /// generator) must wake within microseconds of its due time, not at the next millisecond.
+    fn epoll_wait(&mut self, timeout: Option<Duration>) -> libc::c_int {
+        let events = self.events.as_mut_ptr();
+        if self.precise_wait {
+            let ts = timeout.map(|t| libc::timespec {
+                tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: t.subsec_nanos() as libc::c_long,
+            });
+            let ts_ptr = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+            // SAFETY: `events` has room for EVENTS_PER_WAIT events, `ts_ptr` is null or points to
+            // a live timespec, and a null signal mask leaves the mask alone.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.epoll,
+                    events,
+                    EVENTS_PER_WAIT as libc::c_int,
+                    ts_ptr,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            } as libc::c_int;
+            if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+                return n;
+            }
+            self.precise_wait = false;
+        }
+        let timeout_ms = match timeout {
+            None => -1,
+            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+        };
+        // SAFETY: the vector has room for EVENTS_PER_WAIT events; the kernel writes at most that.
+        unsafe { libc::epoll_wait(self.epoll, events, EVENTS_PER_WAIT as i32, timeout_ms) }
     }
 
     /// Reads `fd` once into the receive buffer and reports what came.
@@ -365,16 +405,9 @@ impl Backend for EpollBackend {
         let delivered = self.deliver_queued(handle);
         self.counters.events += delivered as u64;
         let busy = delivered > 0 || !self.ready.is_empty() || !self.pending.is_empty();
-        let timeout_ms = match timeout {
-            _ if busy => 0,
-            None => -1,
-            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-        };
+        let timeout = if busy { Some(Duration::ZERO) } else { timeout };
         self.events.clear();
-        // SAFETY: the vector has room for EVENTS_PER_WAIT events; the kernel writes at most that.
-        let n = unsafe {
-            libc::epoll_wait(self.epoll, self.events.as_mut_ptr(), EVENTS_PER_WAIT as i32, timeout_ms)
-        };
+        let n = self.epoll_wait(timeout);
         if n < 0 {
             let error = io::Error::last_os_error();
             return if error.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(error) };

@@ -1,0 +1,456 @@
+//! One client connection as a state machine in its thread's table: no task, no future, no
+//! buffer of its own while idle. The thread's loop feeds it the backend's events (connected,
+//! bytes received, send finished) and its timer; after each, [`Conn::sync`] turns what the
+//! connection now wants into backend operations: a send of what it has queued, a receive, or
+//! closing the socket.
+//!
+//! Stages: `Connecting` (TCP connect in flight) -> `Upgrading` (request sent, reading the 101) ->
+//! `Open` (its [`Traffic`] runs) -> `Closing` (our Close sent, waiting for the server's) ->
+//! `Shutdown` (socket shut down, waiting for the operations still in flight to end) -> `Done`,
+//! or `Lingering` first for a pubsub subscriber that must wait to count what it missed.
+//!
+//! Must never: close a socket with a receive or send in flight (the backend's contract: the
+//! kernel may still write into a buffer or read from one), move or drop the bytes of a send in
+//! flight, or count a connection as open after it ended.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{IntoRawFd, RawFd};
+
+use ringgate::io::{Backend, Outgoing, Received, Token, staging_buffer};
+use ringgate::proto::handshake::{ClientHandshake, ClientHandshakeError, ServerResponse};
+use socket2::{SockAddr, Socket};
+
+use super::env::Env;
+use super::pubsub::Role;
+use super::traffic::Traffic;
+use super::wire::{Drained, Receiver, put_close};
+use super::{CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT};
+use crate::stats::ErrorKind;
+
+/// Where a connection is.
+enum Stage {
+    /// Not started yet.
+    Idle,
+    /// The TCP connect is in flight.
+    Connecting,
+    /// The upgrade request is sent (or queued); reading the response.
+    Upgrading(ClientHandshake),
+    /// The handshake is done; the traffic runs.
+    Open,
+    /// Our Close is queued or sent; waiting for the server's until `by`. `peer_closed` once the
+    /// server's Close came (then the socket is shut down as soon as ours is out).
+    Closing { by: u64, peer_closed: bool },
+    /// The socket is shut down; it is closed once nothing is in flight on it.
+    Shutdown,
+    /// The socket is closed; a subscriber waits to count what it missed.
+    Lingering,
+    /// Finished.
+    Done,
+}
+
+/// One connection.
+pub struct Conn {
+    /// Its number in the run (connections are dealt round-robin over the threads).
+    pub index: u32,
+    /// When its timer entry fires, if it has one pending: the earliest of its entries.
+    pub wake_at: Option<u64>,
+    /// Already on the thread's list of connections to sync this turn.
+    pub touched: bool,
+    fd: RawFd,
+    stage: Stage,
+    /// When the TCP connect started (handshake latency and timeout).
+    started: u64,
+    established: bool,
+    role: Option<Role>,
+    rx: Receiver,
+    /// Bytes to send next: frames, control frames, the upgrade request.
+    pending: Vec<u8>,
+    /// The send in flight; the kernel reads from it until its completion.
+    out: Option<Outgoing>,
+    /// A receive is running (io_uring: the multishot receive is armed; epoll: input is wanted).
+    recv_on: bool,
+    /// A stop of the receive was asked for.
+    recv_stopping: bool,
+    traffic: Option<Traffic>,
+}
+
+impl Conn {
+    /// Connection `index` of the run, not started; `role` in pubsub mode.
+    pub fn new(index: u32, role: Option<Role>, max_message: usize) -> Conn {
+        Conn {
+            index,
+            wake_at: None,
+            touched: false,
+            fd: -1,
+            stage: Stage::Idle,
+            started: 0,
+            established: false,
+            role,
+            rx: Receiver::new(max_message),
+            pending: Vec::new(),
+            out: None,
+            recv_on: false,
+            recv_stopping: false,
+            traffic: None,
+        }
+    }
+
+    /// Whether the connection is finished.
+    pub fn is_done(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
+    /// Whether it is still on its way to being established (for an interruption).
+    pub fn is_connecting(&self) -> bool {
+        matches!(self.stage, Stage::Connecting | Stage::Upgrading(_))
+    }
+
+    /// Starts the connection: a socket set up the way `backend` drives sockets, bound to `source`
+    /// if given, and a connect to `addr` (which must stay where it is until the connect ends).
+    pub fn start<B: Backend>(
+        &mut self,
+        env: &mut Env<'_>,
+        backend: &mut B,
+        token: Token,
+        addr: &SockAddr,
+        source: Option<Ipv4Addr>,
+    ) {
+        env.stats.counters.attempted += 1;
+        self.started = env.now;
+        let socket = match open_socket(backend, addr, source) {
+            Ok(socket) => socket,
+            Err(error) => {
+                self.stage = Stage::Done;
+                return self.connect_failed(env, io_reason(&error));
+            }
+        };
+        let fd = socket.into_raw_fd();
+        if let Err(error) = backend.attach(fd, token) {
+            backend.close(fd);
+            self.stage = Stage::Done;
+            return self.connect_failed(env, io_reason(&error));
+        }
+        self.fd = fd;
+        self.stage = Stage::Connecting;
+        backend.connect(fd, token, addr);
+    }
+
+    /// The connect finished.
+    pub fn on_connected(&mut self, env: &mut Env<'_>, result: io::Result<()>) {
+        if !matches!(self.stage, Stage::Connecting) {
+            return;
+        }
+        if let Err(error) = result {
+            return self.fail_connect(env, io_reason(&error));
+        }
+        let handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes());
+        let target = &env.plan.target;
+        match (self.role, env.pubsub) {
+            (Some(role), Some(shared)) => {
+                handshake.write_request(&mut self.pending, &target.host, &shared.path(role), &[]);
+            }
+            _ => handshake.write_request(&mut self.pending, &target.host, &target.path, &[]),
+        }
+        self.stage = Stage::Upgrading(handshake);
+    }
+
+    /// A receive produced something; `more` is false when the receive has ended.
+    pub fn on_recv(&mut self, env: &mut Env<'_>, received: Received<'_>, more: bool) {
+        if !more {
+            self.recv_on = false;
+        }
+        match received {
+            Received::Data(data) => self.on_data(env, data),
+            Received::Stopped => {}
+            Received::Eof | Received::Error(_) => match self.stage {
+                Stage::Upgrading(_) => self.fail_connect(env, "closed_during_handshake".into()),
+                Stage::Open => {
+                    env.stats.error(ErrorKind::ConnectionLost);
+                    self.shut_down(env);
+                }
+                Stage::Closing { .. } => self.shut_down(env),
+                _ => {}
+            },
+        }
+    }
+
+    fn on_data(&mut self, env: &mut Env<'_>, data: &mut [u8]) {
+        match self.stage {
+            Stage::Upgrading(_) => self.on_response(env, data),
+            Stage::Open => {
+                let Some(traffic) = self.traffic.as_mut() else { return };
+                let drained =
+                    self.rx.receive(data, &mut self.pending, |payload| traffic.on_message(env, payload));
+                self.after_frames(env, drained);
+            }
+            Stage::Closing { by, .. } => {
+                // Only the server's Close matters now; Pings are still answered.
+                match self.rx.receive(data, &mut self.pending, |_| {}) {
+                    Drained::Open => {}
+                    Drained::Closed(_) => self.stage = Stage::Closing { by, peer_closed: true },
+                    Drained::Broken => self.shut_down(env),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Bytes of the handshake response: kept until the header section is complete.
+    fn on_response(&mut self, env: &mut Env<'_>, data: &[u8]) {
+        let Stage::Upgrading(handshake) = &self.stage else { return };
+        self.rx.tail.extend_from_slice(data);
+        let len = match handshake.parse_response(&self.rx.tail, &[]) {
+            Ok(ServerResponse::Partial) => return,
+            Ok(ServerResponse::Upgraded { len, .. }) => len,
+            Err(error) => return self.fail_connect(env, handshake_reason(error)),
+        };
+        self.rx.tail.drain(..len);
+        self.established = true;
+        self.stage = Stage::Open;
+        env.stats.established(env.now, env.now - self.started);
+        if let (Some(role), Some(shared)) = (self.role, env.pubsub) {
+            shared.connected(role, true);
+        }
+        let mut traffic = Traffic::new(env, self.role);
+        // Frames that came with the response.
+        let drained = self.rx.receive_tail(&mut self.pending, |payload| traffic.on_message(env, payload));
+        self.traffic = Some(traffic);
+        self.after_frames(env, drained);
+    }
+
+    /// After an open connection's frames were handled: a Close or a protocol error ends it.
+    fn after_frames(&mut self, env: &mut Env<'_>, drained: Drained) {
+        match drained {
+            Drained::Open => {}
+            Drained::Broken => {
+                env.stats.error(ErrorKind::ProtocolError);
+                self.shut_down(env);
+            }
+            Drained::Closed(code) => {
+                // Pubsub counts Closes by code (1008 is a slow consumer); echo as an error kind.
+                if env.pubsub.is_some() {
+                    env.stats.closed(code);
+                } else {
+                    env.stats.error(ErrorKind::ServerClosed);
+                }
+                put_close(&mut self.pending);
+                self.stage =
+                    Stage::Closing { by: env.now + CLOSE_TIMEOUT.as_nanos() as u64, peer_closed: true };
+            }
+        }
+    }
+
+    /// A send finished: `Ok(n)` bytes were written (0: the socket was full, try again).
+    pub fn on_sent(&mut self, env: &mut Env<'_>, result: io::Result<usize>) {
+        let Some(out) = self.out.as_mut() else { return };
+        match result {
+            Ok(n) => {
+                out.advance(n);
+                if out.is_empty() || matches!(self.stage, Stage::Shutdown) {
+                    self.out = None;
+                }
+            }
+            Err(error) => {
+                self.out = None;
+                match self.stage {
+                    Stage::Upgrading(_) => self.fail_connect(env, io_reason(&error)),
+                    Stage::Open => {
+                        env.stats.error(ErrorKind::WriteFailed);
+                        self.shut_down(env);
+                    }
+                    Stage::Closing { .. } => self.shut_down(env),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Its timer fired: deadlines of the handshake and the closing handshake. (What the traffic
+    /// owes is sent by the [`Conn::sync`] that follows.)
+    pub fn on_timer(&mut self, env: &mut Env<'_>) {
+        match self.stage {
+            Stage::Connecting | Stage::Upgrading(_)
+                if env.now >= self.started + HANDSHAKE_TIMEOUT.as_nanos() as u64 =>
+            {
+                self.fail_connect(env, "timed_out".into());
+            }
+            Stage::Closing { by, .. } if env.now >= by => self.shut_down(env),
+            _ => {}
+        }
+    }
+
+    /// An interruption: a connection still being established gives up (counted as a failed
+    /// attempt: it was made and did not complete).
+    pub fn interrupt(&mut self, env: &mut Env<'_>) {
+        if self.is_connecting() {
+            self.fail_connect(env, "interrupted".into());
+        }
+    }
+
+    /// Turns what the connection wants into backend operations; returns when its timer must next
+    /// fire, if ever.
+    pub fn sync<B: Backend>(&mut self, env: &mut Env<'_>, backend: &mut B, token: Token) -> Option<u64> {
+        if let Stage::Open = self.stage {
+            let traffic = self.traffic.as_mut()?;
+            if self.out.is_none() {
+                traffic.fill(env, &mut self.pending);
+            }
+            if traffic.finished(env) {
+                put_close(&mut self.pending);
+                self.stage =
+                    Stage::Closing { by: env.now + CLOSE_TIMEOUT.as_nanos() as u64, peer_closed: false };
+            }
+        }
+        if let Stage::Closing { peer_closed: true, .. } = self.stage
+            && self.out.is_none()
+            && self.pending.is_empty()
+        {
+            self.shut_down(env);
+        }
+        match self.stage {
+            Stage::Upgrading(_) | Stage::Open | Stage::Closing { .. } => {
+                if self.out.is_none() && !self.pending.is_empty() {
+                    let frames = std::mem::replace(&mut self.pending, staging_buffer());
+                    let out = self.out.insert(Outgoing::staged(frames));
+                    backend.send(self.fd, token, out);
+                }
+                if !self.recv_on {
+                    self.recv_on = true;
+                    backend.start_recv(self.fd, token);
+                }
+            }
+            Stage::Shutdown => {
+                if self.recv_on && !self.recv_stopping {
+                    self.recv_stopping = true;
+                    self.recv_on = backend.stop_recv(self.fd, token);
+                }
+                if !self.recv_on && self.out.is_none() {
+                    backend.close(self.fd);
+                    self.fd = -1;
+                    self.socket_gone(env);
+                }
+            }
+            Stage::Lingering => {
+                if self.traffic.as_mut().is_none_or(|traffic| traffic.linger(env)) {
+                    self.stage = Stage::Done;
+                }
+            }
+            Stage::Idle | Stage::Connecting | Stage::Done => {}
+        }
+        self.next_wake(env)
+    }
+
+    fn next_wake(&self, env: &Env<'_>) -> Option<u64> {
+        match &self.stage {
+            Stage::Connecting | Stage::Upgrading(_) => {
+                Some(self.started + HANDSHAKE_TIMEOUT.as_nanos() as u64)
+            }
+            Stage::Open => self.traffic.as_ref()?.next_wake(env, self.out.is_some()),
+            Stage::Closing { by, .. } => Some(*by),
+            Stage::Lingering => Some(
+                (env.now + super::pubsub::CHECK_EVERY.as_nanos() as u64)
+                    .min(env.phases.drain_end.max(env.now)),
+            ),
+            Stage::Idle | Stage::Shutdown | Stage::Done => None,
+        }
+    }
+
+    /// Ends the connection without the closing handshake: the socket is shut down, which also
+    /// ends its receive and any send in flight; [`Conn::sync`] closes it once they have ended.
+    fn shut_down(&mut self, _env: &mut Env<'_>) {
+        if matches!(self.stage, Stage::Shutdown | Stage::Lingering | Stage::Done | Stage::Idle) {
+            return;
+        }
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        self.pending = Vec::new();
+        self.stage = Stage::Shutdown;
+    }
+
+    /// The socket is closed: the connection is over, unless a subscriber must still count.
+    fn socket_gone(&mut self, env: &mut Env<'_>) {
+        if self.established {
+            env.stats.counters.open -= 1;
+        }
+        self.rx.tail = Vec::new();
+        let finished = self.traffic.as_mut().is_none_or(|traffic| traffic.ended(env));
+        self.stage = if finished { Stage::Done } else { Stage::Lingering };
+    }
+
+    /// A connection attempt failed before the handshake completed.
+    fn fail_connect(&mut self, env: &mut Env<'_>, reason: String) {
+        let connecting = matches!(self.stage, Stage::Connecting);
+        self.connect_failed(env, reason);
+        if connecting {
+            // A connect in flight cannot be ended by a shutdown; the socket is closed under it
+            // (the operation holds its own reference to the socket and its completion, if it
+            // ever comes, finds this connection done).
+            self.stage = Stage::Shutdown;
+            self.recv_on = false;
+        } else {
+            self.shut_down(env);
+        }
+    }
+
+    /// Counts a failed attempt (and, in pubsub mode, settles it).
+    fn connect_failed(&mut self, env: &mut Env<'_>, reason: String) {
+        env.stats.connect_failed(reason);
+        if let (Some(role), Some(shared)) = (self.role, env.pubsub) {
+            shared.connected(role, false);
+        }
+    }
+}
+
+/// A socket for `addr` the way `backend` drives sockets, bound to `source` when given (with
+/// IP_BIND_ADDRESS_NO_PORT, so the port is chosen at connect time per destination and one address
+/// serves more than 64k connections across targets).
+fn open_socket<B: Backend>(backend: &B, addr: &SockAddr, source: Option<Ipv4Addr>) -> io::Result<Socket> {
+    let target = addr.as_socket().ok_or_else(|| io::Error::other("not an IP address"))?;
+    let socket = backend.upstream_socket(target)?;
+    if let Some(ip) = source {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads an int from the pointer we pass, with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        socket.bind(&SockAddr::from(std::net::SocketAddrV4::new(ip, 0)))?;
+    }
+    Ok(socket)
+}
+
+fn handshake_reason(error: ClientHandshakeError) -> String {
+    match error {
+        ClientHandshakeError::Rejected(status) => format!("http_{status}"),
+        ClientHandshakeError::Malformed => "malformed_response".into(),
+        ClientHandshakeError::NotUpgraded => "not_upgraded".into(),
+        ClientHandshakeError::BadAcceptKey => "bad_accept_key".into(),
+        ClientHandshakeError::UnexpectedSubprotocol => "unexpected_subprotocol".into(),
+    }
+}
+
+/// A short, stable name for a socket error.
+pub fn io_reason(error: &io::Error) -> String {
+    let name = match error.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ETIMEDOUT) => "timed_out",
+        Some(libc::EADDRNOTAVAIL) => "no_free_port",
+        Some(libc::EADDRINUSE) => "address_in_use",
+        Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset",
+        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable",
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "out_of_file_descriptors",
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "out_of_memory",
+        Some(code) => return format!("errno_{code}"),
+        None => return format!("{:?}", error.kind()).to_lowercase(),
+    };
+    name.to_string()
+}
