@@ -234,8 +234,10 @@ impl ClientThread {
                 }
                 continue;
             }
+            // One entry per connection at a time, unless it needs an earlier one: comparing fire
+            // times (rounded to the tick), a due time unchanged since the last turn adds nothing.
             if let Some(at) = wake
-                && conn.wake_at.is_none_or(|pending| at < pending)
+                && conn.wake_at.is_none_or(|pending| self.wheel.fire_time(at) < pending)
             {
                 conn.wake_at = Some(self.wheel.insert(at, slot));
             }

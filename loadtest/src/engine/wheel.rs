@@ -56,8 +56,14 @@ impl Wheel {
         self.len
     }
 
-    /// Schedules `slot` for `due` (run clock, ns); returns the time it will fire: `due` rounded up
-    /// to a tick, or the next sweep for a time already past.
+    /// When an entry for `due` would fire: `due` rounded up to a tick, or the next sweep for a
+    /// time already past. Callers compare these, not raw due times, to tell whether an entry they
+    /// have pending already covers a new due time.
+    pub fn fire_time(&self, due: u64) -> u64 {
+        due.div_ceil(self.tick_ns).max(self.current) * self.tick_ns
+    }
+
+    /// Schedules `slot` for `due` (run clock, ns); returns [`Wheel::fire_time`].
     pub fn insert(&mut self, due: u64, slot: u32) -> u64 {
         let tick = due.div_ceil(self.tick_ns).max(self.current);
         self.len += 1;
