@@ -420,7 +420,8 @@ impl Summary {
             .map(|t| t.cpu_percent)
             .fold(None, |max: Option<f64>, p| Some(max.map_or(p, |m| m.max(p))));
         let Some(busiest) = busiest else {
-            return "client threads: CPU over the measured window not measured".to_string();
+            return "client threads: not measured (no thread reported its CPU over the measured window)"
+                .to_string();
         };
         let verdict = if self.client_saturated {
             "SATURATED, these figures describe the client, not the server"
