@@ -1,8 +1,12 @@
 //! The final report: one [`Summary`] built from the merged statistics, printed for people and
 //! written as JSON for machines (the CI test asserts on these keys, so they are a contract).
+//! The text leads with what readers compare (throughput, latency percentiles, client CPU per
+//! message) and whether the client kept its schedule and up, so a run that measured the client
+//! says so before any figure is quoted; it also decides the exit status ([`Verdict`]).
 //!
-//! Must never: print a number that is not in the JSON or vice versa, or round a latency down
-//! (percentiles are HdrHistogram's highest equivalent values, so they never understate).
+//! Must never: print a number that is not in the JSON or vice versa, round a latency down
+//! (percentiles are HdrHistogram's highest equivalent values, so they never understate), or
+//! divide by time that was not measured (an interrupted run's window ends at the interruption).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

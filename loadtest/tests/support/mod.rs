@@ -205,6 +205,7 @@ fn serve(
 }
 
 /// [`Behaviour::RejectEvery`]: reads the upgrade request and answers 503.
+#[allow(clippy::result_large_err, reason = "tungstenite's callback returns its error response by value")]
 fn reject(stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(IDLE_LIMIT));
