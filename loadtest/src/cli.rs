@@ -68,7 +68,8 @@ pub struct Args {
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub warmup: Duration,
 
-    /// Client threads, one io_uring runtime each [default: number of cores].
+    /// Client threads, one io_uring runtime each [default: the cores loadtest may run on, its CPU
+    /// affinity: 1 under `taskset -c 1`].
     #[arg(long)]
     pub threads: Option<usize>,
 
@@ -125,6 +126,12 @@ pub struct Args {
     /// No progress lines while running; the final summary is still printed.
     #[arg(long)]
     pub quiet: bool,
+
+    /// Exit with status 0 even when connections failed or errors occurred (they are still
+    /// reported), as long as at least one connection was established. Without it such a run
+    /// exits with status 1.
+    #[arg(long)]
+    pub allow_errors: bool,
 }
 
 /// What every connection does once it is open.
@@ -192,6 +199,8 @@ pub struct Plan {
     pub plot: Option<PathBuf>,
     /// Suppress progress lines.
     pub quiet: bool,
+    /// Failed connections and errors do not make the exit status non-zero.
+    pub allow_errors: bool,
     /// Pubsub mode's layout; `None` in the other modes.
     pub pubsub: Option<PubSubPlan>,
 }
@@ -298,6 +307,7 @@ impl Args {
             hgrm: self.hgrm,
             plot: self.plot,
             quiet: self.quiet,
+            allow_errors: self.allow_errors,
             pubsub,
         })
     }

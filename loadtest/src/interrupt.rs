@@ -8,7 +8,14 @@
 //! Must never: run anything in a signal handler (there is none: the signals are blocked in every
 //! thread and taken synchronously), or let a run that was cut short look like a complete one.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::clock;
+
+/// The exit status of an interrupted run, as a shell reports a process killed by SIGINT (128 + 2),
+/// so scripts tell a cut-short run from a complete one.
+pub const EXIT_STATUS: u8 = 130;
 
 /// When the run was interrupted (run clock, ns); `u64::MAX` while it was not.
 static AT: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -21,4 +28,49 @@ pub fn request(at: u64) {
 /// When the run was interrupted, if it was.
 pub fn requested() -> Option<u64> {
     Some(AT.load(Ordering::Acquire)).filter(|&at| at != u64::MAX)
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread, and so in every thread it starts afterwards,
+/// and starts the thread that takes them. Call it before starting the client threads: a thread
+/// started earlier would still die of the signal's default action.
+pub fn take_signals() -> io::Result<()> {
+    let set = signal_set();
+    // SAFETY: `set` is an initialised signal set; the old mask is not asked for (null).
+    let status = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if status != 0 {
+        return Err(io::Error::from_raw_os_error(status));
+    }
+    std::thread::Builder::new().name("loadtest-signals".into()).spawn(move || take(set))?;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise; sigemptyset and sigaddset only
+    // write into it, and cannot fail with these signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// The signal thread: the first signal asks the run to stop, the second ends the process.
+fn take(set: libc::sigset_t) {
+    loop {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and its signals are blocked; `signal` is a valid place to
+        // write the number of the signal taken.
+        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+            return;
+        }
+        if requested().is_some() {
+            eprintln!("loadtest: interrupted again, quitting without a report");
+            std::process::exit(i32::from(EXIT_STATUS));
+        }
+        request(clock::now());
+        eprintln!("loadtest: interrupted, finishing and reporting what was measured (again to quit at once)");
+    }
 }

@@ -6,8 +6,11 @@
 //! latency percentiles from HdrHistogram. The protocol itself is `ringgate::proto`'s; this crate
 //! is scheduling, measurement and reporting.
 //!
-//! `main` only wires the parts together: parse, check limits, run the engine, report.
-//! Must never: hide a failure (a run with no connection established exits non-zero).
+//! `main` only wires the parts together: parse, check limits, take Ctrl-C, run the engine, report,
+//! and exit with a status that says how the run went: 0 complete and clean, 1 failed connections or
+//! errors (0 with `--allow-errors`) or no connection at all, 2 a usage error, 130 interrupted.
+//! Must never: hide a failure (a run with no connection established, or with errors and no
+//! `--allow-errors`, exits non-zero), or let an interrupted run exit 0.
 
 mod cli;
 mod clock;
@@ -33,7 +36,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::cli::{Args, Mode};
-use crate::report::{PubSubTotals, Summary};
+use crate::report::{Ending, PubSubTotals, Summary};
 use crate::schedule::Phases;
 
 /// Time between fixing the schedule and the first connection, for the threads to start.
@@ -63,6 +66,8 @@ fn run(args: Args) -> Result<ExitCode> {
     limits::check_ports(plan.conns, plan.source_ips.len(), limits::ephemeral_ports()?)?;
 
     clock::epoch();
+    // Before any client thread starts, so that every thread inherits the blocked signals.
+    interrupt::take_signals().context("taking SIGINT and SIGTERM on a thread of their own")?;
     let phases = Phases::new(&plan, clock::now() + LEAD_TIME.as_nanos() as u64);
     if !plan.quiet {
         let what = match (plan.mode, plan.rate) {
@@ -113,7 +118,8 @@ fn run(args: Args) -> Result<ExitCode> {
         deliveries_expected: shared.deliveries_expected(),
         publish_start: shared.publish_start(),
     });
-    let summary = Summary::new(&plan, &phases, &stats, cpu, totals);
+    let ending = Ending { interrupted_at: interrupt::requested() };
+    let summary = Summary::new(&plan, &phases, &stats, cpu, totals, ending);
     print!("{}", summary.text());
     if let Some(path) = &plan.json {
         summary.write_json(path)?;
@@ -131,9 +137,9 @@ fn run(args: Args) -> Result<ExitCode> {
         };
         plot::percentile_curve(path, &title, &series)?;
     }
-    if summary.connections_established == 0 {
-        eprintln!("loadtest: no connection could be established");
-        return Ok(ExitCode::FAILURE);
+    let verdict = summary.verdict(plan.allow_errors);
+    if let Some(reason) = &verdict.reason {
+        eprintln!("loadtest: {reason}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(verdict.status))
 }

@@ -1,6 +1,7 @@
 //! The main thread's side of a run: collects the client threads' reports, prints one progress line
 //! per second (connections open, messages per second each way, the last second's p99, late sends,
-//! errors), and merges the threads' final statistics.
+//! errors; the phase reads `stop` once the run was interrupted), and merges the threads' final
+//! statistics.
 //!
 //! Must never: slow the client threads down (they send and forget; all merging happens here), or
 //! wait forever for a thread that died (a dropped channel ends the run with an error).
@@ -13,6 +14,7 @@ use anyhow::{Result, bail};
 use crate::cli::Plan;
 use crate::clock;
 use crate::engine::{Report, SNAPSHOT_INTERVAL};
+use crate::interrupt;
 use crate::schedule::Phases;
 use crate::stats::{Counters, ThreadStats, new_histogram};
 
@@ -83,7 +85,9 @@ pub fn collect(plan: &Plan, phases: &Phases, reports: Receiver<Report>) -> Resul
 }
 
 fn phase_name(phases: &Phases, now: u64) -> &'static str {
-    if now < phases.ramp_end {
+    if interrupt::requested().is_some() {
+        "stop"
+    } else if now < phases.ramp_end {
         "ramp"
     } else if now < phases.measure_start {
         "warmup"

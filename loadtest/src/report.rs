@@ -1,8 +1,12 @@
 //! The final report: one [`Summary`] built from the merged statistics, printed for people and
 //! written as JSON for machines (the CI test asserts on these keys, so they are a contract).
+//! The text leads with what readers compare (throughput, latency percentiles, client CPU per
+//! message) and whether the client kept its schedule and up, so a run that measured the client
+//! says so before any figure is quoted; it also decides the exit status ([`Verdict`]).
 //!
-//! Must never: print a number that is not in the JSON or vice versa, or round a latency down
-//! (percentiles are HdrHistogram's highest equivalent values, so they never understate).
+//! Must never: print a number that is not in the JSON or vice versa, round a latency down
+//! (percentiles are HdrHistogram's highest equivalent values, so they never understate), or
+//! divide by time that was not measured (an interrupted run's window ends at the interruption).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,7 +19,7 @@ use serde::Serialize;
 use crate::cli::{Mode, Plan};
 use crate::cpu::CpuTime;
 use crate::schedule::Phases;
-use crate::stats::{ErrorKind, ThreadStats};
+use crate::stats::{ErrorKind, ThreadLoad, ThreadStats};
 
 /// Percentiles of one histogram, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -94,6 +98,12 @@ pub struct RunConfig {
 pub struct Summary {
     /// How the run was set up.
     pub config: RunConfig,
+    /// Whether the run was cut short by Ctrl-C (SIGINT) or SIGTERM: every figure covers the
+    /// measured window up to the interruption only.
+    pub interrupted: bool,
+    /// Seconds of the measured window that were run: `config.duration_secs`, less when the run was
+    /// interrupted (0 when that came before the window began). Echo throughput is over these.
+    pub measured_secs: f64,
     /// Connections whose TCP connect was started.
     pub connections_attempted: u64,
     /// Connections that completed the handshake.
@@ -145,6 +155,31 @@ pub struct Summary {
     pub send_lag_us: Percentiles,
     /// What this run cost the load generator itself.
     pub client_cpu: ClientCpu,
+    /// `late_sends` as a percentage of `messages_sent` (0 when nothing was sent).
+    pub late_sends_percent: f64,
+    /// Open loop (echo and pubsub): whether the client kept its schedule, that is under
+    /// [`KEPT_SCHEDULE_LATE_PERCENT`]% of measured sends late and no client thread saturated; when
+    /// false, latency includes the client's own lateness. `null` in closed loop (the server's
+    /// replies pace it: it has no schedule), in connect mode, and when nothing was sent.
+    pub client_kept_schedule: Option<bool>,
+    /// Each client thread's CPU over the measured window; empty when it was not measured.
+    pub client_threads: Vec<ClientThread>,
+    /// Whether any client thread was saturated (at least 90% CPU over the measured window): the
+    /// figures then describe the client rather than the server.
+    pub client_saturated: bool,
+}
+
+/// Under this percentage of late sends (and with no thread saturated) an open-loop client kept its
+/// schedule: its own lateness is then noise in the latency, not part of it.
+pub const KEPT_SCHEDULE_LATE_PERCENT: f64 = 0.1;
+
+/// One client thread's load over the measured window, for telling a saturated client apart.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ClientThread {
+    /// CPU time (user and system) as a percentage of the wall time.
+    pub cpu_percent: f64,
+    /// The wall time it was measured over, seconds.
+    pub wall_secs: f64,
 }
 
 /// What pubsub mode adds to a summary, from the state its connections shared.
@@ -167,6 +202,13 @@ pub struct ClientCpu {
     pub us_per_message: f64,
 }
 
+/// What the run's end looked like: whether it was interrupted, and when (run clock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// When Ctrl-C or SIGTERM came, if it did (see [`crate::interrupt::requested`]).
+    pub interrupted_at: Option<u64>,
+}
+
 impl Summary {
     /// Builds the summary from the merged statistics.
     pub fn new(
@@ -175,64 +217,42 @@ impl Summary {
         stats: &ThreadStats,
         cpu: CpuTime,
         pubsub: Option<PubSubTotals>,
+        ending: Ending,
     ) -> Summary {
         let counters = &stats.counters;
-        let connect_rate_per_sec = match stats.established_span {
-            Some((first, last)) if last > first => {
-                (counters.established - 1) as f64 / ((last - first) as f64 / 1e9)
-            }
-            _ => 0.0,
-        };
-        let mut errors_by_kind: BTreeMap<String, u64> = ErrorKind::ALL
-            .iter()
-            .filter(|kind| stats.errors[**kind as usize] > 0)
-            .map(|kind| (kind.name().to_string(), stats.errors[*kind as usize]))
-            .collect();
-        for (code, count) in &stats.closes {
-            let name = if *code == 0 { "closed_no_code".to_string() } else { format!("closed_{code}") };
-            *errors_by_kind.entry(name).or_default() += count;
-        }
-        // Pubsub: the part of the measured window in which publishers published.
+        let measured_secs = phases.measured_secs_until(ending.interrupted_at);
         let window = match pubsub.map(|p| p.publish_start) {
-            Some(Some(start)) => phases.end.saturating_sub(start.max(phases.measure_start)) as f64 / 1e9,
-            Some(None) => 0.0,
-            None => phases.measured_secs(),
+            Some(start) => publish_window_secs(phases, start, ending.interrupted_at),
+            None => measured_secs,
         };
         let throughput = match plan.mode {
             Mode::Echo | Mode::Pubsub if window > 0.0 => counters.messages_received as f64 / window,
             _ => 0.0,
         };
+        let config = run_config(plan);
+        let client_threads: Vec<ClientThread> = stats.loads.iter().map(client_thread).collect();
+        let client_saturated = stats.loads.iter().any(ThreadLoad::saturated);
+        let late_sends_percent = match counters.messages_sent {
+            0 => 0.0,
+            sent => counters.late_sends as f64 * 100.0 / sent as f64,
+        };
+        let client_kept_schedule = (config.loop_kind == "open" && counters.messages_sent > 0)
+            .then_some(late_sends_percent < KEPT_SCHEDULE_LATE_PERCENT && !client_saturated);
         let layout = plan.pubsub.as_ref();
         Summary {
-            config: RunConfig {
-                mode: plan.mode.name(),
-                url: format!("ws://{}{}", plan.target.host, plan.target.path),
-                conns: plan.conns,
-                connect_rate: plan.connect_rate,
-                rate: if plan.mode == Mode::Connect { 0.0 } else { plan.rate.unwrap_or(0.0) },
-                loop_kind: match (plan.mode, plan.rate) {
-                    (Mode::Connect, _) => "none",
-                    (_, Some(_)) => "open",
-                    (_, None) => "closed",
-                },
-                pipeline: plan.pipeline,
-                size: plan.size,
-                duration_secs: plan.duration.as_secs_f64(),
-                warmup_secs: plan.warmup.as_secs_f64(),
-                threads: plan.threads,
-                source_ips: plan.source_ips.len(),
-                timer_slack_us: plan.timer_slack.as_secs_f64() * 1e6,
-            },
+            config,
+            interrupted: ending.interrupted_at.is_some(),
+            measured_secs,
             connections_attempted: counters.attempted,
             connections_established: counters.established,
             connections_failed: stats.connections_failed(),
             connections_failed_by_reason: stats.connect_failures.clone(),
-            connect_rate_per_sec,
+            connect_rate_per_sec: connect_rate_per_sec(stats),
             messages_sent: counters.messages_sent,
             messages_received: counters.messages_received,
             late_sends: counters.late_sends,
             errors: counters.errors,
-            errors_by_kind,
+            errors_by_kind: errors_by_kind(stats),
             throughput_msgs_per_sec: throughput,
             deliveries_expected: pubsub.map(|p| p.deliveries_expected),
             deliveries_lost: pubsub.map(|_| counters.deliveries_lost),
@@ -251,13 +271,29 @@ impl Summary {
                     n => cpu.total().as_secs_f64() * 1e6 / n as f64,
                 },
             },
+            late_sends_percent,
+            client_kept_schedule,
+            client_threads,
+            client_saturated,
         }
     }
 
-    /// The human-readable report.
+    /// The human-readable report: a title, the interruption if there was one, the header with the
+    /// figures readers compare (throughput, latency, client CPU, whether the client kept its
+    /// schedule and up), then the details.
     pub fn text(&self) -> String {
-        let c = &self.config;
         let mut s = String::new();
+        self.write_title(&mut s);
+        self.write_interruption(&mut s);
+        self.write_headline(&mut s);
+        self.write_client(&mut s);
+        self.write_details(&mut s);
+        s
+    }
+
+    /// What was run, in one line.
+    fn write_title(&self, s: &mut String) {
+        let c = &self.config;
         let what = match (c.mode, c.loop_kind) {
             ("connect", _) => format!("held idle for {}s", c.duration_secs),
             ("pubsub", _) => format!(
@@ -285,6 +321,126 @@ impl Summary {
         };
         let _ =
             writeln!(s, "\n{} {} — {} connections, {what}, {} threads", c.mode, c.url, c.conns, c.threads);
+    }
+
+    /// A run cut short says so before any figure.
+    fn write_interruption(&self, s: &mut String) {
+        if !self.interrupted {
+            return;
+        }
+        let _ = write!(
+            s,
+            "interrupted after {:.1}s of the {:.1}s measured window",
+            self.measured_secs, self.config.duration_secs
+        );
+        if self.measured_secs > 0.0 {
+            let _ = writeln!(s, ": every figure covers that part only");
+        } else {
+            let _ = writeln!(s, " (before it began): nothing was measured, throughput is 0");
+        }
+    }
+
+    /// The figures readers compare: throughput and latency (connect mode: handshakes).
+    fn write_headline(&self, s: &mut String) {
+        let l = &self.latency_us;
+        match self.config.mode {
+            "connect" => {
+                let h = &self.handshake_latency_us;
+                let _ = writeln!(
+                    s,
+                    "handshakes:  {} established of {}, {:.0}/s; latency p50 {} us, p99 {} us, p99.9 {} us",
+                    self.connections_established,
+                    self.config.conns,
+                    self.connect_rate_per_sec,
+                    h.p50,
+                    h.p99,
+                    h.p999
+                );
+            }
+            "pubsub" => {
+                let _ = writeln!(
+                    s,
+                    "throughput:  {:.0} deliveries/s over {:.2}s of publishing; delivery latency p50 {} us, \
+                     p99 {} us, p99.9 {} us",
+                    self.throughput_msgs_per_sec,
+                    self.publish_window_secs.unwrap_or(0.0),
+                    l.p50,
+                    l.p99,
+                    l.p999
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "throughput:  {:.0} msg/s; latency p50 {} us, p99 {} us, p99.9 {} us",
+                    self.throughput_msgs_per_sec, l.p50, l.p99, l.p999
+                );
+            }
+        }
+    }
+
+    /// What the run cost the client, whether it kept its schedule, and whether it was saturated.
+    fn write_client(&self, s: &mut String) {
+        let c = &self.config;
+        let cpu = &self.client_cpu;
+        let _ = write!(s, "client cpu:  ");
+        if cpu.us_per_message > 0.0 {
+            let what = if c.mode == "pubsub" { "delivery" } else { "echoed message" };
+            let _ = write!(s, "{:.2} us per {what}, ", cpu.us_per_message);
+        }
+        let _ = writeln!(s, "{:.2}s user + {:.2}s sys over the whole run", cpu.user_secs, cpu.sys_secs);
+        if c.mode != "connect" {
+            let _ = writeln!(s, "schedule:    {}", self.schedule_verdict());
+        }
+        let _ = writeln!(s, "{}", self.saturation_verdict());
+    }
+
+    /// Whether the client sent when it meant to (open loop), or why that is not judged.
+    fn schedule_verdict(&self) -> String {
+        if self.config.loop_kind != "open" {
+            return "closed loop: no schedule of its own (each send waits for the server's reply), \
+                    so only saturation is judged"
+                .to_string();
+        }
+        let late = format!(
+            "{} of {} measured sends late (>1 ms behind), {:.2}%",
+            self.late_sends, self.messages_sent, self.late_sends_percent
+        );
+        match self.client_kept_schedule {
+            None => "no measured sends: nothing to judge the schedule by".to_string(),
+            Some(true) => format!("{late}: kept its schedule"),
+            Some(false) => format!(
+                "{late}: FELL BEHIND its schedule: latency includes the client's own lateness (see the \
+                 send lag row)"
+            ),
+        }
+    }
+
+    /// Whether a client thread was saturated over the measured window.
+    fn saturation_verdict(&self) -> String {
+        let busiest = self
+            .client_threads
+            .iter()
+            .map(|t| t.cpu_percent)
+            .fold(None, |max: Option<f64>, p| Some(max.map_or(p, |m| m.max(p))));
+        let Some(busiest) = busiest else {
+            return "client threads: not measured (no thread reported its CPU over the measured window)"
+                .to_string();
+        };
+        let verdict = if self.client_saturated {
+            "SATURATED, these figures describe the client, not the server"
+        } else {
+            "the client kept up"
+        };
+        format!(
+            "client threads: {}, busiest {busiest:.0}% CPU over the measured window: {verdict}",
+            self.client_threads.len()
+        )
+    }
+
+    /// Everything else: connections, counts, the latency table, errors.
+    fn write_details(&self, s: &mut String) {
+        let c = &self.config;
         let _ = writeln!(
             s,
             "connections: {} attempted, {} established, {} failed{}; {:.0} established/s",
@@ -300,7 +456,6 @@ impl Summary {
                 "messages:    {} sent, {} received, {} sent late (>1 ms behind schedule)",
                 self.messages_sent, self.messages_received, self.late_sends
             );
-            let _ = writeln!(s, "throughput:  {:.0} msg/s", self.throughput_msgs_per_sec);
         }
         if c.mode == "pubsub" {
             let _ = writeln!(
@@ -315,13 +470,14 @@ impl Summary {
                 self.messages_received,
                 self.deliveries_lost.unwrap_or(0)
             );
-            let _ = writeln!(
-                s,
-                "throughput:  {:.0} deliveries/s over {:.2}s of publishing",
-                self.throughput_msgs_per_sec,
-                self.publish_window_secs.unwrap_or(0.0)
-            );
         }
+        self.write_latency_table(s);
+        let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+    }
+
+    /// Every latency histogram's percentiles, one row each.
+    fn write_latency_table(&self, s: &mut String) {
+        let c = &self.config;
         let _ = writeln!(
             s,
             "latency (us)  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
@@ -344,24 +500,17 @@ impl Summary {
         if c.loop_kind == "open" && c.mode != "connect" {
             row("send lag", &self.send_lag_us);
         }
-        let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
-        if self.messages_sent > 0 && self.late_sends * 100 > self.messages_sent {
-            let _ = writeln!(
-                s,
-                "warning:     {:.1}% of messages were sent more than 1 ms after their intended time: the \
-                 client could not keep the schedule (its CPU is saturated, or the server stopped \
-                 reading). Latencies include that lateness; see the send lag row.",
-                self.late_sends as f64 * 100.0 / self.messages_sent as f64
-            );
-        }
-        let cpu = &self.client_cpu;
-        let _ = write!(s, "client cpu:  {:.2}s user + {:.2}s sys", cpu.user_secs, cpu.sys_secs);
-        if cpu.us_per_message > 0.0 {
-            let what = if c.mode == "pubsub" { "delivery" } else { "echoed message" };
-            let _ = write!(s, " = {:.2} us per {what}", cpu.us_per_message);
-        }
-        s.push('\n');
-        s
+    }
+
+    /// The exit status this run ends with, and why when it is not 0 (see [`Verdict`]).
+    pub fn verdict(&self, allow_errors: bool) -> Verdict {
+        judge(
+            self.interrupted,
+            self.connections_established,
+            self.connections_failed,
+            self.errors,
+            allow_errors,
+        )
     }
 
     /// Writes the JSON report to `path`.
@@ -371,9 +520,111 @@ impl Summary {
     }
 }
 
+/// How a run ends for the shell: 0 when it completed without failed connections or errors, 1 when
+/// it had some (0 with `--allow-errors`, unless no connection was established at all), 130 when it
+/// was interrupted. Scripts and CI read this, so a run with problems never passes unnoticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The exit status.
+    pub status: u8,
+    /// For status 1: one line for stderr saying why.
+    pub reason: Option<String>,
+}
+
+/// See [`Verdict`]. An interruption decides the status (the run is incomplete whatever else
+/// happened); otherwise no connection at all is a failure even with `allow_errors`.
+fn judge(interrupted: bool, established: u64, failed: u64, errors: u64, allow_errors: bool) -> Verdict {
+    if interrupted {
+        return Verdict { status: crate::interrupt::EXIT_STATUS, reason: None };
+    }
+    if established == 0 {
+        return Verdict { status: 1, reason: Some("no connection could be established".to_string()) };
+    }
+    if (errors == 0 && failed == 0) || allow_errors {
+        return Verdict { status: 0, reason: None };
+    }
+    let mut what = Vec::new();
+    if errors > 0 {
+        what.push(plural(errors, "error", "errors"));
+    }
+    if failed > 0 {
+        what.push(plural(failed, "failed connection", "failed connections"));
+    }
+    Verdict {
+        status: 1,
+        reason: Some(format!("{} (exit status 1; --allow-errors to accept them)", what.join(" and "))),
+    }
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// How a closed loop's text names its pipelining: nothing for plain ping-pong.
 pub fn in_flight(pipeline: u32) -> String {
     if pipeline > 1 { format!(" with {pipeline} messages in flight per connection") } else { String::new() }
+}
+
+/// The run's configuration as the report echoes it.
+fn run_config(plan: &Plan) -> RunConfig {
+    RunConfig {
+        mode: plan.mode.name(),
+        url: format!("ws://{}{}", plan.target.host, plan.target.path),
+        conns: plan.conns,
+        connect_rate: plan.connect_rate,
+        rate: if plan.mode == Mode::Connect { 0.0 } else { plan.rate.unwrap_or(0.0) },
+        loop_kind: match (plan.mode, plan.rate) {
+            (Mode::Connect, _) => "none",
+            (_, Some(_)) => "open",
+            (_, None) => "closed",
+        },
+        pipeline: plan.pipeline,
+        size: plan.size,
+        duration_secs: plan.duration.as_secs_f64(),
+        warmup_secs: plan.warmup.as_secs_f64(),
+        threads: plan.threads,
+        source_ips: plan.source_ips.len(),
+        timer_slack_us: plan.timer_slack.as_secs_f64() * 1e6,
+    }
+}
+
+/// Established connections per second, from the first establishment to the last.
+fn connect_rate_per_sec(stats: &ThreadStats) -> f64 {
+    match stats.established_span {
+        Some((first, last)) if last > first => {
+            (stats.counters.established - 1) as f64 / ((last - first) as f64 / 1e9)
+        }
+        _ => 0.0,
+    }
+}
+
+/// Errors by kind, with pubsub's Close codes as kinds of their own.
+fn errors_by_kind(stats: &ThreadStats) -> BTreeMap<String, u64> {
+    let mut by_kind: BTreeMap<String, u64> = ErrorKind::ALL
+        .iter()
+        .filter(|kind| stats.errors[**kind as usize] > 0)
+        .map(|kind| (kind.name().to_string(), stats.errors[*kind as usize]))
+        .collect();
+    for (code, count) in &stats.closes {
+        let name = if *code == 0 { "closed_no_code".to_string() } else { format!("closed_{code}") };
+        *by_kind.entry(name).or_default() += count;
+    }
+    by_kind
+}
+
+/// Pubsub: the part of the measured window (up to an interruption) in which publishers published.
+fn publish_window_secs(phases: &Phases, publish_start: Option<u64>, interrupted_at: Option<u64>) -> f64 {
+    match publish_start {
+        Some(start) => {
+            phases.measured_end(interrupted_at).saturating_sub(start.max(phases.measure_start)) as f64 / 1e9
+        }
+        None => 0.0,
+    }
+}
+
+/// One thread's load as the report shows it.
+fn client_thread(load: &ThreadLoad) -> ClientThread {
+    ClientThread { cpu_percent: load.cpu_share() * 100.0, wall_secs: load.wall_ns as f64 / 1e9 }
 }
 
 fn by_kind<K: std::fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
@@ -401,6 +652,28 @@ mod tests {
         assert!(p.p50 >= 50_000 && p.p50 <= 50_050, "{}", p.p50);
         assert!(p.max >= 100_000);
         assert_eq!(p.count, 100_000);
+    }
+
+    #[test]
+    fn errors_and_failed_connections_fail_the_run_unless_allowed() {
+        let ok = Verdict { status: 0, reason: None };
+        assert_eq!(judge(false, 5, 0, 0, false), ok);
+        let failed = judge(false, 5, 2, 3, false);
+        assert_eq!(failed.status, 1);
+        assert_eq!(
+            failed.reason.as_deref(),
+            Some("3 errors and 2 failed connections (exit status 1; --allow-errors to accept them)")
+        );
+        assert_eq!(
+            judge(false, 5, 0, 1, false).reason.as_deref().map(|r| r.starts_with("1 error (")),
+            Some(true)
+        );
+        assert_eq!(judge(false, 5, 2, 3, true), ok);
+        // No connection at all is never accepted.
+        assert_eq!(judge(false, 0, 5, 0, true).status, 1);
+        // An interrupted run is incomplete, whatever else happened.
+        assert_eq!(judge(true, 5, 0, 0, false).status, 130);
+        assert_eq!(judge(true, 0, 5, 2, false).status, 130);
     }
 
     #[test]

@@ -51,9 +51,17 @@ impl Phases {
         at >= self.measure_start && at < self.end
     }
 
-    /// Length of the measured window in seconds.
-    pub fn measured_secs(&self) -> f64 {
-        (self.end - self.measure_start) as f64 / 1e9
+    /// Where the measured window ended for a run interrupted at `interrupted` (run clock), if it
+    /// was: the end, or the interruption if it came first. An interruption before the window began
+    /// gives `measure_start`, an empty window, so nothing is divided by time that was not measured.
+    pub fn measured_end(&self, interrupted: Option<u64>) -> u64 {
+        interrupted.map_or(self.end, |at| at.clamp(self.measure_start, self.end))
+    }
+
+    /// Length in seconds of the part of the measured window that was run: all of it (`--duration`)
+    /// unless the run was interrupted before the end.
+    pub fn measured_secs_until(&self, interrupted: Option<u64>) -> f64 {
+        (self.measured_end(interrupted) - self.measure_start) as f64 / 1e9
     }
 }
 
@@ -99,6 +107,20 @@ mod tests {
         assert_eq!(schedule.at(0), 1_000);
         assert_eq!(schedule.at(3), 1_000 + 1_000_000_000);
         assert_eq!(schedule.at(3_000_000), 1_000 + 1_000_000_000_000_000);
+    }
+
+    #[test]
+    fn an_interruption_shortens_the_measured_window_and_never_lengthens_it() {
+        let second = 1_000_000_000;
+        let phases =
+            Phases { begin: 0, ramp_end: 0, measure_start: 2 * second, end: 12 * second, drain_end: 0 };
+        assert_eq!(phases.measured_secs_until(None), 10.0);
+        assert_eq!(phases.measured_secs_until(Some(5 * second)), 3.0);
+        // Before the window began: nothing was measured.
+        assert_eq!(phases.measured_secs_until(Some(second)), 0.0);
+        // During the drain: the whole window was measured.
+        assert_eq!(phases.measured_secs_until(Some(13 * second)), 10.0);
+        assert_eq!(phases.measured_end(Some(5 * second)), 5 * second);
     }
 
     #[test]

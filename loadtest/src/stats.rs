@@ -146,6 +146,22 @@ pub struct ThreadLoad {
     pub wall_ns: u64,
 }
 
+/// A thread that used at least this share of its wall time on the CPU is saturated: it had no
+/// time to spare, so it was late for sends and reads, and the run measured the client.
+pub const SATURATED_SHARE: f64 = 0.9;
+
+impl ThreadLoad {
+    /// The share of the wall time the thread spent on the CPU (0 when no time was measured).
+    pub fn cpu_share(&self) -> f64 {
+        if self.wall_ns == 0 { 0.0 } else { self.cpu_ns as f64 / self.wall_ns as f64 }
+    }
+
+    /// Whether the thread was saturated (see [`SATURATED_SHARE`]).
+    pub fn saturated(&self) -> bool {
+        self.cpu_share() >= SATURATED_SHARE
+    }
+}
+
 impl Default for ThreadStats {
     fn default() -> Self {
         ThreadStats {
@@ -280,6 +296,18 @@ mod tests {
         assert_eq!(a.connections_failed(), 2);
         assert_eq!(a.established_span, Some((5, 9)));
         assert_eq!(a.counters.established, 2);
+    }
+
+    #[test]
+    fn a_thread_busy_nine_tenths_of_the_time_is_saturated() {
+        let load = |cpu_ns, wall_ns| ThreadLoad { cpu_ns, wall_ns };
+        assert!(load(900, 1_000).saturated());
+        assert!(load(1_010, 1_000).saturated());
+        assert!(!load(899, 1_000).saturated());
+        assert_eq!(load(5, 0).cpu_share(), 0.0);
+        let mut a = ThreadStats { loads: vec![load(1, 2)], ..ThreadStats::default() };
+        a.merge(&ThreadStats { loads: vec![load(3, 4)], ..ThreadStats::default() });
+        assert_eq!(a.loads, [load(1, 2), load(3, 4)]);
     }
 
     #[test]

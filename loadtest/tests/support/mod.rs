@@ -3,8 +3,8 @@
 //! The servers are plain std threads with tungstenite (an independent WebSocket implementation,
 //! so the client is not tested against its own protocol code), bound to 127.0.0.1 on an
 //! ephemeral port. Each behaviour is what one test needs: echo, delay every echo, stall once,
-//! corrupt some echoes, echo in batches. Servers stop when dropped; the runner kills the binary if
-//! it overruns.
+//! corrupt some echoes, echo in batches, refuse some handshakes. Servers stop when dropped; the
+//! runner can signal the binary as Ctrl-C would, and kills it if it overruns.
 
 #![allow(dead_code)]
 
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub mod pubsub;
 
 use serde_json::Value;
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::http::StatusCode;
 use tungstenite::{Message, WebSocket};
 
 /// What the test server does with each data message.
@@ -36,6 +38,10 @@ pub enum Behaviour {
     CorruptEvery(u64),
     /// Echo at once, and send a Ping every 100 ms, counting the Pongs that come back.
     Pinging,
+    /// Answer the handshake of every `n`th connection (the `n`th, `2n`th, ... accepted) with
+    /// 503 Service Unavailable; echo on the others. The client sees exactly that many failed
+    /// connections beside established ones.
+    RejectEvery(u64),
     /// Hold each connection's echoes until `n` messages have come, then wait 20 ms for one more
     /// (a client with at most `n` in flight cannot send it: one that comes is an overrun) and echo
     /// them all together. A partial batch is echoed once no message has come for 50 ms, so a
@@ -82,10 +88,18 @@ impl TestServer {
             let (stop, pongs, peers) = (Arc::clone(&stop), Arc::clone(&pongs), Arc::clone(&peers));
             let batches = Arc::clone(&batches);
             thread::spawn(move || {
+                let mut accepted = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, peer)) => {
                             peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer.ip());
+                            accepted += 1;
+                            if let Behaviour::RejectEvery(n) = behaviour {
+                                if accepted % n == 0 {
+                                    thread::spawn(move || reject(stream));
+                                    continue;
+                                }
+                            }
                             let (pongs, batches) = (Arc::clone(&pongs), Arc::clone(&batches));
                             thread::spawn(move || serve(stream, behaviour, started, &pongs, &batches));
                         }
@@ -167,7 +181,7 @@ fn serve(
         };
         count += 1;
         match behaviour {
-            Behaviour::Echo | Behaviour::Pinging | Behaviour::Batches(_) => {}
+            Behaviour::Echo | Behaviour::Pinging | Behaviour::Batches(_) | Behaviour::RejectEvery(_) => {}
             Behaviour::Delay(delay) => thread::sleep(delay),
             Behaviour::StallOnce { at, stall } => {
                 let now = started.elapsed();
@@ -188,6 +202,18 @@ fn serve(
             return;
         }
     }
+}
+
+/// [`Behaviour::RejectEvery`]: reads the upgrade request and answers 503.
+#[allow(clippy::result_large_err, reason = "tungstenite's callback returns its error response by value")]
+fn reject(stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(IDLE_LIMIT));
+    let _ = tungstenite::accept_hdr(stream, |_: &Request, _: Response| {
+        let mut refusal = ErrorResponse::new(Some("busy".to_string()));
+        *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Err(refusal)
+    });
 }
 
 /// [`Behaviour::Batches`] on one connection.
@@ -232,6 +258,8 @@ fn serve_batches(mut ws: WebSocket<TcpStream>, n: usize, counts: &BatchCounts) {
 pub struct Run {
     /// Exit status, stdout and stderr.
     pub output: Output,
+    /// How long the binary ran.
+    pub elapsed: Duration,
     /// The `--json` report, if it was written.
     pub json: Option<Value>,
     /// The directory holding the output files.
@@ -265,6 +293,17 @@ impl Run {
 
 /// Runs the real `loadtest` binary with `args` plus `--json`, killing it after `limit`.
 pub fn run_loadtest(name: &str, args: &[&str], limit: Duration) -> Run {
+    run_loadtest_signalled(name, args, limit, &[])
+}
+
+/// [`run_loadtest`], sending each `(after, signal)` of `signals` to the binary `after` it started
+/// (in order), as an operator's Ctrl-C would.
+pub fn run_loadtest_signalled(
+    name: &str,
+    args: &[&str],
+    limit: Duration,
+    signals: &[(Duration, i32)],
+) -> Run {
     let dir = std::env::temp_dir().join(format!("loadtest-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -278,7 +317,13 @@ pub fn run_loadtest(name: &str, args: &[&str], limit: Duration) -> Run {
         .spawn()
         .expect("start loadtest");
     let started = Instant::now();
+    let mut signals = signals.iter().peekable();
     loop {
+        if let Some(&(_, signal)) = signals.next_if(|(after, _)| started.elapsed() >= *after) {
+            let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+            // SAFETY: kill has no memory effects; the pid is our child's, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "sending signal {signal}");
+        }
         match child.try_wait().expect("wait for loadtest") {
             Some(_) => break,
             None if started.elapsed() > limit => {
@@ -292,11 +337,12 @@ pub fn run_loadtest(name: &str, args: &[&str], limit: Duration) -> Run {
             None => thread::sleep(Duration::from_millis(20)),
         }
     }
+    let elapsed = started.elapsed();
     let output = child.wait_with_output().expect("collect output");
     let json = std::fs::read_to_string(&json_path)
         .ok()
         .map(|text| serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}")));
-    Run { output, json, dir }
+    Run { output, elapsed, json, dir }
 }
 
 /// Asserts that a percentile object has every key and never decreases.
