@@ -38,7 +38,6 @@ impl CpuTime {
 
 /// CPU time (user and system) the calling thread has used, in nanoseconds: what a client thread
 /// samples at the start and end of the measured window, to tell whether it was saturated.
-#[allow(dead_code, reason = "the engine rewrite samples it; the current engine does not")]
 pub fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_THREAD_CPUTIME_ID exists on
