@@ -59,10 +59,14 @@ pub enum Report {
     Failed(String),
 }
 
-/// Picks the io backend for `choice` (`auto`: io_uring where it works, else epoll); returns it
-/// and, when `auto` fell back, why, for the operator.
-pub fn choose_backend(choice: IoChoice) -> io::Result<(BackendKind, Option<String>)> {
-    match select_backend(choice, Duration::ZERO) {
+/// Picks the io backend for `choice` (`auto`: io_uring where it works, else epoll), with io_uring
+/// waits coalesced over `coalesce_wait`; returns it and, when `auto` fell back, why, for the
+/// operator.
+pub fn choose_backend(
+    choice: IoChoice,
+    coalesce_wait: Duration,
+) -> io::Result<(BackendKind, Option<String>)> {
+    match select_backend(choice, coalesce_wait) {
         Ok(selection) => Ok((selection.kind, selection.fallback.map(|cause| cause.to_string()))),
         Err(error) => Err(io::Error::other(error.to_string())),
     }
@@ -98,8 +102,8 @@ fn run_thread(
 ) {
     let thread = ClientThread::new(index, plan, phases, pubsub);
     let result = WakeFd::new().and_then(|wake| match kind {
-        BackendKind::Uring(setup, _) => {
-            let mut backend = UringBackend::new(setup, wake.fd())?;
+        BackendKind::Uring(setup, coalesce_wait) => {
+            let mut backend = UringBackend::with_coalesce_wait(setup, wake.fd(), coalesce_wait)?;
             drive(thread, &mut backend, &reports)
         }
         BackendKind::Epoll => {
@@ -122,7 +126,13 @@ fn drive<B: Backend>(
     backend: &mut B,
     reports: &Sender<Report>,
 ) -> io::Result<ThreadStats> {
-    thread.run(backend, reports)
+    let stats = thread.run(backend, reports);
+    // For sizing the engine (turns per message is what a message costs in wake-ups).
+    if std::env::var_os("LOADTEST_IO_COUNTERS").is_some() {
+        let c = backend.counters();
+        eprintln!("loadtest: {} backend: {} loop turns, {} events", backend.name(), c.turns, c.events);
+    }
+    stats
 }
 
 /// Turns a failure to set up or run the io backend into advice.
