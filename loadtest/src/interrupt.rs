@@ -34,38 +34,16 @@ pub fn requested() -> Option<u64> {
 /// and starts the thread that takes them. Call it before starting the client threads: a thread
 /// started earlier would still die of the signal's default action.
 pub fn take_signals() -> io::Result<()> {
-    let set = signal_set();
-    // SAFETY: `set` is an initialised signal set; the old mask is not asked for (null).
-    let status = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if status != 0 {
-        return Err(io::Error::from_raw_os_error(status));
-    }
-    std::thread::Builder::new().name("loadtest-signals".into()).spawn(move || take(set))?;
+    // The gateway's own: blocked here, taken synchronously by one thread.
+    ringgate::io::block_shutdown_signals()?;
+    std::thread::Builder::new().name("loadtest-signals".into()).spawn(take)?;
     Ok(())
 }
 
-/// SIGINT and SIGTERM.
-fn signal_set() -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is a valid value to initialise; sigemptyset and sigaddset only
-    // write into it, and cannot fail with these signal numbers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        set
-    }
-}
-
 /// The signal thread: the first signal asks the run to stop, the second ends the process.
-fn take(set: libc::sigset_t) {
+fn take() {
     loop {
-        let mut signal = 0;
-        // SAFETY: `set` is initialised and its signals are blocked; `signal` is a valid place to
-        // write the number of the signal taken.
-        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-            return;
-        }
+        ringgate::io::wait_for_shutdown_signal();
         if requested().is_some() {
             eprintln!("loadtest: interrupted again, quitting without a report");
             std::process::exit(i32::from(EXIT_STATUS));

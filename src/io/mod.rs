@@ -50,6 +50,7 @@ pub use buffers::process_after_tail;
 pub use driver::{Setup, UringBackend};
 pub use epoll::EpollBackend;
 pub use outgoing::{Outgoing, staging_buffer};
+pub use process::{block_shutdown_signals, wait_for_shutdown_signal};
 pub use token::{Op, Side, Token};
 pub use wake::WakeFd;
 
