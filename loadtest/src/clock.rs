@@ -27,6 +27,24 @@ pub fn now() -> u64 {
     monotonic_ns().saturating_sub(epoch())
 }
 
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds: what turns the kernel's receive
+/// timestamps (realtime) into run-clock times. Sampled once per loop turn, so that a clock
+/// adjustment during the run shifts at most one turn's stamps.
+pub fn realtime_offset() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_REALTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    let realtime = ts.tv_sec * 1_000_000_000 + ts.tv_nsec;
+    realtime - monotonic_ns() as i64
+}
+
+/// The run-clock time of a kernel receive stamp `realtime_ns`, given the current
+/// [`realtime_offset`]; never later than `now` (a stamp cannot be from the future).
+pub fn from_realtime(realtime_ns: u64, offset: i64, now: u64) -> u64 {
+    let monotonic = (realtime_ns as i64).saturating_sub(offset).max(0) as u64;
+    monotonic.saturating_sub(epoch()).min(now)
+}
+
 /// Converts nanoseconds to whole microseconds, the unit of every histogram.
 pub fn ns_to_us(ns: u64) -> u64 {
     ns / 1_000

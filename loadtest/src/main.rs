@@ -98,7 +98,7 @@ fn run(args: Args) -> Result<ExitCode> {
             plan.threads,
         );
     }
-    let (backend, fallback) = engine::choose_backend(plan.io, plan.coalesce_wait)?;
+    let (backend, fallback) = engine::choose_backend(plan.io)?;
     if let Some(cause) = fallback {
         eprintln!("loadtest: io_uring is not usable here, running on epoll: {cause}");
     }

@@ -44,6 +44,9 @@ pub enum Event<'a> {
         received: Received<'a>,
         /// False when the receive has ended and must be started again to read further.
         more: bool,
+        /// When the data reached the socket (CLOCK_REALTIME ns, the kernel's stamp), if receive
+        /// timestamps are on ([`Backend::stamp_receives`]) and the kernel gave one.
+        arrived: Option<u64>,
     },
     /// A send finished.
     Sent {
@@ -124,6 +127,17 @@ pub trait Backend {
     /// Submits what is queued, waits until something happens or `timeout` passes (`None`: no
     /// limit; zero: do not wait), and hands every event to `handle`.
     fn wait(&mut self, timeout: Option<Duration>, handle: &mut dyn FnMut(Event<'_>)) -> io::Result<()>;
+
+    /// From now on, receives report when their data reached the socket (`Event::Recv::arrived`),
+    /// for sockets that have kernel timestamps on ([`crate::io::stamp::enable`]). For a reader
+    /// that batches its wake-ups and still wants exact arrival times (the load generator); the
+    /// gateway never asks.
+    fn stamp_receives(&mut self);
+
+    /// From now on, a wait that may sleep sleeps until `completions` events are in or its timeout
+    /// passes, rather than until the first event: fewer wake-ups for a caller that always gives a
+    /// timeout bounding how late it may handle an event (io_uring only; epoll wakes for the first).
+    fn batch_waits(&mut self, completions: u32);
 
     /// How many receives stopped by an empty buffer pool may start again per loop turn: about
     /// what the pool can serve at once, so that a dry pool is refilled before everyone asks again.

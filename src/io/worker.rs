@@ -337,7 +337,7 @@ impl State {
             self.start_draining();
         }
         match event {
-            Event::Recv { token, received, more } => self.on_recv(token, received, more),
+            Event::Recv { token, received, more, .. } => self.on_recv(token, received, more),
             Event::Sent { token, result } => self.on_sent(token, result),
             Event::Connected { token, result } => self.on_connected(token, result),
             Event::Accepted { listener, result, more } => self.on_accepted(listener, result, more),
@@ -857,6 +857,7 @@ mod tests {
             token: stale(Side::Client, Op::Recv),
             received: Received::Data(&mut request),
             more: true,
+            arrived: None,
         });
         state.on_event(Event::Sent { token: stale(Side::Client, Op::Send), result: Ok(99) });
         state.on_event(Event::Connected { token: stale(Side::Upstream, Op::Connect), result: Ok(()) });
@@ -864,6 +865,7 @@ mod tests {
             token: stale(Side::Client, Op::Recv),
             received: Received::Eof,
             more: false,
+            arrived: None,
         });
         assert!(state.dirty.is_empty(), "a stale completion touched a connection");
         // The new connection is untouched: nothing was sent to it, and it still echoes.

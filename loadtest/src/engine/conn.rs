@@ -126,6 +126,9 @@ impl Conn {
             }
         };
         let fd = socket.into_raw_fd();
+        // Every receive is stamped by the kernel with its arrival, so latency does not depend on
+        // when this thread wakes to read it. Without stamps, the read time stands in.
+        let _ = ringgate::io::stamp::enable(fd);
         if let Err(error) = backend.attach(fd, token) {
             backend.close(fd);
             self.stage = Stage::Done;

@@ -59,14 +59,12 @@ pub enum Report {
     Failed(String),
 }
 
-/// Picks the io backend for `choice` (`auto`: io_uring where it works, else epoll), with io_uring
-/// waits coalesced over `coalesce_wait`; returns it and, when `auto` fell back, why, for the
-/// operator.
-pub fn choose_backend(
-    choice: IoChoice,
-    coalesce_wait: Duration,
-) -> io::Result<(BackendKind, Option<String>)> {
-    match select_backend(choice, coalesce_wait) {
+/// Picks the io backend for `choice` (`auto`: io_uring where it works, else epoll); returns it
+/// and, when `auto` fell back, why, for the operator.
+pub fn choose_backend(choice: IoChoice) -> io::Result<(BackendKind, Option<String>)> {
+    // No kernel min-wait: the engine batches its own waits (`Backend::batch_waits`), bounded by
+    // its timers, so sends keep their schedule.
+    match select_backend(choice, Duration::ZERO) {
         Ok(selection) => Ok((selection.kind, selection.fallback.map(|cause| cause.to_string()))),
         Err(error) => Err(io::Error::other(error.to_string())),
     }
@@ -102,8 +100,8 @@ fn run_thread(
 ) {
     let thread = ClientThread::new(index, plan, phases, pubsub);
     let result = WakeFd::new().and_then(|wake| match kind {
-        BackendKind::Uring(setup, coalesce_wait) => {
-            let mut backend = UringBackend::with_coalesce_wait(setup, wake.fd(), coalesce_wait)?;
+        BackendKind::Uring(setup, _) => {
+            let mut backend = UringBackend::new(setup, wake.fd())?;
             drive(thread, &mut backend, &reports)
         }
         BackendKind::Epoll => {

@@ -32,6 +32,9 @@ use crate::{clock, cpu, interrupt};
 /// The longest a thread sleeps without looking for an interruption.
 pub const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
+/// Completions a coalescing sleep waits for before its window ends.
+const COALESCE_BATCH: u32 = 64;
+
 /// How long connections get after an interruption to take their outstanding echoes and close.
 const INTERRUPT_DRAIN: Duration = Duration::from_secs(1);
 
@@ -72,6 +75,10 @@ pub struct ClientThread {
     load_from: Option<(u64, u64)>,
     load_done: bool,
     interrupted: bool,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC this turn, for the kernel's receive stamps.
+    realtime_offset: i64,
+    /// The longest a thread with nothing due sleeps while completions gather (0: wake for each).
+    coalesce: u64,
 }
 
 impl ClientThread {
@@ -103,6 +110,8 @@ impl ClientThread {
             load_from: None,
             load_done: false,
             interrupted: false,
+            realtime_offset: clock::realtime_offset(),
+            coalesce: plan.coalesce_wait.as_nanos() as u64,
             plan,
             phases,
             pubsub,
@@ -115,8 +124,13 @@ impl ClientThread {
         backend: &mut B,
         reports: &Sender<Report>,
     ) -> std::io::Result<ThreadStats> {
+        backend.stamp_receives();
+        if self.coalesce > 0 {
+            backend.batch_waits(COALESCE_BATCH);
+        }
         loop {
             let now = clock::now();
+            self.realtime_offset = clock::realtime_offset();
             self.check_interrupt(now);
             self.track_load(now);
             self.start_due(backend, now);
@@ -129,9 +143,12 @@ impl ClientThread {
             if self.live == 0 && self.started == self.conns.len() {
                 break;
             }
-            let timeout = self.next_wake().map_or(INTERRUPT_POLL, |at| {
-                Duration::from_nanos(at.saturating_sub(clock::now())).min(INTERRUPT_POLL)
-            });
+            // With coalescing, a sleep also ends after the window: completions wait at most that
+            // long to be handled (their arrival times are the kernel's, so latency is unaffected).
+            let now = clock::now();
+            let limit = if self.coalesce > 0 { now + self.coalesce } else { u64::MAX };
+            let wake = self.next_wake().unwrap_or(u64::MAX).min(limit);
+            let timeout = Duration::from_nanos(wake.saturating_sub(now)).min(INTERRUPT_POLL);
             backend.wait(Some(timeout), &mut |event| self.on_event(event))?;
         }
         self.finish_load(clock::now());
@@ -165,7 +182,12 @@ impl ClientThread {
         let Some(conn) = self.conns.get_mut(slot as usize) else { return };
         let mut env = thread_env!(self, clock::now());
         match event {
-            Event::Recv { received, more, .. } => conn.on_recv(&mut env, received, more),
+            Event::Recv { received, more, arrived, .. } => {
+                if let Some(at) = arrived {
+                    env.now = clock::from_realtime(at, self.realtime_offset, env.now);
+                }
+                conn.on_recv(&mut env, received, more);
+            }
             Event::Sent { result, .. } => conn.on_sent(&mut env, result),
             Event::Connected { result, .. } => conn.on_connected(&mut env, result),
             Event::Accepted { .. } | Event::Woken => {}

@@ -32,6 +32,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::backend::{Backend, BackendCounters, Event, Received};
 use super::outgoing::{Outgoing, SendBuf};
+use super::stamp;
 use super::token::{Op, Token};
 use bufring::BufRing;
 pub use ring::Setup;
@@ -83,6 +84,11 @@ pub struct UringBackend {
     /// Registered-file slots by descriptor, when `RINGGATE_URING_FIXED_FILES=1` (an experiment:
     /// receives and sends then name the socket by its slot, sparing the kernel a file lookup).
     fixed: Option<FixedFiles>,
+    /// The header multishot `RECVMSG` receives read their layout from, once receive timestamps are
+    /// on ([`Backend::stamp_receives`]); boxed, since the kernel reads it while receives run.
+    stamped: Option<Box<libc::msghdr>>,
+    /// Completions a sleeping wait waits for ([`Backend::batch_waits`]); 1 by default.
+    wait_batch: u32,
 }
 
 /// A sparse registered-file table and which descriptor sits in which slot.
@@ -143,6 +149,8 @@ impl UringBackend {
         }
         let fixed = fixed_files(&ring);
         Ok(UringBackend {
+            stamped: None,
+            wait_batch: 1,
             fixed,
             coalesce_wait_us,
             ring,
@@ -192,7 +200,7 @@ impl UringBackend {
 
     fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let ready = !self.ring.completion().is_empty();
-        let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { 1 };
+        let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { self.wait_batch as usize };
         let submitter = self.ring.submitter();
         let result = if want > 0 && self.coalesce_wait_us > 0 {
             // Sleep for a batch, but no longer than the coalescing window once one has come.
@@ -278,9 +286,14 @@ impl Backend for UringBackend {
     }
 
     fn start_recv(&mut self, fd: RawFd, token: Token) {
-        let entry = target!(self, fd, |t| opcode::RecvMulti::new(t, BUFFER_GROUP).build())
-            .user_data(token.with_op(Op::Recv).0);
-        self.push(entry);
+        let entry = match self.stamped.as_deref() {
+            Some(header) => {
+                let header: *const libc::msghdr = header;
+                target!(self, fd, |t| opcode::RecvMsgMulti::new(t, header, BUFFER_GROUP).build())
+            }
+            None => target!(self, fd, |t| opcode::RecvMulti::new(t, BUFFER_GROUP).build()),
+        };
+        self.push(entry.user_data(token.with_op(Op::Recv).0));
     }
 
     fn stop_recv(&mut self, _fd: RawFd, token: Token) -> bool {
@@ -351,8 +364,18 @@ impl Backend for UringBackend {
             match token.op() {
                 Some(Op::Recv) => {
                     let buffer = cqueue::buffer_select(flags);
+                    let stamped = self.stamped.is_some();
+                    let mut arrived = None;
                     let received = match (cqe.result(), buffer) {
                         (n, Some(bid)) if n > 0 => match self.buffers.filled(bid, n as usize) {
+                            Some(data) if stamped => match stamp::split_recvmsg(data) {
+                                Some((payload, _)) if payload.is_empty() => Received::Eof,
+                                Some((payload, at)) => {
+                                    arrived = at;
+                                    Received::Data(payload)
+                                }
+                                None => Received::Error(io::Error::other("a short RECVMSG buffer")),
+                            },
                             Some(data) => Received::Data(data),
                             None => Received::Error(io::Error::other("the kernel named an unknown buffer")),
                         },
@@ -365,7 +388,7 @@ impl Backend for UringBackend {
                         (n, _) if n == -libc::ECONNRESET => Received::Eof,
                         (n, _) => Received::Error(io::Error::from_raw_os_error(-n)),
                     };
-                    handle(Event::Recv { token, received, more });
+                    handle(Event::Recv { token, received, more, arrived });
                     if let Some(bid) = buffer {
                         self.buffers.put_back(bid);
                     }
@@ -387,6 +410,14 @@ impl Backend for UringBackend {
         reaped.clear();
         self.reaped = reaped;
         Ok(())
+    }
+
+    fn stamp_receives(&mut self) {
+        self.stamped.get_or_insert_with(|| Box::new(stamp::recvmsg_header()));
+    }
+
+    fn batch_waits(&mut self, completions: u32) {
+        self.wait_batch = completions.max(1);
     }
 
     fn rearm_budget(&self) -> usize {

@@ -23,6 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::backend::{Backend, BackendCounters, Event, Received};
 use super::outgoing::{Outgoing, SendBuf};
+use super::stamp;
 use super::token::{Op, Token};
 
 /// The worker's receive buffer: one for every connection, borrowed for the length of one handler.
@@ -75,6 +76,8 @@ pub struct EpollBackend {
     counters: BackendCounters,
     /// Whether `epoll_pwait2` is there (cleared at its first ENOSYS).
     precise_wait: bool,
+    /// Receives read the kernel's receive time ([`Backend::stamp_receives`]).
+    stamped: bool,
 }
 
 fn cvt(result: libc::c_int) -> io::Result<libc::c_int> {
@@ -97,6 +100,7 @@ impl EpollBackend {
             events: Vec::with_capacity(EVENTS_PER_WAIT),
             counters: BackendCounters::default(),
             precise_wait: true,
+            stamped: false,
         };
         backend.register(wake_fd, libc::EPOLLIN as u32, WAKE_TAG)?;
         Ok(backend)
@@ -161,6 +165,31 @@ impl EpollBackend {
         unsafe { libc::epoll_wait(self.epoll, events, EVENTS_PER_WAIT as i32, timeout_ms) }
     }
 
+    /// One read of `fd` into the receive buffer: its result, and the kernel's receive time when
+    /// receive timestamps are on ([`Backend::stamp_receives`]).
+    fn receive(&mut self, fd: RawFd) -> (isize, Option<u64>) {
+        if !self.stamped {
+            // SAFETY: the buffer is valid and writable for its whole length.
+            let n = unsafe {
+                libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), libc::MSG_DONTWAIT)
+            };
+            return (n, None);
+        }
+        let mut control = [0u64; stamp::CONTROL_LEN / 8];
+        let mut iov = libc::iovec { iov_base: self.buffer.as_mut_ptr().cast(), iov_len: self.buffer.len() };
+        let mut header = stamp::recvmsg_header();
+        header.msg_iov = &raw mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: the header points to the buffer and the control array, both live and writable
+        // for the lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(fd, &raw mut header, libc::MSG_DONTWAIT) };
+        let written = (header.msg_controllen as usize).min(stamp::CONTROL_LEN);
+        // SAFETY: the control array is CONTROL_LEN bytes, of which the kernel wrote `written`.
+        let bytes = unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), written) };
+        (n, stamp::timestamp(bytes))
+    }
+
     /// Reads `fd` once into the receive buffer and reports what came.
     fn read_once(&mut self, fd: RawFd, handle: &mut dyn FnMut(Event<'_>)) {
         let state = self.state(fd);
@@ -169,9 +198,7 @@ impl EpollBackend {
             return;
         }
         let token = Token(state.token);
-        // SAFETY: the buffer is valid and writable for its whole length.
-        let n =
-            unsafe { libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), libc::MSG_DONTWAIT) };
+        let (n, arrived) = self.receive(fd);
         if n > 0 {
             let n = n as usize;
             if n == self.buffer.len() {
@@ -186,7 +213,8 @@ impl EpollBackend {
                 self.state(fd).queued = true;
                 self.ready.push_back(fd);
             }
-            handle(Event::Recv { token, received: Received::Data(&mut self.buffer[..n]), more: true });
+            let received = Received::Data(&mut self.buffer[..n]);
+            handle(Event::Recv { token, received, more: true, arrived });
             return;
         }
         let error = io::Error::last_os_error();
@@ -202,7 +230,7 @@ impl EpollBackend {
         } else {
             Received::Error(error)
         };
-        handle(Event::Recv { token, received, more: false });
+        handle(Event::Recv { token, received, more: false, arrived: None });
     }
 
     /// Hands out the queued outcomes of sends and connects, then reads each socket on the ready
@@ -434,6 +462,14 @@ impl Backend for EpollBackend {
         // above, as the epoll events that announced them).
         self.deliver_queued(handle);
         Ok(())
+    }
+
+    fn stamp_receives(&mut self) {
+        self.stamped = true;
+    }
+
+    fn batch_waits(&mut self, _completions: u32) {
+        // epoll_wait returns at the first event; there is no count to wait for.
     }
 
     fn rearm_budget(&self) -> usize {
