@@ -369,7 +369,7 @@ impl Backend for UringBackend {
                     let received = match (cqe.result(), buffer) {
                         (n, Some(bid)) if n > 0 => match self.buffers.filled(bid, n as usize) {
                             Some(data) if stamped => match stamp::split_recvmsg(data) {
-                                Some((payload, _)) if payload.is_empty() => Received::Eof,
+                                Some(([], _)) => Received::Eof,
                                 Some((payload, at)) => {
                                     arrived = at;
                                     Received::Data(payload)

@@ -184,7 +184,7 @@ impl EpollBackend {
         // SAFETY: the header points to the buffer and the control array, both live and writable
         // for the lengths given, for the duration of the call.
         let n = unsafe { libc::recvmsg(fd, &raw mut header, libc::MSG_DONTWAIT) };
-        let written = (header.msg_controllen as usize).min(stamp::CONTROL_LEN);
+        let written = header.msg_controllen.min(stamp::CONTROL_LEN);
         // SAFETY: the control array is CONTROL_LEN bytes, of which the kernel wrote `written`.
         let bytes = unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), written) };
         (n, stamp::timestamp(bytes))
