@@ -159,7 +159,7 @@ clk_tck=$(getconf CLK_TCK)
 rm -rf "$out/runs"
 mkdir -p "$out/runs"
 runs_tsv="$out/runs.tsv"
-printf 'case\tserver\tround\tjson\trss_before_kib\trss_load_kib\tcpu_ticks\tcpu_window_secs\tthreads\talive\tothers_server_core_ticks\tothers_client_core_ticks\n' >"$runs_tsv"
+printf 'case\tserver\tround\tjson\trss_before_kib\trss_load_kib\tcpu_ticks\tcpu_window_secs\tthreads\talive\tothers_server_core_ticks\tothers_client_core_ticks\tloadtest_ticks\n' >"$runs_tsv"
 
 # --- process handling ------------------------------------------------------------------------
 
@@ -331,21 +331,21 @@ run_one() {
   kill -0 "$server_pid" 2>/dev/null || alive=0
   stop_server
   # Server ticks, and what else ran on each core meanwhile (other processes, and the hypervisor's steal).
-  local server_ticks others_server others_client window json="$dir/loadtest.json"
-  read -r server_ticks others_server others_client <<<"$(awk -v a="$snap0" -v b="$snap1" 'BEGIN {
+  local server_ticks others_server others_client loadtest_ticks window json="$dir/loadtest.json"
+  read -r server_ticks others_server others_client loadtest_ticks <<<"$(awk -v a="$snap0" -v b="$snap1" 'BEGIN {
     split(a, x, " "); split(b, y, " ")
     s = y[1] - x[1]; l = y[2] - x[2]; cs = y[3] - x[3]; cc = y[4] - x[4]
     os = cs - s; oc = cc - l
-    print s, (os < 0 ? 0 : os), (oc < 0 ? 0 : oc) }')"
+    print s, (os < 0 ? 0 : os), (oc < 0 ? 0 : oc), l }')"
   window=$(awk -v a="$to" -v b="$from" 'BEGIN { print a - b }')
   if [ "$status" != 0 ] || [ ! -s "$json" ]; then
     echo "loadtest failed (exit $status); see $dir/loadtest.err"
     tail -n 3 "$dir/loadtest.err" | sed 's/^/    /'
     json=""
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$name" "$round" "$json" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$name" "$round" "$json" \
     "$rss_before" "$rss_load" "$server_ticks" "$window" "$thr" "$alive" "$others_server" "$others_client" \
-    >>"$runs_tsv"
+    "$loadtest_ticks" >>"$runs_tsv"
   [ -n "$json" ] || return 0
   python3 - "$dir/loadtest.json" <<'PY'
 import json, sys
@@ -447,6 +447,14 @@ def cpu_per_msg(rec):
         return None
     return int(rec["cpu_ticks"]) / clk / (rep["throughput_msgs_per_sec"] * window) * 1e6
 
+def client_cpu_per_msg(rec):
+    """loadtest's CPU per message over the same window as the server's."""
+    rep = rec["report"]
+    window = float(rec["cpu_window_secs"])
+    if not rep or window <= 0 or rep["throughput_msgs_per_sec"] <= 0:
+        return None
+    return int(rec.get("loadtest_ticks") or 0) / clk / (rep["throughput_msgs_per_sec"] * window) * 1e6
+
 def core_share(rec):
     window = float(rec["cpu_window_secs"])
     return int(rec["cpu_ticks"]) / clk / window * 100 if window > 0 else None
@@ -505,7 +513,9 @@ lines.append(f"Each server is started fresh per run and pinned to CPU {env['CMP_
              "measured window minus its first 0.5 s and last 0.3 s, divided by loadtest's msgs/s times that time; "
              "\"core\" is the same CPU time as a share of one core. RSS is `VmRSS` before the first connection and "
              "mid-window. Latency is loadtest's (closed loop: from the actual send; open loop: from the intended "
-             "send time). loadtest CPU per msg is its own figure (user+sys over its whole run / echoes): when "
+             "send time). loadtest CPU per msg is measured like the server's, over the same window; in "
+             "parentheses, loadtest's own figure (user+sys over its whole run, ramp-up and closing included, / "
+             "echoes). When "
              "the server's core share is well under 100%, loadtest's core was the limit, and msgs/s says more "
              "about the client than the server; server CPU per msg is then the figure to compare. "
              "\"Others\" is what else kept each core busy in the same window (/proc/stat busy time, steal "
@@ -523,7 +533,8 @@ def echo_cells(rs):
         f"| {us(med([r['report']['latency_us']['p99'] for r in ok]))} "
         f"| {rng([cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
         f"| {rng([core_share(r) for r in ok], lambda v: f'{v:.0f}', '%')} "
-        f"| {rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+        f"| {rng([client_cpu_per_msg(r) for r in ok], lambda v: f'{v:.2f}', ' µs')} "
+        f"({rng([r['report']['client_cpu']['us_per_message'] for r in ok], lambda v: f'{v:.2f}', ' µs')}) "
         f"| {others(rs)} "
         f"| {kib(med([int(r['rss_before_kib']) for r in rs]))}; {kib(med([int(r['rss_load_kib']) for r in rs]))}")
 

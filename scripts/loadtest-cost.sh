@@ -65,6 +65,22 @@ case_flags() {
   esac
 }
 
+case_ramp() {  # seconds of ramp-up at the default 5,000 connections/s
+  case "$1" in
+    open10k3) echo 2 ;;
+    closed1000x20) echo 0.2 ;;
+    *) echo 0 ;;
+  esac
+}
+
+# utime + stime (clock ticks) of loadtest, the child of the `timeout` whose pid is $1.
+client_ticks() {
+  local child=""
+  { read -r child _ <"/proc/$1/task/$1/children"; } 2>/dev/null || true
+  [ -n "$child" ] || { echo 0; return; }
+  awk '{ print $14 + $15 }' "/proc/$child/stat" 2>/dev/null || echo 0
+}
+
 server_pid=""
 stop_server() {
   if [ -n "$server_pid" ]; then
@@ -76,7 +92,7 @@ stop_server() {
 trap stop_server EXIT
 
 tsv="$out/runs.tsv"
-printf 'case\tclient\tround\tjson\n' >"$tsv"
+printf 'case\tclient\tround\tjson\twindow_ticks\twindow_secs\n' >"$tsv"
 for round in $(seq "$rounds"); do
   for case in "${cases[@]}"; do
     for which in 0 1; do
@@ -93,9 +109,22 @@ for round in $(seq "$rounds"); do
       [ -n "$addr" ] || { cat "$dir/server.err" >&2; exit 1; }
       # shellcheck disable=SC2046
       timeout $((duration + 60)) taskset -c "$client_cpu" "${clients[$which]}" "ws://$addr/echo" \
-        $(case_flags "$case") --json "$dir/loadtest.json" >"$dir/loadtest.out" 2>"$dir/loadtest.err" || true
+        $(case_flags "$case") --json "$dir/loadtest.json" >"$dir/loadtest.out" 2>"$dir/loadtest.err" &
+      runner=$!
+      # loadtest's CPU over the measured window (minus its first 0.5 s and last 0.3 s), like the
+      # server's in compare.sh: ramp-up, handshakes and closing left out.
+      window_ticks=0 window_secs=0
+      if [ "$case" != connect10k ]; then
+        sleep "$(awk -v r="$(case_ramp "$case")" 'BEGIN { print r + 0.5 }')"
+        t0=$EPOCHREALTIME c0=$(client_ticks "$runner")
+        sleep "$(awk -v d="$duration" 'BEGIN { print d - 0.8 }')"
+        t1=$EPOCHREALTIME c1=$(client_ticks "$runner")
+        window_ticks=$((c1 - c0))
+        window_secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+      fi
+      wait "$runner" || true
       stop_server
-      printf '%s\t%s\t%s\t%s\n' "$case" "$which" "$round" "$dir/loadtest.json" >>"$tsv"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$which" "$round" "$dir/loadtest.json" "$window_ticks" "$window_secs" >>"$tsv"
       printf '  %-14s %-40s round %s: ' "$case" "${clients[$which]}" "$round"
       python3 - "$dir/loadtest.json" <<'PY'
 import json, sys
@@ -123,27 +152,36 @@ def load(path):
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-out = ["| case | loadtest | client CPU per msg | late sends | msgs/s | p50 / p99 | connects/s | runs |",
-       "|---|---|---|---|---|---|---|---|"]
+import os
+clk = os.sysconf("SC_CLK_TCK")
+out = ["| case | loadtest | client CPU per msg, whole run | client CPU per msg, measured window | late sends | msgs/s | p50 / p99 | connects/s | runs |",
+       "|---|---|---|---|---|---|---|---|---|"]
 ratios = []
 for case in dict.fromkeys(r["case"] for r in rows):
     per = {}
     for which in ("0", "1"):
-        reps = [load(r["json"]) for r in rows if r["case"] == case and r["client"] == which]
-        reps = [r for r in reps if r]
+        mine = [r for r in rows if r["case"] == case and r["client"] == which]
+        pairs = [(load(r["json"]), r) for r in mine]
+        pairs = [(rep, r) for rep, r in pairs if rep]
+        reps = [rep for rep, _ in pairs]
+        window = med([int(r["window_ticks"]) / clk / (rep["throughput_msgs_per_sec"] * float(r["window_secs"])) * 1e6
+                      if float(r["window_secs"]) > 0 and rep["throughput_msgs_per_sec"] > 0 else None
+                      for rep, r in pairs])
         cpu = med([r["client_cpu"]["us_per_message"] or None for r in reps])
         late = med([r["late_sends"] / r["messages_sent"] * 100 if r["messages_sent"] else None for r in reps])
         rate = med([r["throughput_msgs_per_sec"] for r in reps])
         p50 = med([r["latency_us"]["p50"] for r in reps])
         p99 = med([r["latency_us"]["p99"] for r in reps])
         conn = med([r["connect_rate_per_sec"] for r in reps])
-        per[which] = (cpu, conn)
+        per[which] = (cpu, conn, window)
         fmt = lambda v, f: "-" if v is None else f.format(v)
-        out.append(f"| {case} | {names[int(which)]} | {fmt(cpu, '{:.2f} µs')} | {fmt(late, '{:.3f}%')} | "
+        out.append(f"| {case} | {names[int(which)]} | {fmt(cpu, '{:.2f} µs')} | {fmt(window, '{:.2f} µs')} | {fmt(late, '{:.3f}%')} | "
                    f"{fmt(rate, '{:.0f}')} | {fmt(p50, '{:.0f}')} / {fmt(p99, '{:.0f}')} µs | {fmt(conn, '{:.0f}')} | {len(reps)} |")
-    (a, ca), (b, cb) = per["0"], per["1"]
+    (a, ca, wa), (b, cb, wb) = per["0"], per["1"]
     if a and b:
-        ratios.append(f"- {case}: client CPU per message, second / first = {b / a:.2f}x")
+        ratios.append(f"- {case}: client CPU per message over the whole run, second / first = {b / a:.2f}x")
+    if wa and wb:
+        ratios.append(f"- {case}: client CPU per message over the measured window, second / first = {wb / wa:.2f}x")
     if ca and cb and case.startswith("connect"):
         ratios.append(f"- {case}: connections per second, second / first = {cb / ca:.2f}x")
 print("\n".join(out + [""] + ratios))
