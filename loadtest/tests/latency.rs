@@ -26,6 +26,43 @@ fn five_ms_server_delay_reads_as_five_to_seven_ms() {
     assert_percentiles(&run, "latency_us");
 }
 
+/// Reading echoes late must not make them look late: with a 10 ms coalescing window the thread
+/// handles completions up to 10 ms after they arrive, but every receive carries the kernel's
+/// arrival time, so a 5 ms delay still reads as 5-7 ms (read times would give about 5-15 ms), on
+/// both io backends.
+#[test]
+fn echoes_read_late_are_stamped_with_their_arrival() {
+    let server = TestServer::start(Behaviour::Delay(Duration::from_millis(5)));
+    for io in ["uring", "epoll"] {
+        let run = run_loadtest(
+            &format!("stamped-{io}"),
+            &[
+                &server.url,
+                "--conns",
+                "4",
+                "--rate",
+                "50",
+                "--duration",
+                "3s",
+                "--threads",
+                "1",
+                "--coalesce-wait",
+                "10ms",
+                "--io",
+                io,
+                "--quiet",
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(run.output.status.success(), "stderr:\n{}", run.stderr());
+        assert_eq!(run.num("/errors"), 0.0, "{:#}", run.json());
+        let (p50, p90) = (run.num("/latency_us/p50"), run.num("/latency_us/p90"));
+        eprintln!("5 ms server delay, read up to 10 ms late ({io}): p50 {p50} us, p90 {p90} us");
+        assert!((5_000.0..=7_000.0).contains(&p50), "{io}: p50 {p50} us for a 5 ms server delay");
+        assert!(p90 <= 8_000.0, "{io}: p90 {p90} us: echoes stamped when read, not when they arrived");
+    }
+}
+
 /// A server that stalls once for 1 s during a 10 s open-loop run at a fixed rate. Every message
 /// scheduled during the stall waits for it, so about 10% of messages see 0-1 s: p99.9 must show
 /// it. A closed-loop tool would have sent nothing during the stall and report one slow message.
