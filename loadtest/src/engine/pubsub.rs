@@ -276,9 +276,8 @@ impl Publisher {
     pub fn next_wake(&self, env: &Env<'_>) -> Option<u64> {
         match &self.stage {
             Stage::Barrier => Some(env.now + BARRIER_POLL.as_nanos() as u64),
-            Stage::Publishing { schedule, sent } => {
-                Some(schedule.at(*sent)).filter(|&at| at < env.phases.end)
-            }
+            // Past its last message, it closes at the end with everyone else.
+            Stage::Publishing { schedule, sent } => Some(schedule.at(*sent).min(env.phases.end)),
         }
     }
 

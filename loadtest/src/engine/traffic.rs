@@ -150,8 +150,11 @@ impl Traffic {
                 let due = open.schedule.at(open.sent);
                 if due < phases.end {
                     Some(due)
+                } else if open.received < open.sent {
+                    Some(phases.drain_end)
                 } else {
-                    (open.received < open.sent).then_some(phases.drain_end)
+                    // Everything is back: close at the end, with everyone else.
+                    Some(phases.end)
                 }
             }
             Traffic::Closed(window) => {
@@ -181,7 +184,11 @@ impl Traffic {
         match self {
             Traffic::Open(open) => {
                 if now < phases.drain_end {
-                    return open.schedule.at(open.sent) >= phases.end && open.received >= open.sent;
+                    // Not before the end: connections that finish early would otherwise close
+                    // while the others still send, and 10,000 closes in a connection's last
+                    // period made sends late (measured: a third of a run's late sends came in
+                    // that last period).
+                    return now >= phases.end && open.received >= open.sent;
                 }
                 let missing = (open.received..open.sent)
                     .filter(|&k| phases.measured(open.schedule.at(k)))
@@ -210,7 +217,9 @@ impl Traffic {
                 now >= phases.end
                     && (now >= phases.drain_end || env.pubsub.is_none_or(|shared| tracker.complete(shared)))
             }
-            Traffic::Publish(publisher) => now >= phases.drain_end || publisher.finished(env),
+            Traffic::Publish(publisher) => {
+                now >= phases.drain_end || (now >= phases.end && publisher.finished(env))
+            }
         }
     }
 
