@@ -188,7 +188,9 @@ impl Traffic {
                     // while the others still send, and 10,000 closes in a connection's last
                     // period made sends late (measured: a third of a run's late sends came in
                     // that last period).
-                    return now >= phases.end && open.received >= open.sent;
+                    return now >= phases.end
+                        && open.schedule.at(open.sent) >= phases.end
+                        && open.received >= open.sent;
                 }
                 let missing = (open.received..open.sent)
                     .filter(|&k| phases.measured(open.schedule.at(k)))
