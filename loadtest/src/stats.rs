@@ -38,11 +38,15 @@ pub enum ErrorKind {
     /// Pubsub: a delivery that no publisher of this subscriber's topic sent (wrong size, header,
     /// filler, publisher or topic).
     BadMessage,
+    /// Open loop: a message intended in the measured window that was never sent, because its
+    /// connection was still behind schedule when the drain period ended. Counted, never skipped
+    /// silently.
+    NotSent,
 }
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::EchoMismatch,
         ErrorKind::EchoTimeout,
         ErrorKind::ProtocolError,
@@ -51,6 +55,7 @@ impl ErrorKind {
         ErrorKind::WriteFailed,
         ErrorKind::OutOfOrder,
         ErrorKind::BadMessage,
+        ErrorKind::NotSent,
     ];
 
     /// The name in reports and JSON.
@@ -64,6 +69,7 @@ impl ErrorKind {
             ErrorKind::WriteFailed => "write_failed",
             ErrorKind::OutOfOrder => "out_of_order",
             ErrorKind::BadMessage => "bad_message",
+            ErrorKind::NotSent => "not_sent",
         }
     }
 }

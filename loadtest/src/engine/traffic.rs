@@ -196,6 +196,12 @@ impl Traffic {
                     .filter(|&k| phases.measured(open.schedule.at(k)))
                     .count() as u64;
                 env.stats.errors_n(ErrorKind::EchoTimeout, missing);
+                let not_sent = (open.sent..)
+                    .map(|k| open.schedule.at(k))
+                    .take_while(|&at| at < phases.end)
+                    .filter(|&at| phases.measured(at))
+                    .count() as u64;
+                env.stats.errors_n(ErrorKind::NotSent, not_sent);
                 open.received = open.sent;
                 true
             }
