@@ -10,6 +10,7 @@
 //! on the common path (a whole message in one read).
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
