@@ -89,10 +89,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = IoChoice::Auto, env = "LOADTEST_IO")]
     pub io: IoChoice,
 
-    /// How long a thread with nothing due may sleep while completions gather (up to 64), rather
-    /// than waking for each: fewer wake-ups, which are most of the client's CPU on a VM. Latency
-    /// is unaffected: every receive carries the kernel's arrival time (SO_TIMESTAMPNS), and sends
-    /// keep their schedule (a due send ends the sleep). [default: 1ms in open loop and pubsub,
+    /// io_uring on Linux 6.12 or later: once a completion is in, a sleeping thread waits up to
+    /// this long for more (never past its next due send) rather than waking for each: fewer
+    /// wake-ups, which are most of the client's CPU on a VM. Latency is unaffected: every receive
+    /// carries the kernel's arrival time (SO_TIMESTAMPNS). [default: 1ms in open loop and pubsub,
     /// 0 in closed loop, where the next send waits for the echo, and in connect mode]
     #[arg(long, value_parser = parse_duration)]
     pub coalesce_wait: Option<Duration>,

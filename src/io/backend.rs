@@ -134,10 +134,11 @@ pub trait Backend {
     /// gateway never asks.
     fn stamp_receives(&mut self);
 
-    /// From now on, a wait that may sleep sleeps until `completions` events are in or its timeout
-    /// passes, rather than until the first event: fewer wake-ups for a caller that always gives a
-    /// timeout bounding how late it may handle an event (io_uring only; epoll wakes for the first).
-    fn batch_waits(&mut self, completions: u32);
+    /// From now on, a sleeping wait that has a completion waits up to `window` for more before it
+    /// returns (never past its own timeout): fewer wake-ups, for a caller whose receives carry
+    /// their arrival times ([`Backend::stamp_receives`]) so that handling them late costs nothing.
+    /// Returns whether this backend can (io_uring's min-wait, Linux 6.12); epoll cannot.
+    fn coalesce_waits(&mut self, window: Duration) -> bool;
 
     /// How many receives stopped by an empty buffer pool may start again per loop turn: about
     /// what the pool can serve at once, so that a dry pool is refilled before everyone asks again.

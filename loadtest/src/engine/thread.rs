@@ -32,9 +32,6 @@ use crate::{clock, cpu, interrupt};
 /// The longest a thread sleeps without looking for an interruption.
 pub const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
-/// Completions a coalescing sleep waits for before its window ends.
-const COALESCE_BATCH: u32 = 64;
-
 /// How long connections get after an interruption to take their outstanding echoes and close.
 const INTERRUPT_DRAIN: Duration = Duration::from_secs(1);
 
@@ -126,7 +123,9 @@ impl ClientThread {
     ) -> std::io::Result<ThreadStats> {
         backend.stamp_receives();
         if self.coalesce > 0 {
-            backend.batch_waits(COALESCE_BATCH);
+            // Where the backend cannot (epoll, kernels before 6.12), every completion wakes the
+            // thread, as without coalescing; the stamps keep latency exact either way.
+            backend.coalesce_waits(Duration::from_nanos(self.coalesce));
         }
         loop {
             let now = clock::now();
@@ -143,11 +142,8 @@ impl ClientThread {
             if self.live == 0 && self.started == self.conns.len() {
                 break;
             }
-            // With coalescing, a sleep also ends after the window: completions wait at most that
-            // long to be handled (their arrival times are the kernel's, so latency is unaffected).
             let now = clock::now();
-            let limit = if self.coalesce > 0 { now + self.coalesce } else { u64::MAX };
-            let wake = self.next_wake().unwrap_or(u64::MAX).min(limit);
+            let wake = self.next_wake().unwrap_or(u64::MAX);
             let timeout = Duration::from_nanos(wake.saturating_sub(now)).min(INTERRUPT_POLL);
             backend.wait(Some(timeout), &mut |event| self.on_event(event))?;
         }

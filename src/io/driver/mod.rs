@@ -87,8 +87,6 @@ pub struct UringBackend {
     /// The header multishot `RECVMSG` receives read their layout from, once receive timestamps are
     /// on ([`Backend::stamp_receives`]); boxed, since the kernel reads it while receives run.
     stamped: Option<Box<libc::msghdr>>,
-    /// Completions a sleeping wait waits for ([`Backend::batch_waits`]); 1 by default.
-    wait_batch: u32,
 }
 
 /// A sparse registered-file table and which descriptor sits in which slot.
@@ -150,7 +148,6 @@ impl UringBackend {
         let fixed = fixed_files(&ring);
         Ok(UringBackend {
             stamped: None,
-            wait_batch: 1,
             fixed,
             coalesce_wait_us,
             ring,
@@ -200,11 +197,16 @@ impl UringBackend {
 
     fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let ready = !self.ring.completion().is_empty();
-        let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { self.wait_batch as usize };
+        let want = if ready || timeout == Some(Duration::ZERO) { 0 } else { 1 };
         let submitter = self.ring.submitter();
         let result = if want > 0 && self.coalesce_wait_us > 0 {
-            // Sleep for a batch, but no longer than the coalescing window once one has come.
-            let args = SubmitArgs::new().min_wait_usec(self.coalesce_wait_us);
+            // Sleep for a batch, but no longer than the coalescing window once one has come, and
+            // never past the timeout (a timer due sooner than the window shortens it).
+            let window = match timeout {
+                Some(timeout) => self.coalesce_wait_us.min(timeout.as_micros().max(1) as u32),
+                None => self.coalesce_wait_us,
+            };
+            let args = SubmitArgs::new().min_wait_usec(window);
             match timeout {
                 Some(timeout) => {
                     let ts = Timespec::from(timeout);
@@ -416,8 +418,12 @@ impl Backend for UringBackend {
         self.stamped.get_or_insert_with(|| Box::new(stamp::recvmsg_header()));
     }
 
-    fn batch_waits(&mut self, completions: u32) {
-        self.wait_batch = completions.max(1);
+    fn coalesce_waits(&mut self, window: Duration) -> bool {
+        if !self.ring.params().is_feature_min_timeout() {
+            return false;
+        }
+        self.coalesce_wait_us = window.as_micros().min(u128::from(u32::MAX)) as u32;
+        true
     }
 
     fn rearm_budget(&self) -> usize {

@@ -468,8 +468,9 @@ impl Backend for EpollBackend {
         self.stamped = true;
     }
 
-    fn batch_waits(&mut self, _completions: u32) {
-        // epoll_wait returns at the first event; there is no count to wait for.
+    fn coalesce_waits(&mut self, _window: Duration) -> bool {
+        // epoll_wait returns at the first event; it has no minimum wait.
+        false
     }
 
     fn rearm_budget(&self) -> usize {
