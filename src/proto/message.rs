@@ -15,6 +15,7 @@
 
 use super::ProtocolError;
 use super::close::{CloseFrame, parse_close_body};
+use super::deflate::{InflateError, Inflater};
 use super::frame::{Decoded, FrameHeader, OpCode};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
@@ -119,6 +120,32 @@ pub struct Assembler {
     delivered: bool,
     utf8: Utf8Validator,
     closed: bool,
+    /// permessage-deflate, once negotiated ([`Assembler::enable_deflate`]).
+    deflate: Option<Box<InflateState>>,
+    /// The message being assembled had RSV1 set on its first frame: it is compressed.
+    compressed: bool,
+}
+
+/// What a connection that negotiated permessage-deflate keeps for inflating.
+#[derive(Debug)]
+struct InflateState {
+    /// The client resets its context after every message, so this side may too and keeps no
+    /// decompressor between messages (it borrows the thread's spare one).
+    no_context_takeover: bool,
+    /// The decompressor, while the client keeps its context (it holds the client's window).
+    inflater: Option<Inflater>,
+    /// The inflated message handed out last.
+    inflated: Vec<u8>,
+}
+
+/// RSV1: "this message is compressed" under permessage-deflate (RFC 7692 section 6).
+const RSV1: u8 = 0b100;
+
+thread_local! {
+    /// One decompressor per thread for the connections that keep no context: it is reset after
+    /// every message, so any connection of the thread may use it next (a 32 KiB window once per
+    /// worker, not per connection).
+    static SPARE_INFLATER: std::cell::RefCell<Option<Inflater>> = const { std::cell::RefCell::new(None) };
 }
 
 /// A buffer larger than this is freed once its message is delivered rather than kept for reuse, so
@@ -138,7 +165,22 @@ impl Assembler {
             delivered: false,
             utf8: Utf8Validator::new(),
             closed: false,
+            deflate: None,
+            compressed: false,
         }
+    }
+
+    /// permessage-deflate was agreed in the handshake: RSV1 on a message's first frame now means
+    /// "compressed", and such messages are inflated (up to the message size limit) before they are
+    /// handed out. `client_no_context_takeover`: the client resets its context after every
+    /// message, so no decompressor is kept for this connection between messages.
+    pub fn enable_deflate(&mut self, client_no_context_takeover: bool) {
+        self.allowed_rsv |= RSV1;
+        self.deflate = Some(Box::new(InflateState {
+            no_context_takeover: client_no_context_takeover,
+            inflater: None,
+            inflated: Vec::new(),
+        }));
     }
 
     /// Whether a Close frame has been received; later input is discarded.
@@ -185,10 +227,17 @@ impl Assembler {
             return Ok(Progress { consumed: frame_len, event: Some(event) });
         }
 
+        let compressed = header.rsv & RSV1 != 0;
         if header.fin && self.message.is_none() && input.len() >= frame_len {
-            // The common case: a whole message in one read. Zero-copy.
+            // The common case: a whole message in one read. Zero-copy (unless compressed).
             let payload = &mut input[header_len..frame_len];
             unmask(payload, &header, 0);
+            if compressed {
+                let kind =
+                    if header.opcode == OpCode::Text { MessageKind::Text } else { MessageKind::Binary };
+                let payload = self.inflate(kind, payload)?;
+                return Ok(Progress { consumed: frame_len, event: Some(Event::Message { kind, payload }) });
+            }
             let kind = if header.opcode == OpCode::Text {
                 simdutf8::basic::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?;
                 MessageKind::Text
@@ -204,6 +253,9 @@ impl Assembler {
             OpCode::Binary => self.message = Some(MessageKind::Binary),
             _ => {}
         }
+        if header.opcode != OpCode::Continuation {
+            self.compressed = compressed;
+        }
         let frame = StreamingFrame { header, done: 0 };
         self.streaming = Some(frame);
         self.buffer.reserve(payload_len.min(RETAINED_BUFFER_CAPACITY));
@@ -213,6 +265,10 @@ impl Assembler {
     /// Rules that depend on this connection's role, extensions and fragmentation state.
     fn check_header(&self, header: &FrameHeader) -> Result<(), ProtocolError> {
         if header.rsv & !self.allowed_rsv != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        // RSV1 marks a compressed message on its first frame only (RFC 7692 section 6.1).
+        if header.rsv & RSV1 != 0 && !matches!(header.opcode, OpCode::Text | OpCode::Binary) {
             return Err(ProtocolError::ReservedBits);
         }
         match (self.role, header.mask.is_some()) {
@@ -249,7 +305,7 @@ impl Assembler {
         let take = remaining.min(input.len() as u64) as usize;
         let piece = &mut input[..take];
         unmask(piece, &frame.header, frame.done as usize);
-        if self.message == Some(MessageKind::Text) {
+        if self.message == Some(MessageKind::Text) && !self.compressed {
             self.utf8.feed(piece)?;
         }
         self.buffer.extend_from_slice(piece);
@@ -265,11 +321,51 @@ impl Assembler {
             return Ok(Progress { consumed, event: None });
         }
         let kind = self.message.take().unwrap_or(MessageKind::Binary);
+        self.delivered = true;
+        if std::mem::take(&mut self.compressed) {
+            let compressed = std::mem::take(&mut self.buffer);
+            let result = self.inflate(kind, &compressed).map(|p| p.len());
+            self.buffer = compressed;
+            result?;
+            let payload = self.deflate.as_ref().map_or(&[][..], |state| &state.inflated[..]);
+            return Ok(Progress { consumed, event: Some(Event::Message { kind, payload }) });
+        }
         if kind == MessageKind::Text {
             self.utf8.finish()?;
         }
-        self.delivered = true;
         Ok(Progress { consumed, event: Some(Event::Message { kind, payload: &self.buffer }) })
+    }
+
+    /// Inflates a compressed message's payload into the connection's inflated buffer, within the
+    /// message size limit, and checks a text message's UTF-8 after inflating.
+    fn inflate(&mut self, kind: MessageKind, compressed: &[u8]) -> Result<&[u8], ProtocolError> {
+        let limit = self.limits.max_message_size;
+        let state = self.deflate.as_mut().ok_or(ProtocolError::ReservedBits)?;
+        self.delivered = true;
+        state.inflated.clear();
+        let result = if state.no_context_takeover {
+            SPARE_INFLATER.with_borrow_mut(|spare| {
+                spare.get_or_insert_with(|| Inflater::new(true)).inflate(
+                    compressed,
+                    limit,
+                    &mut state.inflated,
+                )
+            })
+        } else {
+            state.inflater.get_or_insert_with(|| Inflater::new(false)).inflate(
+                compressed,
+                limit,
+                &mut state.inflated,
+            )
+        };
+        result.map_err(|error| match error {
+            InflateError::TooBig => ProtocolError::MessageTooBig,
+            InflateError::Corrupt => ProtocolError::InvalidCompressedData,
+        })?;
+        if kind == MessageKind::Text {
+            simdutf8::basic::from_utf8(&state.inflated).map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        Ok(&state.inflated)
     }
 
     fn control_event<'a>(&mut self, opcode: OpCode, payload: &'a [u8]) -> Result<Event<'a>, ProtocolError> {
@@ -286,6 +382,13 @@ impl Assembler {
 
     fn recycle_buffer(&mut self) {
         self.delivered = false;
+        if let Some(state) = self.deflate.as_mut() {
+            if state.inflated.capacity() > RETAINED_BUFFER_CAPACITY {
+                state.inflated = Vec::new();
+            } else {
+                state.inflated.clear();
+            }
+        }
         if self.buffer.capacity() > RETAINED_BUFFER_CAPACITY {
             self.buffer = Vec::new();
         } else {

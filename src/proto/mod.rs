@@ -49,6 +49,8 @@ pub enum ProtocolError {
     MessageTooBig,
     /// A text message was not valid UTF-8.
     InvalidUtf8,
+    /// A compressed message (permessage-deflate) was not valid DEFLATE data.
+    InvalidCompressedData,
     /// A Close frame's body broke the rules of section 5.5.1.
     InvalidClose(CloseBodyError),
 }
@@ -57,9 +59,9 @@ impl ProtocolError {
     /// The close code to send the peer before closing the connection.
     pub fn close_code(self) -> CloseCode {
         match self {
-            ProtocolError::InvalidUtf8 | ProtocolError::InvalidClose(CloseBodyError::InvalidReasonUtf8) => {
-                CloseCode::INVALID_PAYLOAD
-            }
+            ProtocolError::InvalidUtf8
+            | ProtocolError::InvalidCompressedData
+            | ProtocolError::InvalidClose(CloseBodyError::InvalidReasonUtf8) => CloseCode::INVALID_PAYLOAD,
             ProtocolError::FrameTooBig | ProtocolError::MessageTooBig => CloseCode::MESSAGE_TOO_BIG,
             _ => CloseCode::PROTOCOL_ERROR,
         }
@@ -80,6 +82,7 @@ impl ProtocolError {
             ProtocolError::FrameTooBig => "frame too big",
             ProtocolError::MessageTooBig => "message too big",
             ProtocolError::InvalidUtf8 => "invalid UTF-8 in text message",
+            ProtocolError::InvalidCompressedData => "invalid compressed data",
             ProtocolError::InvalidClose(CloseBodyError::OneByteBody) => "close body of one byte",
             ProtocolError::InvalidClose(CloseBodyError::UnsendableCode(_)) => "invalid close code",
             ProtocolError::InvalidClose(CloseBodyError::InvalidReasonUtf8) => "invalid UTF-8 in close reason",

@@ -22,6 +22,7 @@ const INFLATE_STEP: usize = 4 * 1024;
 
 /// Compresses whole messages for one connection, or for every connection of a worker when no
 /// context is kept.
+#[derive(Debug)]
 pub struct Deflater {
     compress: Compress,
     no_context_takeover: bool,
@@ -76,6 +77,7 @@ pub enum InflateError {
 }
 
 /// Inflates whole messages for one connection.
+#[derive(Debug)]
 pub struct Inflater {
     decompress: Decompress,
     no_context_takeover: bool,
