@@ -18,6 +18,7 @@ mod driver;
 mod epoll;
 mod outgoing;
 mod process;
+pub mod sockopt;
 pub mod stamp;
 mod token;
 mod wake;

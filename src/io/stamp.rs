@@ -24,18 +24,7 @@ const RECVMSG_OUT_LEN: usize = 16;
 
 /// Asks the kernel to stamp what `fd` receives (`SO_TIMESTAMPNS`, CLOCK_REALTIME).
 pub fn enable(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from the pointer we pass, with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    super::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// The message header a multishot `RECVMSG` reads its layout from: no name, [`CONTROL_LEN`]

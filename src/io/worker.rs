@@ -231,17 +231,8 @@ fn release_free_memory() {
 }
 
 fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    // Best effort: a socket without it still works, only with Nagle's delays.
+    let _ = super::sockopt::set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
 }
 
 fn shutdown(fd: RawFd, how: libc::c_int) {

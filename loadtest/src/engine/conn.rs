@@ -170,9 +170,9 @@ impl Conn {
                 Stage::Upgrading(_) => self.fail_connect(env, "closed_during_handshake".into()),
                 Stage::Open => {
                     env.stats.error(ErrorKind::ConnectionLost);
-                    self.shut_down(env);
+                    self.shut_down();
                 }
-                Stage::Closing { .. } => self.shut_down(env),
+                Stage::Closing { .. } => self.shut_down(),
                 _ => {}
             },
         }
@@ -192,7 +192,7 @@ impl Conn {
                 match self.rx.receive(data, &mut self.pending, |_| {}) {
                     Drained::Open => {}
                     Drained::Closed(_) => self.stage = Stage::Closing { by, peer_closed: true },
-                    Drained::Broken => self.shut_down(env),
+                    Drained::Broken => self.shut_down(),
                 }
             }
             _ => {}
@@ -228,7 +228,7 @@ impl Conn {
             Drained::Open => {}
             Drained::Broken => {
                 env.stats.error(ErrorKind::ProtocolError);
-                self.shut_down(env);
+                self.shut_down();
             }
             Drained::Closed(code) => {
                 // Pubsub counts Closes by code (1008 is a slow consumer); echo as an error kind.
@@ -260,9 +260,9 @@ impl Conn {
                     Stage::Upgrading(_) => self.fail_connect(env, io_reason(&error)),
                     Stage::Open => {
                         env.stats.error(ErrorKind::WriteFailed);
-                        self.shut_down(env);
+                        self.shut_down();
                     }
-                    Stage::Closing { .. } => self.shut_down(env),
+                    Stage::Closing { .. } => self.shut_down(),
                     _ => {}
                 }
             }
@@ -278,7 +278,7 @@ impl Conn {
             {
                 self.fail_connect(env, "timed_out".into());
             }
-            Stage::Closing { by, .. } if env.now >= by => self.shut_down(env),
+            Stage::Closing { by, .. } if env.now >= by => self.shut_down(),
             _ => {}
         }
     }
@@ -309,7 +309,7 @@ impl Conn {
             && self.out.is_none()
             && self.pending.is_empty()
         {
-            self.shut_down(env);
+            self.shut_down();
         }
         match self.stage {
             Stage::Upgrading(_) | Stage::Open | Stage::Closing { .. } => {
@@ -361,7 +361,7 @@ impl Conn {
 
     /// Ends the connection without the closing handshake: the socket is shut down, which also
     /// ends its receive and any send in flight; [`Conn::sync`] closes it once they have ended.
-    fn shut_down(&mut self, _env: &mut Env<'_>) {
+    fn shut_down(&mut self) {
         if matches!(self.stage, Stage::Shutdown | Stage::Lingering | Stage::Done | Stage::Idle) {
             return;
         }
@@ -392,7 +392,7 @@ impl Conn {
             self.stage = Stage::Shutdown;
             self.recv_on = false;
         } else {
-            self.shut_down(env);
+            self.shut_down();
         }
     }
 
@@ -412,20 +412,8 @@ fn open_socket<B: Backend>(backend: &B, addr: &SockAddr, source: Option<Ipv4Addr
     let target = addr.as_socket().ok_or_else(|| io::Error::other("not an IP address"))?;
     let socket = backend.upstream_socket(target)?;
     if let Some(ip) = source {
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt reads an int from the pointer we pass, with its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        ringgate::io::sockopt::set_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
         socket.bind(&SockAddr::from(std::net::SocketAddrV4::new(ip, 0)))?;
     }
     Ok(socket)

@@ -143,8 +143,7 @@ impl ClientThread {
                 break;
             }
             let now = clock::now();
-            let wake = self.next_wake().unwrap_or(u64::MAX);
-            let timeout = Duration::from_nanos(wake.saturating_sub(now)).min(INTERRUPT_POLL);
+            let timeout = Duration::from_nanos(self.next_wake().saturating_sub(now)).min(INTERRUPT_POLL);
             backend.wait(Some(timeout), &mut |event| self.on_event(event))?;
         }
         self.finish_load(clock::now());
@@ -153,7 +152,7 @@ impl ClientThread {
 
     /// The earliest time the loop must wake for: a timer, the next connection to start, the
     /// next snapshot, the measured window's edges.
-    fn next_wake(&self) -> Option<u64> {
+    fn next_wake(&self) -> u64 {
         let mut next = self.next_snapshot;
         if let Some(at) = self.wheel.next_due() {
             next = next.min(at);
@@ -166,7 +165,7 @@ impl ClientThread {
         } else if !self.load_done {
             next = next.min(self.phases.end);
         }
-        Some(next)
+        next
     }
 
     fn on_event(&mut self, event: Event<'_>) {
@@ -188,10 +187,7 @@ impl ClientThread {
             Event::Connected { result, .. } => conn.on_connected(&mut env, result),
             Event::Accepted { .. } | Event::Woken => {}
         }
-        if !conn.touched {
-            conn.touched = true;
-            self.touched.push(slot);
-        }
+        touch(&mut self.touched, conn, slot);
     }
 
     /// Starts every connection whose time on the ramp has come.
@@ -212,8 +208,7 @@ impl ClientThread {
             let mut env = thread_env!(self, now);
             let conn = &mut self.conns[slot];
             conn.start(&mut env, backend, token, addr, source);
-            conn.touched = true;
-            self.touched.push(slot as u32);
+            touch(&mut self.touched, conn, slot as u32);
         }
     }
 
@@ -227,10 +222,7 @@ impl ClientThread {
                 conn.wake_at = None;
             }
             conn.on_timer(&mut env);
-            if !conn.touched {
-                conn.touched = true;
-                self.touched.push(slot);
-            }
+            touch(&mut self.touched, conn, slot);
         }
         fired.clear();
         self.fired = fired;
@@ -292,10 +284,7 @@ impl ClientThread {
                 continue;
             }
             conn.interrupt(&mut env);
-            if !conn.touched {
-                conn.touched = true;
-                self.touched.push(slot as u32);
-            }
+            touch(&mut self.touched, conn, slot as u32);
         }
     }
 
@@ -320,6 +309,14 @@ impl ClientThread {
                 self.stats.loads.push(ThreadLoad { cpu_ns: cpu::thread_cpu_ns() - cpu_from, wall_ns });
             }
         }
+    }
+}
+
+/// Puts the connection in `slot` on the list of those to sync this turn, once.
+fn touch(touched: &mut Vec<u32>, conn: &mut Conn, slot: u32) {
+    if !conn.touched {
+        conn.touched = true;
+        touched.push(slot);
     }
 }
 
