@@ -77,6 +77,43 @@ fn a_bomb_is_message_too_big_and_corrupt_data_is_1007() {
 }
 
 #[test]
+fn limits_apply_to_the_inflated_size_so_incompressible_data_at_the_limit_passes() {
+    // Random bytes grow a little when deflated: a message of exactly the limit is over it on the
+    // wire, and must still be accepted (Python websockets sends such frames).
+    let limits = Limits { max_message_size: 64 << 10, max_frame_size: 64 << 10 };
+    let mut noise = vec![0u8; 64 << 10];
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for byte in &mut noise {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let mut compressed = Vec::new();
+    Deflater::new(6, 15, true).compress(&noise, &mut compressed);
+    assert!(compressed.len() > noise.len(), "incompressible: {} bytes on the wire", compressed.len());
+    for fragments in [1, 3] {
+        let mut wire = Vec::new();
+        let pieces: Vec<&[u8]> = compressed.chunks(compressed.len().div_ceil(fragments)).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let (rsv, opcode) = if i == 0 { (RSV1, OpCode::Binary) } else { (0, OpCode::Continuation) };
+            push_frame(&mut wire, i + 1 == pieces.len(), rsv, opcode, piece, KEY);
+        }
+        let (events, result) = feed_all(&mut negotiated(limits, true), &wire);
+        assert_eq!(result, Ok(()), "{fragments} fragment(s)");
+        assert_eq!(events, [OwnedEvent::Message(MessageKind::Binary, noise.clone())]);
+    }
+    // One byte more inflated is over the limit.
+    let mut over = Vec::new();
+    noise.push(0);
+    Deflater::new(6, 15, true).compress(&noise, &mut over);
+    let mut wire = Vec::new();
+    push_frame(&mut wire, true, RSV1, OpCode::Binary, &over, KEY);
+    let (_, result) = feed_all(&mut negotiated(limits, true), &wire);
+    assert_eq!(result, Err(ProtocolError::MessageTooBig));
+}
+
+#[test]
 fn text_is_checked_for_utf8_after_inflating() {
     let mut deflater = Deflater::new(6, 15, true);
     let mut compressed = Vec::new();

@@ -14,6 +14,7 @@ use super::{
     Config, IoChoice, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size,
     parse_upstream_url,
 };
+use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
 
@@ -31,6 +32,8 @@ pub struct FileConfig {
     pubsub: PubSubSection,
     #[serde(default)]
     routes: RoutesSection,
+    #[serde(default)]
+    compression: CompressionSection,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
 }
@@ -103,6 +106,15 @@ struct PubSubSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CompressionSection {
+    mode: Option<CompressionMode>,
+    level: Option<u32>,
+    min_size: Option<Size>,
+    window_bits: Option<u8>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RoutesSection {
     echo: Option<Path>,
     pubsub: Option<Path>,
@@ -166,7 +178,7 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes, proxy } = self;
+        let FileConfig { server, limits, websocket, pubsub, routes, compression, proxy } = self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -193,6 +205,10 @@ impl FileConfig {
         take!("allowed_origins", websocket.allowed_origins, config.allowed_origins);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
+        take!("compression", compression.mode, config.compression);
+        take!("compression_level", compression.level, config.compression_level);
+        take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);
+        take!("compression_window_bits", compression.window_bits, config.compression_window_bits);
         take!("echo_path", routes.echo.map(|p| p.0), config.echo_path);
         take!("pubsub_path", routes.pubsub.map(|p| p.0), config.pubsub_path);
         take!("publish_path", routes.publish.map(|p| p.0), config.publish_path);

@@ -19,6 +19,11 @@
 //! that worker; each of its subscribers there misses it, counted in
 //! `ringgate_pubsub_handoff_drops_total`. Publishers never wait for a slow worker either.
 //!
+//! permessage-deflate: a subscriber that agreed it in shared mode gets the message's compressed
+//! frame, made once per worker (per window size) the first time one of its subscribers needs it,
+//! and shared like the plain one; the others get the plain frame. A dedicated-mode subscriber gets
+//! the plain frame and its connection compresses it with its own compressor.
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
@@ -32,8 +37,10 @@ use std::task::Waker;
 
 use bytes::{Bytes, BytesMut};
 
+use super::compression::Compressor;
 use crate::metrics::{WorkerStats, add};
-use crate::proto::frame::{MAX_HEADER_LEN, write_frame};
+use crate::proto::deflate::{MAX_WINDOW_BITS, MIN_WINDOW_BITS};
+use crate::proto::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, write_frame};
 use crate::proto::message::MessageKind;
 
 /// What to do with a subscriber that does not keep up.
@@ -185,6 +192,8 @@ pub struct Subscriber {
     owner: u64,
     /// The owner has been told and has not taken the queue since.
     notified: Cell<bool>,
+    /// The window this subscriber's frames are compressed with in shared mode; 0 for plain frames.
+    shared_window: u8,
 }
 
 impl Subscriber {
@@ -231,6 +240,19 @@ impl Subscriber {
     }
 }
 
+/// How a worker's broker treats its subscribers.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// What to do with a subscriber that does not keep up.
+    pub policy: SlowConsumerPolicy,
+    /// Bytes that may wait for one subscriber.
+    pub max_backpressure: usize,
+    /// Deliver a publishing subscriber's own messages back to it.
+    pub echo_to_publisher: bool,
+    /// The worker's counters.
+    pub stats: Arc<WorkerStats>,
+}
+
 /// A worker's pub/sub state. Lives on its worker thread only (`Rc`).
 pub struct Broker {
     worker: usize,
@@ -241,6 +263,8 @@ pub struct Broker {
     max_backpressure: usize,
     echo_to_publisher: bool,
     stats: Arc<WorkerStats>,
+    /// The worker's compression, for subscribers that agreed permessage-deflate.
+    compressor: Rc<Compressor>,
     /// Owners of subscribers that got frames (or were closed as slow) since the io layer last
     /// looked: each is told once until it takes its queue.
     ready: RefCell<Vec<u64>>,
@@ -281,23 +305,17 @@ impl std::fmt::Debug for Subscription {
 
 impl Broker {
     /// The broker of worker `worker`.
-    pub fn new(
-        worker: usize,
-        hub: Arc<Hub>,
-        policy: SlowConsumerPolicy,
-        max_backpressure: usize,
-        echo_to_publisher: bool,
-        stats: Arc<WorkerStats>,
-    ) -> Broker {
+    pub fn new(worker: usize, hub: Arc<Hub>, settings: BrokerSettings, compressor: Rc<Compressor>) -> Broker {
         Broker {
             worker,
             hub,
             topics: RefCell::default(),
             next_id: Cell::new(0),
-            policy,
-            max_backpressure,
-            echo_to_publisher,
-            stats,
+            policy: settings.policy,
+            max_backpressure: settings.max_backpressure,
+            echo_to_publisher: settings.echo_to_publisher,
+            stats: settings.stats,
+            compressor,
             ready: RefCell::default(),
         }
     }
@@ -314,8 +332,9 @@ impl Broker {
     }
 
     /// Subscribes a connection to `topic`, creating the topic on its first subscriber. `owner` is
-    /// what [`Broker::take_ready`] hands back when frames are queued for it.
-    pub fn subscribe(self: &Rc<Self>, topic: &str, owner: u64) -> Subscription {
+    /// what [`Broker::take_ready`] hands back when frames are queued for it; `shared_window` is the
+    /// window its frames are compressed with (shared-mode permessage-deflate), or `None` for plain.
+    pub fn subscribe(self: &Rc<Self>, topic: &str, owner: u64, shared_window: Option<u8>) -> Subscription {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         let mut topics = self.topics.borrow_mut();
@@ -336,6 +355,7 @@ impl Broker {
             slow: Cell::new(false),
             owner,
             notified: Cell::new(false),
+            shared_window: shared_window.map_or(0, |bits| bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS)),
         });
         subscribers.push(Rc::clone(&subscriber));
         self.stats.subscriber_added();
@@ -381,11 +401,12 @@ impl Broker {
         self.topics.borrow().get(topic).map_or(0, Vec::len)
     }
 
-    fn deliver_local(&self, topic: &str, frame: &Bytes, exclude: Option<u64>) -> usize {
+    fn deliver_local(&self, topic: &str, plain: &Bytes, exclude: Option<u64>) -> usize {
         let mut delivered = 0;
         let mut dropped = 0;
         let mut queued_bytes = 0;
         let mut too_slow: Vec<Rc<Subscriber>> = Vec::new();
+        let mut forms = Forms::new(plain);
         {
             let topics = self.topics.borrow();
             let Some(subscribers) = topics.get(topic) else { return 0 };
@@ -393,6 +414,7 @@ impl Broker {
                 if Some(subscriber.id) == exclude {
                     continue;
                 }
+                let frame = forms.for_window(subscriber.shared_window, &self.compressor);
                 if subscriber.pending_bytes() + frame.len() > self.max_backpressure {
                     match self.policy {
                         SlowConsumerPolicy::Close => too_slow.push(Rc::clone(subscriber)),
@@ -410,6 +432,7 @@ impl Broker {
         for subscriber in too_slow {
             self.close_slow(&subscriber);
         }
+        forms.count_compressed(&self.compressor);
         add(&self.stats.delivered, delivered as u64);
         self.stats.queue_bytes_add(queued_bytes);
         add(&self.stats.slow_consumer_drops, dropped);
@@ -463,12 +486,82 @@ impl Broker {
     }
 }
 
+/// The frames of one message for one worker's subscribers: the plain frame, and the compressed
+/// frame for each window size subscribers agreed, each made the first time a subscriber needs it.
+struct Forms<'a> {
+    plain: &'a Bytes,
+    /// By window bits (9-15): `None` until needed; then the compressed frame, or the plain one
+    /// when compressing did not pay.
+    compressed: [Option<Bytes>; (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize],
+    /// Subscribers queued a compressed frame, by window slot (for the counters).
+    deliveries: [u32; (MAX_WINDOW_BITS - MIN_WINDOW_BITS + 1) as usize],
+}
+
+impl<'a> Forms<'a> {
+    fn new(plain: &'a Bytes) -> Forms<'a> {
+        Forms { plain, compressed: Default::default(), deliveries: [0; 7] }
+    }
+
+    /// The frame for a subscriber with `window` bits (0: plain).
+    fn for_window(&mut self, window: u8, compressor: &Compressor) -> &Bytes {
+        if window == 0 {
+            return self.plain;
+        }
+        let slot = usize::from(window - MIN_WINDOW_BITS);
+        let plain = self.plain;
+        let frame = self.compressed[slot].get_or_insert_with(|| {
+            let (kind, payload) = split_frame(plain);
+            compressor.shared_frame(kind, payload, window).unwrap_or_else(|| plain.clone())
+        });
+        if frame.len() < plain.len() {
+            self.deliveries[slot] += 1;
+        }
+        frame
+    }
+
+    /// Counts the compressed deliveries: payload bytes before and after, per subscriber.
+    fn count_compressed(&self, compressor: &Compressor) {
+        let payload_len = split_frame(self.plain).1.len();
+        for (frame, &count) in self.compressed.iter().zip(&self.deliveries) {
+            if let Some(frame) = frame.as_ref().filter(|_| count > 0) {
+                let wire = split_frame(frame).1.len();
+                compressor.count_sent(u64::from(count), payload_len, wire);
+            }
+        }
+    }
+}
+
+/// A queued frame's kind and payload (frames here are ours: whole, unmasked, text or binary), for
+/// a connection that re-encodes them (dedicated-mode compression).
+pub fn split_frame(frame: &Bytes) -> (MessageKind, &[u8]) {
+    match FrameHeader::decode(frame) {
+        Ok(Decoded::Header(header, len)) => {
+            let kind = if header.opcode == crate::proto::frame::OpCode::Text {
+                MessageKind::Text
+            } else {
+                MessageKind::Binary
+            };
+            (kind, frame.get(len..).unwrap_or(&[]))
+        }
+        _ => (MessageKind::Binary, &[]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::compression::CompressionSettings;
 
     fn broker(worker: usize, hub: &Arc<Hub>, policy: SlowConsumerPolicy, max: usize) -> Rc<Broker> {
-        Rc::new(Broker::new(worker, Arc::clone(hub), policy, max, false, Arc::default()))
+        let stats: Arc<WorkerStats> = Arc::default();
+        let settings = BrokerSettings {
+            policy,
+            max_backpressure: max,
+            echo_to_publisher: false,
+            stats: Arc::clone(&stats),
+        };
+        let compressor = Compressor::new(CompressionSettings::default(), stats);
+        Rc::new(Broker::new(worker, Arc::clone(hub), settings, Rc::new(compressor)))
     }
 
     fn drain(subscriber: &Subscriber) -> Vec<Bytes> {
@@ -479,7 +572,7 @@ mod tests {
     fn a_message_is_encoded_once_and_shared_by_every_subscriber() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let subs: Vec<Subscription> = (0..3).map(|_| broker.subscribe("news", 0)).collect();
+        let subs: Vec<Subscription> = (0..3).map(|_| broker.subscribe("news", 0, None)).collect();
         assert_eq!(broker.publish("news", MessageKind::Text, b"hello", None), 3);
         let frames: Vec<Bytes> = subs.iter().flat_map(|s| drain(s.subscriber())).collect();
         assert_eq!(frames.len(), 3);
@@ -489,11 +582,39 @@ mod tests {
     }
 
     #[test]
+    fn compressing_subscribers_share_one_compressed_frame_and_the_others_the_plain_one() {
+        let (hub, _rx) = Hub::new(1);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let plain: Vec<Subscription> = (0..2).map(|_| broker.subscribe("t", 0, None)).collect();
+        let compressed: Vec<Subscription> = (0..3).map(|_| broker.subscribe("t", 0, Some(15))).collect();
+        let small_window = broker.subscribe("t", 0, Some(10));
+        let message = br#"{"symbol":"ACME","price":1234.5,"volume":100}"#.repeat(20);
+        assert_eq!(broker.publish("t", MessageKind::Text, &message, None), 6);
+        let frames = |subs: &[Subscription]| -> Vec<Bytes> {
+            subs.iter().flat_map(|s| drain(s.subscriber())).collect()
+        };
+        let plain = frames(&plain);
+        let compressed = frames(&compressed);
+        assert!(plain.iter().all(|f| f.as_ptr() == plain[0].as_ptr() && f[0] == 0x81));
+        assert!(
+            compressed.iter().all(|f| f.as_ptr() == compressed[0].as_ptr()),
+            "one compressed frame, shared"
+        );
+        assert_eq!(compressed[0][0], 0xC1, "FIN, RSV1, text");
+        assert!(compressed[0].len() < plain[0].len() / 4);
+        let small = drain(small_window.subscriber());
+        assert_ne!(small[0].as_ptr(), compressed[0].as_ptr(), "a smaller window gets its own frame");
+        let runs = broker.stats.compression.runs.load(Ordering::Relaxed);
+        assert_eq!(runs, 2, "compressed once per window size, not per subscriber");
+        assert_eq!(broker.stats.compression.messages_out.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
     fn the_publisher_is_excluded_unless_echo_is_on() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let publisher = broker.subscribe("t", 0);
-        let other = broker.subscribe("t", 0);
+        let publisher = broker.subscribe("t", 0, None);
+        let other = broker.subscribe("t", 0, None);
         assert_eq!(publisher.publish(MessageKind::Binary, b"x"), 1);
         assert!(!publisher.subscriber().has_queued());
         assert!(other.subscriber().has_queued());
@@ -504,7 +625,7 @@ mod tests {
         let (hub, receivers) = Hub::new(3);
         let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
         let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let _remote: Vec<Subscription> = (0..5).map(|_| there.subscribe("t", 0)).collect();
+        let _remote: Vec<Subscription> = (0..5).map(|_| there.subscribe("t", 0, None)).collect();
         assert_eq!(here.publish("t", MessageKind::Text, b"a", None), 5);
         let delivery = receivers[1].try_recv().expect("one hand-off to worker 1");
         assert!(receivers[1].try_recv().is_err(), "never one per subscriber");
@@ -519,7 +640,7 @@ mod tests {
         let (hub, receivers) = Hub::with_handoff_limit(2, 3 * frame_len);
         let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
         let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let remote: Vec<Subscription> = (0..2).map(|_| there.subscribe("t", 0)).collect();
+        let remote: Vec<Subscription> = (0..2).map(|_| there.subscribe("t", 0, None)).collect();
         let reached: Vec<usize> =
             (0..5).map(|_| here.publish("t", MessageKind::Text, &[b'x'; 100], None)).collect();
         assert_eq!(reached, [2, 2, 2, 0, 0], "three frames fit, the next two are not handed over");
@@ -538,8 +659,8 @@ mod tests {
     fn topics_disappear_with_their_last_subscriber() {
         let (hub, _rx) = Hub::new(2);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let a = broker.subscribe("t", 0);
-        let b = broker.subscribe("t", 0);
+        let a = broker.subscribe("t", 0, None);
+        let b = broker.subscribe("t", 0, None);
         assert_eq!(hub.topic_count(), 1);
         drop(a);
         assert_eq!(broker.local_subscribers("t"), 1);
@@ -553,8 +674,8 @@ mod tests {
     fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
-        let slow = broker.subscribe("t", 0);
-        let fast = broker.subscribe("t", 0);
+        let slow = broker.subscribe("t", 0, None);
+        let fast = broker.subscribe("t", 0, None);
         for i in 0..10u8 {
             broker.publish("t", MessageKind::Binary, &[i; 30], None);
             drain(fast.subscriber()); // the fast one keeps up
@@ -572,7 +693,7 @@ mod tests {
     fn with_the_drop_policy_a_slow_subscriber_misses_messages_but_stays() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Drop, 100);
-        let slow = broker.subscribe("t", 0);
+        let slow = broker.subscribe("t", 0, None);
         for i in 0..10u8 {
             broker.publish("t", MessageKind::Binary, &[i; 30], None);
         }
@@ -587,7 +708,7 @@ mod tests {
     fn a_drained_queue_gives_back_the_capacity_of_a_burst() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let sub = broker.subscribe("t", 0);
+        let sub = broker.subscribe("t", 0, None);
         for _ in 0..100 {
             broker.publish("t", MessageKind::Binary, b"x", None);
         }
@@ -600,7 +721,7 @@ mod tests {
     fn bytes_being_written_count_towards_the_bound() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 100);
-        let sub = broker.subscribe("t", 0);
+        let sub = broker.subscribe("t", 0, None);
         sub.subscriber().set_writing_bytes(90);
         broker.publish("t", MessageKind::Binary, &[0; 20], None);
         assert!(sub.subscriber().is_slow());
@@ -610,7 +731,7 @@ mod tests {
     fn an_owner_is_told_once_per_batch_of_frames_and_again_after_taking_them() {
         let (hub, _rx) = Hub::new(1);
         let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
-        let sub = broker.subscribe("t", 42);
+        let sub = broker.subscribe("t", 42, None);
         let mut ready = Vec::new();
         broker.publish("t", MessageKind::Text, b"one", None);
         broker.publish("t", MessageKind::Text, b"two", None);

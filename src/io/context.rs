@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::Broker;
@@ -42,6 +43,8 @@ pub struct WorkerContext {
     pub max_conns: usize,
     /// This worker's pub/sub broker.
     pub broker: Rc<Broker>,
+    /// This worker's permessage-deflate compression (shared with the broker).
+    pub compressor: Rc<Compressor>,
     /// Every worker's counters, for `/metrics`.
     pub all_stats: Arc<[Arc<WorkerStats>]>,
     /// When the process started (Unix seconds), for `/metrics`.
@@ -86,14 +89,17 @@ impl WorkerContext {
     pub fn for_tests() -> WorkerContext {
         let stats: Arc<WorkerStats> = Arc::default();
         let (hub, _deliveries) = crate::gateway::pubsub::Hub::new(1);
-        let broker = Broker::new(
-            0,
-            hub,
-            crate::gateway::pubsub::SlowConsumerPolicy::Close,
-            1 << 20,
-            false,
+        let compressor = Rc::new(Compressor::new(
+            crate::gateway::compression::CompressionSettings::default(),
             Arc::clone(&stats),
-        );
+        ));
+        let settings = crate::gateway::pubsub::BrokerSettings {
+            policy: crate::gateway::pubsub::SlowConsumerPolicy::Close,
+            max_backpressure: 1 << 20,
+            echo_to_publisher: false,
+            stats: Arc::clone(&stats),
+        };
+        let broker = Broker::new(0, hub, settings, Rc::clone(&compressor));
         WorkerContext {
             limits: Limits::default(),
             max_backpressure: 1 << 20,
@@ -106,6 +112,7 @@ impl WorkerContext {
             open_connections: Arc::default(),
             max_conns: 100,
             broker: Rc::new(broker),
+            compressor,
             all_stats: Arc::from(vec![stats]),
             start_time_seconds: 0.0,
             io_backend: "test",

@@ -39,8 +39,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, IoChoice};
+use crate::gateway::compression::Compressor;
 use crate::gateway::proxy::ProxyPool;
-use crate::gateway::pubsub::{Broker, Hub};
+use crate::gateway::pubsub::{Broker, BrokerSettings, Hub};
 use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
@@ -376,12 +377,19 @@ fn context_builder(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let slow_consumer = config.slow_consumer;
     let pubsub_echo = config.pubsub_echo;
+    let compression = config.compression_settings();
     let upstream_timeout = config.upstream_timeout;
     let max_conns = config.max_conns;
     Box::new(move |io_backend| {
         let stats = Arc::clone(&shared.stats[worker]);
-        let broker =
-            Broker::new(worker, shared.hub, slow_consumer, max_backpressure, pubsub_echo, Arc::clone(&stats));
+        let compressor = Rc::new(Compressor::new(compression, Arc::clone(&stats)));
+        let settings = BrokerSettings {
+            policy: slow_consumer,
+            max_backpressure,
+            echo_to_publisher: pubsub_echo,
+            stats: Arc::clone(&stats),
+        };
+        let broker = Broker::new(worker, shared.hub, settings, Rc::clone(&compressor));
         WorkerContext {
             limits,
             max_backpressure,
@@ -394,6 +402,7 @@ fn context_builder(
             open_connections: shared.open_connections,
             max_conns,
             broker: Rc::new(broker),
+            compressor,
             all_stats: shared.stats,
             start_time_seconds,
             io_backend,

@@ -247,6 +247,64 @@ pub struct WorkerStats {
     outbound_queue_bytes: AtomicI64,
     /// The io backend's own counters, copied in by the worker after each loop turn.
     pub io: IoCounters,
+    /// permessage-deflate: what was compressed and inflated, and what it holds.
+    pub compression: CompressionCounters,
+}
+
+/// permessage-deflate's counters and gauges (see `ringgate_compression_*` in `/metrics`): enough
+/// to tell what compression saves on the wire, what it costs in compressor runs (a pub/sub
+/// message is compressed once per worker, however many subscribers get it) and what it holds.
+#[derive(Debug, Default)]
+pub struct CompressionCounters {
+    /// Messages run through a compressor.
+    pub runs: AtomicU64,
+    /// Messages sent compressed (one per receiver: a fan-out counts each delivery).
+    pub messages_out: AtomicU64,
+    /// Their payload before compression.
+    pub out_uncompressed_bytes: AtomicU64,
+    /// Their payload as sent.
+    pub out_compressed_bytes: AtomicU64,
+    /// Compressed messages received.
+    pub messages_in: AtomicU64,
+    /// Their payload as received.
+    pub in_compressed_bytes: AtomicU64,
+    /// Their payload once inflated.
+    pub in_uncompressed_bytes: AtomicU64,
+    /// Connections that agreed permessage-deflate.
+    connections: AtomicI64,
+    /// Connections holding a decompressor of their own (the client keeps its context).
+    inflaters: AtomicI64,
+    /// Connections holding a compressor of their own (dedicated mode).
+    deflaters: AtomicI64,
+}
+
+impl CompressionCounters {
+    /// A connection agreed permessage-deflate (+1) or left having agreed it (-1).
+    pub fn connections_add(&self, delta: i64) {
+        gauge_add(&self.connections, delta);
+    }
+
+    /// A connection took (+1) or gave back (-1) a decompressor of its own.
+    pub fn inflaters_add(&self, delta: i64) {
+        gauge_add(&self.inflaters, delta);
+    }
+
+    /// A connection took (+1) or gave back (-1) a compressor of its own.
+    pub fn deflaters_add(&self, delta: i64) {
+        gauge_add(&self.deflaters, delta);
+    }
+
+    /// Connections holding a compressor of their own, on this worker.
+    pub fn deflaters(&self) -> i64 {
+        self.deflaters.load(Ordering::Relaxed)
+    }
+
+    /// Counts one compressed message received: `compressed` bytes that inflated to `inflated`.
+    pub fn received(&self, compressed: usize, inflated: usize) {
+        add(&self.messages_in, 1);
+        add(&self.in_compressed_bytes, compressed as u64);
+        add(&self.in_uncompressed_bytes, inflated as u64);
+    }
 }
 
 /// What a worker's io backend reports about itself (see `ringgate_io_*` in `/metrics`).

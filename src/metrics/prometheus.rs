@@ -269,6 +269,70 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
             http.sample(&[("endpoint", endpoint.label()), ("status", status_class_label(class))], value);
         }
     }
+    render_compression(out, workers);
+}
+
+/// The permessage-deflate families: what compression saves, what it runs, what it holds.
+fn render_compression(out: &mut String, workers: &[Arc<WorkerStats>]) {
+    use Kind::{Counter, Gauge};
+    let sum = |pick: &dyn Fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| load(pick(w))).sum::<u64>();
+    let gauge = |out: &mut String, name, help, pick: &dyn Fn(&WorkerStats) -> &AtomicI64| {
+        let mut family = family(out, name, Gauge, help);
+        for (index, worker) in workers.iter().enumerate() {
+            family.sample(&[("worker", itoa::Buffer::new().format(index))], load_gauge(pick(worker)));
+        }
+    };
+    gauge(out, "ringgate_compression_connections", "Connections that agreed permessage-deflate.", &|w| {
+        &w.compression.connections
+    });
+    gauge(
+        out,
+        "ringgate_compression_inflaters",
+        "Connections holding a decompressor of their own (about 40 KiB each): the client keeps its \
+         compression context and has sent compressed data.",
+        &|w| &w.compression.inflaters,
+    );
+    gauge(
+        out,
+        "ringgate_compression_deflaters",
+        "Connections holding a compressor of their own (dedicated mode, about 300 KiB each).",
+        &|w| &w.compression.deflaters,
+    );
+    family(
+        out,
+        "ringgate_compression_runs_total",
+        Counter,
+        "Messages run through a compressor; a pub/sub message is compressed once per worker in \
+         shared mode, however many subscribers receive it.",
+    )
+    .sample(&[], sum(&|w| &w.compression.runs));
+    let mut messages =
+        family(out, "ringgate_compressed_messages_total", Counter, "Messages sent or received compressed.");
+    messages.sample(&[("direction", "in")], sum(&|w| &w.compression.messages_in));
+    messages.sample(&[("direction", "out")], sum(&|w| &w.compression.messages_out));
+    let mut bytes = family(
+        out,
+        "ringgate_compression_payload_bytes_total",
+        Counter,
+        "Payload of compressed messages, before and after compression (stage=uncompressed|compressed), \
+         by direction: compressed over uncompressed is the ratio on the wire.",
+    );
+    bytes.sample(
+        &[("direction", "in"), ("stage", "compressed")],
+        sum(&|w| &w.compression.in_compressed_bytes),
+    );
+    bytes.sample(
+        &[("direction", "in"), ("stage", "uncompressed")],
+        sum(&|w| &w.compression.in_uncompressed_bytes),
+    );
+    bytes.sample(
+        &[("direction", "out"), ("stage", "compressed")],
+        sum(&|w| &w.compression.out_compressed_bytes),
+    );
+    bytes.sample(
+        &[("direction", "out"), ("stage", "uncompressed")],
+        sum(&|w| &w.compression.out_uncompressed_bytes),
+    );
 }
 
 /// One proxy upstream's counters and the labels they are exposed under.
@@ -515,6 +579,12 @@ mod tests {
             ("ringgate_io_loop_turns_total", Counter),
             ("ringgate_io_events_total", Counter),
             ("ringgate_http_requests_total", Counter),
+            ("ringgate_compression_connections", Gauge),
+            ("ringgate_compression_inflaters", Gauge),
+            ("ringgate_compression_deflaters", Gauge),
+            ("ringgate_compression_runs_total", Counter),
+            ("ringgate_compressed_messages_total", Counter),
+            ("ringgate_compression_payload_bytes_total", Counter),
         ]
     }
 
@@ -718,6 +788,12 @@ mod tests {
             {
                 add(counter, 1);
             }
+            let compression = &worker.compression;
+            add(&compression.runs, 1);
+            add(&compression.messages_out, 1);
+            add(&compression.out_uncompressed_bytes, 1);
+            add(&compression.out_compressed_bytes, 1);
+            compression.received(1, 1);
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
             worker.queue_bytes_sub(10);

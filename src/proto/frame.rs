@@ -181,7 +181,22 @@ impl FrameHeader {
 /// Server frames carry no per-receiver bytes, so pub/sub fan-out encodes a message once and shares
 /// the result. Masking goes through a small stack block, so no `dst` type needs in-place access.
 pub fn write_frame(dst: &mut impl BufMut, opcode: OpCode, payload: &[u8], mask: Option<MaskKey>) {
-    let header = FrameHeader { fin: true, rsv: 0, opcode, mask, payload_len: payload.len() as u64 };
+    write_frame_with_rsv(dst, opcode, 0, payload, mask);
+}
+
+/// RSV1, which permessage-deflate (RFC 7692 section 6) sets on a compressed message's first frame.
+pub const RSV1: u8 = 0b100;
+
+/// [`write_frame`] with reserved bits set, for an extension that gives them meaning (RSV1 on a
+/// message compressed by permessage-deflate).
+pub fn write_frame_with_rsv(
+    dst: &mut impl BufMut,
+    opcode: OpCode,
+    rsv: u8,
+    payload: &[u8],
+    mask: Option<MaskKey>,
+) {
+    let header = FrameHeader { fin: true, rsv, opcode, mask, payload_len: payload.len() as u64 };
     let mut head = [0u8; MAX_HEADER_LEN];
     let head_len = header.encode(&mut head);
     dst.put_slice(&head[..head_len]);

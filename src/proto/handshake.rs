@@ -438,10 +438,19 @@ pub struct Accepted<'b> {
 impl Accepted<'_> {
     /// Writes the `101 Switching Protocols` response.
     pub fn write_response(&self, dst: &mut impl BufMut) {
+        self.write_response_with_extensions(dst, None);
+    }
+
+    /// Writes the `101 Switching Protocols` response, naming the extensions agreed (the value of
+    /// `Sec-WebSocket-Extensions`, such as permessage-deflate's answer).
+    pub fn write_response_with_extensions(&self, dst: &mut impl BufMut, extensions: Option<&str>) {
         dst.put_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
         put_header(dst, b"Sec-WebSocket-Accept", self.accept_key.as_bytes());
         if let Some(protocol) = self.subprotocol {
             put_header(dst, b"Sec-WebSocket-Protocol", protocol.as_bytes());
+        }
+        if let Some(extensions) = extensions {
+            put_header(dst, b"Sec-WebSocket-Extensions", extensions.as_bytes());
         }
         dst.put_slice(b"\r\n");
     }

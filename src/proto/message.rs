@@ -16,7 +16,7 @@
 use super::ProtocolError;
 use super::close::{CloseFrame, parse_close_body};
 use super::deflate::{InflateError, Inflater};
-use super::frame::{Decoded, FrameHeader, OpCode};
+use super::frame::{Decoded, FrameHeader, OpCode, RSV1};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
 
@@ -120,26 +120,26 @@ pub struct Assembler {
     delivered: bool,
     utf8: Utf8Validator,
     closed: bool,
-    /// permessage-deflate, once negotiated ([`Assembler::enable_deflate`]).
+    /// permessage-deflate was agreed and the peer keeps its compression context between messages,
+    /// so this side must keep a decompressor too (else it borrows the thread's spare one).
+    peer_keeps_context: bool,
+    /// What inflating needs, made on the first compressed message only; without context takeover
+    /// it is freed once its message is delivered, so an idle connection holds none.
     deflate: Option<Box<InflateState>>,
     /// The message being assembled had RSV1 set on its first frame: it is compressed.
     compressed: bool,
 }
 
-/// What a connection that negotiated permessage-deflate keeps for inflating.
+/// What a connection that negotiated permessage-deflate holds while it inflates.
 #[derive(Debug)]
 struct InflateState {
-    /// The client resets its context after every message, so this side may too and keeps no
-    /// decompressor between messages (it borrows the thread's spare one).
-    no_context_takeover: bool,
-    /// The decompressor, while the client keeps its context (it holds the client's window).
+    /// The decompressor, while the peer keeps its context (it holds the peer's window).
     inflater: Option<Inflater>,
     /// The inflated message handed out last.
     inflated: Vec<u8>,
+    /// Compressed payload bytes of the message handed out last (for the caller's counters).
+    compressed_len: usize,
 }
-
-/// RSV1: "this message is compressed" under permessage-deflate (RFC 7692 section 6).
-const RSV1: u8 = 0b100;
 
 thread_local! {
     /// One decompressor per thread for the connections that keep no context: it is reset after
@@ -165,6 +165,7 @@ impl Assembler {
             delivered: false,
             utf8: Utf8Validator::new(),
             closed: false,
+            peer_keeps_context: false,
             deflate: None,
             compressed: false,
         }
@@ -176,11 +177,18 @@ impl Assembler {
     /// message, so no decompressor is kept for this connection between messages.
     pub fn enable_deflate(&mut self, client_no_context_takeover: bool) {
         self.allowed_rsv |= RSV1;
-        self.deflate = Some(Box::new(InflateState {
-            no_context_takeover: client_no_context_takeover,
-            inflater: None,
-            inflated: Vec::new(),
-        }));
+        self.peer_keeps_context = !client_no_context_takeover;
+    }
+
+    /// Whether this connection holds a decompressor of its own (the peer keeps its context and
+    /// has sent compressed data): about 40 KiB, counted by the caller.
+    pub fn holds_inflater(&self) -> bool {
+        self.deflate.as_ref().is_some_and(|state| state.inflater.is_some())
+    }
+
+    /// The compressed size of the message just handed out, when it arrived compressed.
+    pub fn compressed_len(&self) -> Option<usize> {
+        self.deflate.as_ref().filter(|_| self.delivered).map(|state| state.compressed_len).filter(|&n| n > 0)
     }
 
     /// Whether a Close frame has been received; later input is discarded.
@@ -282,11 +290,16 @@ impl Assembler {
             _ => {}
         }
         if !header.opcode.is_control() {
-            if header.payload_len > self.limits.max_frame_size as u64 {
+            // A compressed message's limits are on its inflated size (checked while inflating);
+            // on the wire it may be what deflate makes of incompressible data that size.
+            let compressed =
+                header.rsv & RSV1 != 0 || (header.opcode == OpCode::Continuation && self.compressed);
+            let wire_limit = |limit: usize| if compressed { deflate_bound(limit) } else { limit as u64 };
+            if header.payload_len > wire_limit(self.limits.max_frame_size) {
                 return Err(ProtocolError::FrameTooBig);
             }
             let total = self.buffer.len() as u64 + header.payload_len;
-            if total > self.limits.max_message_size as u64 {
+            if total > wire_limit(self.limits.max_message_size) {
                 return Err(ProtocolError::MessageTooBig);
             }
         }
@@ -340,10 +353,16 @@ impl Assembler {
     /// message size limit, and checks a text message's UTF-8 after inflating.
     fn inflate(&mut self, kind: MessageKind, compressed: &[u8]) -> Result<&[u8], ProtocolError> {
         let limit = self.limits.max_message_size;
-        let state = self.deflate.as_mut().ok_or(ProtocolError::ReservedBits)?;
+        if self.allowed_rsv & RSV1 == 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        let state = self.deflate.get_or_insert_with(|| {
+            Box::new(InflateState { inflater: None, inflated: Vec::new(), compressed_len: 0 })
+        });
         self.delivered = true;
         state.inflated.clear();
-        let result = if state.no_context_takeover {
+        state.compressed_len = compressed.len();
+        let result = if !self.peer_keeps_context {
             SPARE_INFLATER.with_borrow_mut(|spare| {
                 spare.get_or_insert_with(|| Inflater::new(true)).inflate(
                     compressed,
@@ -382,7 +401,10 @@ impl Assembler {
 
     fn recycle_buffer(&mut self) {
         self.delivered = false;
-        if let Some(state) = self.deflate.as_mut() {
+        if !self.peer_keeps_context {
+            self.deflate = None;
+        } else if let Some(state) = self.deflate.as_mut() {
+            state.compressed_len = 0;
             if state.inflated.capacity() > RETAINED_BUFFER_CAPACITY {
                 state.inflated = Vec::new();
             } else {
@@ -395,6 +417,15 @@ impl Assembler {
             self.buffer.clear();
         }
     }
+}
+
+/// The most DEFLATE data `len` bytes can become whatever the sender's settings: zlib's
+/// conservative `deflateBound`, which covers the small blocks of a compressor with little memory
+/// (Python websockets compresses with `memLevel=5`: incompressible data grows by a quarter of a
+/// percent, past the tighter bound of default settings), plus the stream's end.
+fn deflate_bound(len: usize) -> u64 {
+    let len = len as u64;
+    len + ((len + 7) >> 3) + ((len + 63) >> 6) + 64
 }
 
 fn unmask(payload: &mut [u8], header: &FrameHeader, offset: usize) {

@@ -21,9 +21,10 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
+use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::http::{self, parse_plain_request};
 use crate::gateway::proxy::UpstreamRequest;
-use crate::gateway::pubsub::{Subscriber, Subscription};
+use crate::gateway::pubsub::{Subscriber, Subscription, split_frame};
 use crate::gateway::router::Route;
 use crate::gateway::{Outbox, echo};
 use crate::io::buffers::process_after_tail;
@@ -74,6 +75,26 @@ impl Outbox for Outbound {
 impl Outbound {
     fn control(&mut self, opcode: OpCode, payload: &[u8]) {
         write_frame(&mut self.staging, opcode, payload, None);
+    }
+}
+
+/// The outbox of a connection that agreed permessage-deflate: data messages are compressed on the
+/// way in (control frames still go through [`Outbound::control`], never compressed).
+struct CompressingOutbox<'a> {
+    out: &'a mut Outbound,
+    deflate: &'a mut ConnDeflate,
+    compressor: &'a Compressor,
+}
+
+impl Outbox for CompressingOutbox<'_> {
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) {
+        let out = &mut *self.out;
+        if out.staging.capacity() == 0 {
+            out.staging = staging_buffer();
+        }
+        let wire = self.compressor.write_message(&mut out.staging, kind, payload, Some(self.deflate), None);
+        out.messages += 1;
+        out.payload_bytes = out.payload_bytes.saturating_add(wire as u32);
     }
 }
 
@@ -140,6 +161,25 @@ fn combine(mut staged: Vec<u8>, mut frames: Vec<Bytes>) -> Option<Outgoing> {
     Some(Outgoing::frames(all))
 }
 
+/// One send of our own `staged` frames followed by the messages of plain shared `frames`, each
+/// compressed with this connection's own compressor (dedicated mode: its context is its own, so
+/// the broker's shared frames cannot serve it).
+fn compress_each(
+    mut staged: Vec<u8>,
+    frames: Vec<Bytes>,
+    deflate: &mut ConnDeflate,
+    compressor: &Compressor,
+) -> Option<Outgoing> {
+    if staged.capacity() == 0 && !frames.is_empty() {
+        staged = staging_buffer();
+    }
+    for frame in &frames {
+        let (kind, payload) = split_frame(frame);
+        compressor.write_message(&mut staged, kind, payload, Some(deflate), None);
+    }
+    (!staged.is_empty()).then(|| Outgoing::staged(staged))
+}
+
 /// What a relay takes over from a client whose request routed to a proxy.
 pub struct Handoff {
     /// The upstream request, copied out of the client's.
@@ -157,6 +197,9 @@ pub struct Client {
     keepalive: bool,
     ping_sent: bool,
     peer_closed_tcp: bool,
+    /// The client keeps its compression context and this connection holds a decompressor for it
+    /// (counted in the worker's `compression.inflaters` gauge).
+    inflater_counted: bool,
     /// How much of `tail` has been searched for the end of the request headers.
     header_scanned: u32,
     /// Bytes handed to the backend and not yet reported sent.
@@ -165,6 +208,8 @@ pub struct Client {
     /// The deadline outside the `Open` phase (in it, idleness decides).
     deadline: Millis,
     session: Session,
+    /// permessage-deflate, when agreed: how messages to this client are compressed.
+    deflate: Option<ConnDeflate>,
     assembler: Assembler,
     /// Unconsumed bytes: a partial request, frame header or control frame.
     tail: Vec<u8>,
@@ -179,11 +224,13 @@ impl Client {
             keepalive: false,
             ping_sent: false,
             peer_closed_tcp: false,
+            inflater_counted: false,
             header_scanned: 0,
             in_flight_bytes: 0,
             last_activity: cx.now,
             deadline: cx.now.after(cx.ctx.handshake_timeout),
             session: Session::None,
+            deflate: None,
             assembler: Assembler::new(Role::Server, cx.ctx.limits),
             tail: Vec::new(),
             out: Outbound::default(),
@@ -362,7 +409,10 @@ impl Client {
                 let subscriber = subscription.subscriber();
                 subscriber.clear_notified();
                 let frames = take_frames(subscriber, batch.len(), stats);
-                combine(batch, frames)
+                match self.deflate.as_mut().filter(|deflate| deflate.shared_window().is_none()) {
+                    Some(deflate) => compress_each(batch, frames, deflate, &cx.ctx.compressor),
+                    None => combine(batch, frames),
+                }
             }
             _ => (!batch.is_empty()).then(|| Outgoing::staged(batch)),
         }?;
@@ -407,6 +457,14 @@ impl Client {
     pub fn finish(&mut self, cx: &Cx<'_>) {
         self.session = Session::None;
         self.set_keepalive(false, cx);
+        let compression = &cx.ctx.stats.compression;
+        if let Some(deflate) = self.deflate.take() {
+            cx.ctx.compressor.release(&deflate);
+            compression.connections_add(-1);
+        }
+        if std::mem::take(&mut self.inflater_counted) {
+            compression.inflaters_add(-1);
+        }
         if self.in_flight_bytes > 0 {
             cx.ctx.stats.queue_bytes_sub(u64::from(self.in_flight_bytes));
             self.in_flight_bytes = 0;
@@ -561,10 +619,18 @@ impl Client {
             self.phase = Phase::Handoff;
             return;
         }
-        accepted.write_response(&mut self.out.staging);
+        let agreed = ctx.compressor.negotiate(request.header_values("Sec-WebSocket-Extensions"));
+        let answer = agreed.as_ref().map(|(agreement, _)| agreement.response_value());
+        accepted.write_response_with_extensions(&mut self.out.staging, answer.as_deref());
+        if let Some((agreement, deflate)) = agreed {
+            self.assembler.enable_deflate(agreement.client_no_context_takeover);
+            self.deflate = Some(deflate);
+            ctx.stats.compression.connections_add(1);
+        }
         add(&ctx.stats.handshakes_completed, 1);
+        let shared_window = self.deflate.as_ref().and_then(ConnDeflate::shared_window);
         self.session = match route {
-            Route::PubSub { topic } => Session::PubSub(ctx.broker.subscribe(topic, cx.owner)),
+            Route::PubSub { topic } => Session::PubSub(ctx.broker.subscribe(topic, cx.owner, shared_window)),
             _ => Session::Echo,
         };
         self.phase = Phase::Open;
@@ -601,17 +667,36 @@ impl Client {
             };
             match event {
                 Event::Message { kind, payload } => {
-                    let bytes = payload.len() as u64;
+                    let inflated = payload.len();
                     match &self.session {
-                        Session::Echo => {
-                            stats.messages_in(RouteLabel::Echo, 1, bytes);
-                            echo::on_message(kind, payload, &mut self.out);
-                        }
+                        Session::Echo => match self.deflate.as_mut() {
+                            Some(deflate) => {
+                                let compressor = &cx.ctx.compressor;
+                                let mut out = CompressingOutbox { out: &mut self.out, deflate, compressor };
+                                echo::on_message(kind, payload, &mut out);
+                            }
+                            None => echo::on_message(kind, payload, &mut self.out),
+                        },
                         Session::PubSub(subscription) => {
-                            stats.messages_in(RouteLabel::PubSub, 1, bytes);
                             subscription.publish(kind, payload);
                         }
                         Session::None | Session::Proxy(_) => {}
+                    }
+                    let route = if matches!(self.session, Session::PubSub(_)) {
+                        RouteLabel::PubSub
+                    } else {
+                        RouteLabel::Echo
+                    };
+                    // Payload bytes as they crossed the wire (compressed where they were).
+                    let wire = match self.assembler.compressed_len() {
+                        Some(compressed) => {
+                            stats.compression.received(compressed, inflated);
+                            compressed
+                        }
+                        None => inflated,
+                    };
+                    if matches!(self.session, Session::Echo | Session::PubSub(_)) {
+                        stats.messages_in(route, 1, wire as u64);
                     }
                 }
                 Event::Ping(payload) => {
@@ -641,7 +726,17 @@ impl Client {
                 }
             }
         }
+        self.count_inflater(cx);
         if matches!(self.phase, Phase::Open | Phase::Closing) { at } else { buf.len() }
+    }
+
+    /// Keeps the worker's gauge of per-connection decompressors in step with this connection.
+    fn count_inflater(&mut self, cx: &Cx<'_>) {
+        let holds = self.assembler.holds_inflater();
+        if holds != self.inflater_counted {
+            self.inflater_counted = holds;
+            cx.ctx.stats.compression.inflaters_add(if holds { 1 } else { -1 });
+        }
     }
 
     fn send_close(&mut self, code: CloseCode, reason: &str, cx: &Cx<'_>) {
@@ -708,12 +803,13 @@ mod tests {
     /// (see `worker`): the budget is 320 bytes per idle connection in all. Where the bytes
     /// go: the assembler (limits, partial-frame and message state, its reassembly buffer's empty
     /// `Vec`), the unfinished-bytes tail and the staging buffer (empty `Vec`s: no allocation while
-    /// idle), the session (a subscription is two `Rc`s), two 4-byte clocks, two 4-byte counts and
-    /// four flags.
+    /// idle), the session (a subscription is two `Rc`s), the permessage-deflate send agreement (16
+    /// bytes: a null pointer unless dedicated mode compressed for it, the window and the mode),
+    /// two 4-byte clocks, two 4-byte counts and five flags.
     #[test]
     fn a_client_fits_the_idle_memory_budget() {
         let size = std::mem::size_of::<Client>();
-        assert!(size <= 200, "a client connection's state grew to {size} bytes");
+        assert!(size <= 208, "a client connection's state grew to {size} bytes");
         let ctx = WorkerContext::for_tests();
         let client = Client::new(&cx(&ctx));
         assert_eq!(client.tail.capacity(), 0, "an idle connection holds no buffer");
