@@ -242,7 +242,51 @@ fn client_and_server_agree() {
     let mut response = answer(&request, &policy).expect("server accepts our client");
     response.extend_from_slice(&[0x81, 0x00]); // a frame right behind the response
     let parsed = client.parse_response(&response, &["chat"]);
-    assert_eq!(parsed, Ok(ServerResponse::Upgraded { subprotocol: Some("chat"), len: response.len() - 2 }));
+    assert_eq!(
+        parsed,
+        Ok(ServerResponse::Upgraded { subprotocol: Some("chat"), len: response.len() - 2, deflate: None })
+    );
+}
+
+#[test]
+fn a_client_fails_an_extension_it_did_not_offer_and_reads_the_one_it_did() {
+    let plain = ClientHandshake::new([5; 16]);
+    let deflating = plain.offering_deflate();
+    let mut request = Vec::new();
+    deflating.write_request(&mut request, "h", "/", &[]);
+    let text = String::from_utf8(request).expect("ascii");
+    assert!(text.contains("\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"));
+    let accept = std::str::from_utf8(AcceptKey::for_key(plain.key()).as_bytes()).expect("base64").to_string();
+    let response = |extensions: &str| {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n{extensions}\r\n"
+        )
+        .into_bytes()
+    };
+    let agreed = response("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n");
+    assert_eq!(
+        plain.parse_response(&agreed, &[]),
+        Err(ClientHandshakeError::UnexpectedExtension),
+        "not offered, so not accepted"
+    );
+    match deflating.parse_response(&agreed, &[]) {
+        Ok(ServerResponse::Upgraded { deflate: Some(agreement), .. }) => {
+            assert!(agreement.server_no_context_takeover && !agreement.client_no_context_takeover);
+        }
+        other => panic!("expected an agreement, got {other:?}"),
+    }
+    let declined = response("");
+    assert!(matches!(
+        deflating.parse_response(&declined, &[]),
+        Ok(ServerResponse::Upgraded { deflate: None, .. })
+    ));
+    let twice = response(
+        "Sec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    assert_eq!(deflating.parse_response(&twice, &[]), Err(ClientHandshakeError::UnexpectedExtension));
+    let unknown = response("Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n");
+    assert_eq!(deflating.parse_response(&unknown, &[]), Err(ClientHandshakeError::UnexpectedExtension));
 }
 
 #[test]

@@ -14,6 +14,7 @@
 
 use std::fmt;
 
+use super::deflate::{Agreement, CLIENT_OFFER, parse_answer};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::BufMut;
@@ -481,6 +482,9 @@ pub enum ClientHandshakeError {
     BadAcceptKey,
     /// The server chose a subprotocol we did not offer.
     UnexpectedSubprotocol,
+    /// The server named an extension we did not offer, or answered our offer with parameters
+    /// RFC 7692 does not allow (section 9.1: the client must fail the connection).
+    UnexpectedExtension,
 }
 
 impl fmt::Display for ClientHandshakeError {
@@ -492,6 +496,9 @@ impl fmt::Display for ClientHandshakeError {
             ClientHandshakeError::BadAcceptKey => write!(f, "wrong Sec-WebSocket-Accept"),
             ClientHandshakeError::UnexpectedSubprotocol => {
                 write!(f, "server chose a subprotocol we did not offer")
+            }
+            ClientHandshakeError::UnexpectedExtension => {
+                write!(f, "server answered with an extension we did not offer")
             }
         }
     }
@@ -511,6 +518,8 @@ pub enum ServerResponse<'b> {
         subprotocol: Option<&'b str>,
         /// Bytes of the response's header section.
         len: usize,
+        /// permessage-deflate as the server agreed it, when we offered it and it accepted.
+        deflate: Option<Agreement>,
     },
 }
 
@@ -519,6 +528,7 @@ pub enum ServerResponse<'b> {
 pub struct ClientHandshake {
     key: [u8; 24],
     expected_accept: AcceptKey,
+    offers_deflate: bool,
 }
 
 impl ClientHandshake {
@@ -529,7 +539,14 @@ impl ClientHandshake {
         let mut key = [0u8; 24];
         // 16 bytes always encode to exactly 24 base64 characters.
         let _ = BASE64.encode_slice(nonce, &mut key);
-        ClientHandshake { key, expected_accept: AcceptKey::for_key(&key) }
+        ClientHandshake { key, expected_accept: AcceptKey::for_key(&key), offers_deflate: false }
+    }
+
+    /// The same handshake offering permessage-deflate the way browsers do
+    /// ([`deflate::CLIENT_OFFER`](super::deflate::CLIENT_OFFER)).
+    pub fn offering_deflate(mut self) -> ClientHandshake {
+        self.offers_deflate = true;
+        self
     }
 
     /// The `Sec-WebSocket-Key` we send.
@@ -566,6 +583,9 @@ impl ClientHandshake {
         if !subprotocols.is_empty() {
             dst.put_slice(b"\r\n");
         }
+        if self.offers_deflate {
+            put_header(dst, b"Sec-WebSocket-Extensions", CLIENT_OFFER.as_bytes());
+        }
         let splits = |bytes: &[u8]| bytes.iter().any(|&b| b == b'\r' || b == b'\n');
         for (name, value) in extra_headers {
             if !name.is_empty() && !splits(name.as_bytes()) && !splits(value) {
@@ -599,6 +619,7 @@ impl ClientHandshake {
         let mut connection_upgrade = false;
         let mut accept_ok = false;
         let mut subprotocol = None;
+        let mut deflate = None;
         for header in response.headers.iter() {
             if header.name.eq_ignore_ascii_case("Upgrade") {
                 upgrade |= has_token(header.value, "websocket");
@@ -613,6 +634,13 @@ impl ClientHandshake {
                     return Err(ClientHandshakeError::UnexpectedSubprotocol);
                 }
                 subprotocol = Some(chosen);
+            } else if header.name.eq_ignore_ascii_case("Sec-WebSocket-Extensions") {
+                let answer = std::str::from_utf8(header.value).ok().filter(|_| self.offers_deflate);
+                // One answer to our one offer; a second header is an extension we did not offer.
+                match answer.and_then(parse_answer) {
+                    Some(agreement) if deflate.is_none() => deflate = Some(agreement),
+                    _ => return Err(ClientHandshakeError::UnexpectedExtension),
+                }
             }
         }
         if !upgrade || !connection_upgrade {
@@ -621,6 +649,6 @@ impl ClientHandshake {
         if !accept_ok {
             return Err(ClientHandshakeError::BadAcceptKey);
         }
-        Ok(ServerResponse::Upgraded { subprotocol, len })
+        Ok(ServerResponse::Upgraded { subprotocol, len, deflate })
     }
 }

@@ -426,6 +426,7 @@ fn handshake_reason(error: ClientHandshakeError) -> String {
         ClientHandshakeError::NotUpgraded => "not_upgraded".into(),
         ClientHandshakeError::BadAcceptKey => "bad_accept_key".into(),
         ClientHandshakeError::UnexpectedSubprotocol => "unexpected_subprotocol".into(),
+        ClientHandshakeError::UnexpectedExtension => "unexpected_extension".into(),
     }
 }
 

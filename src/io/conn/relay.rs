@@ -340,7 +340,7 @@ impl Relay {
         let parsed = handshake.parse_response(answer, &request.offered());
         let (subprotocol, len) = match parsed {
             Ok(ServerResponse::Partial) => return,
-            Ok(ServerResponse::Upgraded { subprotocol, len }) => (subprotocol.map(str::to_string), len),
+            Ok(ServerResponse::Upgraded { subprotocol, len, .. }) => (subprotocol.map(str::to_string), len),
             Err(error) => {
                 debug!(?error, "upstream refused the upgrade");
                 return self.upgrade_failed(index, 502, "the upstream refused the WebSocket upgrade\n", cx);

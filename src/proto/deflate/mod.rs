@@ -14,4 +14,6 @@ mod codec;
 mod negotiate;
 
 pub use codec::{Deflater, InflateError, Inflater};
-pub use negotiate::{Agreement, EXTENSION, MAX_WINDOW_BITS, MIN_WINDOW_BITS, Policy, negotiate};
+pub use negotiate::{
+    Agreement, CLIENT_OFFER, EXTENSION, MAX_WINDOW_BITS, MIN_WINDOW_BITS, Policy, negotiate, parse_answer,
+};

@@ -17,6 +17,10 @@ use std::fmt::Write as _;
 /// The extension's token.
 pub const EXTENSION: &str = "permessage-deflate";
 
+/// What a client of ours offers (the proxy towards an upstream, loadtest): what browsers send, so
+/// that the server answers as it would answer them.
+pub const CLIENT_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
 /// The smallest window zlib's raw deflate can compress with: it cannot do 2^8, so an offer that
 /// limits the server to 8 bits is declined (RFC 7692 section 7.1.2.1 lets the server decline).
 pub const MIN_WINDOW_BITS: u8 = 9;
@@ -125,8 +129,8 @@ struct Offer {
     client_max_window_bits: Option<Option<u8>>,
 }
 
-/// The agreement for one offer, or `None` to decline it.
-fn accept(element: &str, policy: &Policy) -> Option<Agreement> {
+/// One element's parameters, or `None` when it is not permessage-deflate or is malformed.
+fn parse_offer(element: &str) -> Option<Offer> {
     let mut parts = element.split(';').map(str::trim);
     if !parts.next()?.eq_ignore_ascii_case(EXTENSION) {
         return None;
@@ -158,6 +162,12 @@ fn accept(element: &str, policy: &Policy) -> Option<Agreement> {
             _ => return None,
         }
     }
+    Some(offer)
+}
+
+/// The agreement for one offer, or `None` to decline it.
+fn accept(element: &str, policy: &Policy) -> Option<Agreement> {
+    let offer = parse_offer(element)?;
     let server_window_bits = match offer.server_max_window_bits {
         Some(bits) if bits < MIN_WINDOW_BITS => return None,
         Some(bits) => bits.min(policy.server_max_window_bits),
@@ -173,6 +183,35 @@ fn accept(element: &str, policy: &Policy) -> Option<Agreement> {
         // The client's window is left as it offered: the server inflates with a full window,
         // which reads any smaller one.
         client_window_bits: None,
+    })
+}
+
+/// Reads a server's answer to [`CLIENT_OFFER`] (RFC 7692 section 7.1, the client's checks): the
+/// agreement, or `None` when the answer is not one the offer allows (the client then fails the
+/// connection). `client_window_bits` is the window the client must compress within.
+pub fn parse_answer(value: &str) -> Option<Agreement> {
+    let mut elements = split_list(value);
+    let element = elements.next()?;
+    if elements.next().is_some() {
+        return None; // one offer, one answer
+    }
+    let offer = parse_offer(element)?;
+    let server_window_bits = match offer.server_max_window_bits {
+        Some(bits) if bits < MIN_WINDOW_BITS => return None,
+        Some(bits) => bits,
+        None => MAX_WINDOW_BITS,
+    };
+    Some(Agreement {
+        server_no_context_takeover: offer.server_no_context_takeover,
+        client_no_context_takeover: offer.client_no_context_takeover,
+        server_window_bits,
+        server_window_bits_named: offer.server_max_window_bits.is_some(),
+        // An answer's client_max_window_bits must carry a value (section 7.1.2.2).
+        client_window_bits: match offer.client_max_window_bits {
+            Some(Some(bits)) if bits >= MIN_WINDOW_BITS => Some(bits),
+            Some(_) => return None,
+            None => None,
+        },
     })
 }
 
@@ -282,5 +321,29 @@ mod tests {
         let agreement =
             negotiate(["permessage-deflate; server_no_context_takeover"], &dedicated).expect("accepted");
         assert!(agreement.server_no_context_takeover);
+    }
+
+    #[test]
+    fn a_client_reads_the_answers_its_offer_allows_and_nothing_else() {
+        let shared =
+            parse_answer("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+                .expect("valid");
+        assert!(shared.server_no_context_takeover && shared.client_no_context_takeover);
+        assert_eq!((shared.server_window_bits, shared.client_window_bits), (15, None));
+        let limited =
+            parse_answer("permessage-deflate; client_max_window_bits=10; server_max_window_bits=12")
+                .expect("valid");
+        assert_eq!((limited.server_window_bits, limited.client_window_bits), (12, Some(10)));
+        for bad in [
+            "x-webkit-deflate-frame",
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=8",
+            "permessage-deflate; server_max_window_bits=8",
+            "permessage-deflate; foo",
+            "permessage-deflate, permessage-deflate",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+        ] {
+            assert_eq!(parse_answer(bad), None, "{bad}");
+        }
     }
 }
