@@ -88,6 +88,15 @@ pub struct ConnDeflate {
 }
 
 impl ConnDeflate {
+    /// The send state for a connection on which we are the server and `agreement` was reached.
+    pub fn new(agreement: &Agreement) -> ConnDeflate {
+        ConnDeflate {
+            own: None,
+            window_bits: agreement.server_window_bits,
+            dedicated: !agreement.server_no_context_takeover,
+        }
+    }
+
     /// Pub/sub frames for this connection can come from the worker's shared compression: the
     /// window they must be compressed with, or `None` when this connection compresses its own.
     pub fn shared_window(&self) -> Option<u8> {
@@ -132,20 +141,10 @@ impl Compressor {
         &self.settings
     }
 
-    /// Reads an upgrade request's `Sec-WebSocket-Extensions` values: the agreement (to answer
-    /// with) and the connection's send state, or `None` to go on uncompressed.
-    pub fn negotiate<'a>(
-        &self,
-        offers: impl IntoIterator<Item = &'a str>,
-    ) -> Option<(Agreement, ConnDeflate)> {
-        let policy = self.settings.policy()?;
-        let agreement = negotiate(offers, &policy)?;
-        let conn = ConnDeflate {
-            own: None,
-            window_bits: agreement.server_window_bits,
-            dedicated: !agreement.server_no_context_takeover,
-        };
-        Some((agreement, conn))
+    /// Reads an upgrade request's `Sec-WebSocket-Extensions` values: the agreement to answer with
+    /// (and to build the connection's [`ConnDeflate`] from), or `None` to go on uncompressed.
+    pub fn negotiate<'a>(&self, offers: impl IntoIterator<Item = &'a str>) -> Option<Agreement> {
+        negotiate(offers, &self.settings.policy()?)
     }
 
     /// Appends one unfragmented message to `out`: compressed (RSV1) for a connection that agreed
@@ -173,6 +172,7 @@ impl Compressor {
                 .own
                 .get_or_insert_with(|| Box::new(Deflater::new(self.settings.level, conn.window_bits, false)));
             own.compress(payload, &mut scratch);
+            add(&self.stats.compression.runs, 1);
         } else {
             self.compress_shared(conn.window_bits, payload, &mut scratch);
             if scratch.len() >= payload.len() {
@@ -250,6 +250,11 @@ mod tests {
         Compressor::new(settings, Arc::default())
     }
 
+    fn agreed(compressor: &Compressor, offers: [&str; 1]) -> (Agreement, ConnDeflate) {
+        let agreement = compressor.negotiate(offers).expect("agreed");
+        (agreement, ConnDeflate::new(&agreement))
+    }
+
     fn json(len: usize) -> Vec<u8> {
         let mut text = String::new();
         while text.len() < len {
@@ -278,24 +283,22 @@ mod tests {
         let off = compressor(CompressionMode::Off);
         assert!(off.negotiate(["permessage-deflate"]).is_none());
         let shared = compressor(CompressionMode::Shared);
-        let (agreement, conn) =
-            shared.negotiate(["permessage-deflate; client_max_window_bits"]).expect("agreed");
+        let (agreement, conn) = agreed(&shared, ["permessage-deflate; client_max_window_bits"]);
         assert!(agreement.server_no_context_takeover && agreement.client_no_context_takeover);
         assert_eq!(conn.shared_window(), Some(15));
         let dedicated = compressor(CompressionMode::Dedicated);
-        let (agreement, conn) = dedicated.negotiate(["permessage-deflate"]).expect("agreed");
+        let (agreement, conn) = agreed(&dedicated, ["permessage-deflate"]);
         assert!(!agreement.server_no_context_takeover && agreement.client_no_context_takeover);
         assert_eq!(conn.shared_window(), None);
         // A client may still forbid the server's context: then even dedicated mode shares.
-        let (_, conn) =
-            dedicated.negotiate(["permessage-deflate; server_no_context_takeover"]).expect("agreed");
+        let (_, conn) = agreed(&dedicated, ["permessage-deflate; server_no_context_takeover"]);
         assert_eq!(conn.shared_window(), Some(15));
     }
 
     #[test]
     fn long_messages_go_compressed_and_short_ones_plain() {
         let compressor = compressor(CompressionMode::Shared);
-        let (_, mut conn) = compressor.negotiate(["permessage-deflate"]).expect("agreed");
+        let (_, mut conn) = agreed(&compressor, ["permessage-deflate"]);
         let message = json(1024);
         let mut out = Vec::new();
         let wire = compressor.write_message(&mut out, MessageKind::Text, &message, Some(&mut conn), None);
@@ -314,7 +317,7 @@ mod tests {
     #[test]
     fn incompressible_messages_go_plain_in_shared_mode() {
         let compressor = compressor(CompressionMode::Shared);
-        let (_, mut conn) = compressor.negotiate(["permessage-deflate"]).expect("agreed");
+        let (_, mut conn) = agreed(&compressor, ["permessage-deflate"]);
         let mut noise = vec![0u8; 4096];
         getrandom::fill(&mut noise).expect("random bytes");
         let mut out = Vec::new();
@@ -340,7 +343,7 @@ mod tests {
     #[test]
     fn a_dedicated_compressor_keeps_its_context_and_is_counted() {
         let compressor = compressor(CompressionMode::Dedicated);
-        let (_, mut conn) = compressor.negotiate(["permessage-deflate"]).expect("agreed");
+        let (_, mut conn) = agreed(&compressor, ["permessage-deflate"]);
         assert!(!conn.holds_deflater(), "made on the first compressed message, not at the handshake");
         let message = json(1024);
         let mut first = Vec::new();
@@ -363,8 +366,7 @@ mod tests {
     #[test]
     fn a_smaller_window_asked_for_is_honoured() {
         let compressor = compressor(CompressionMode::Shared);
-        let (agreement, mut conn) =
-            compressor.negotiate(["permessage-deflate; server_max_window_bits=9"]).expect("agreed");
+        let (agreement, mut conn) = agreed(&compressor, ["permessage-deflate; server_max_window_bits=9"]);
         assert_eq!(agreement.server_window_bits, 9);
         assert_eq!(conn.shared_window(), Some(9));
         let message = json(8192);

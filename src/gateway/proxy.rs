@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::metrics::{UpstreamLabels, UpstreamStats};
+use crate::proto::deflate::Agreement;
 use crate::proto::handshake::{AcceptKey, ClientHandshake, Request};
 
 /// Request headers copied to the upstream as they are.
@@ -175,6 +176,9 @@ pub struct UpstreamRequest {
     pub subprotocols: Vec<String>,
     /// Headers for the upstream: `X-Forwarded-*`, and `Cookie`, `Authorization`, `Origin` as sent.
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// permessage-deflate as agreed with the client (the relay names it in the client's 101 and
+    /// compresses towards it); the hop to the upstream is negotiated on its own.
+    pub client_deflate: Option<Agreement>,
 }
 
 impl UpstreamRequest {
@@ -217,6 +221,7 @@ impl UpstreamRequest {
             client_accept,
             subprotocols: request.subprotocols().map(str::to_string).collect(),
             headers,
+            client_deflate: None,
         }
     }
 

@@ -32,6 +32,7 @@ use crate::io::clock::Millis;
 use crate::io::outgoing::{MAX_FRAMES_PER_SEND, Outgoing, staging_buffer};
 use crate::metrics::{HandshakeFailure, HttpEndpoint, RouteLabel, WorkerStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
+use crate::proto::deflate::Agreement;
 use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
 use crate::proto::handshake::{
     DEFAULT_MAX_HEADERS, HandshakeError, Parsed, accept, find_header_end, parse_request, request_target,
@@ -611,20 +612,22 @@ impl Client {
         };
         self.header_scanned = 0;
         self.set_keepalive(false, cx);
+        let agreed = ctx.compressor.negotiate(request.header_values("Sec-WebSocket-Extensions"));
         if let Route::Proxy { index, rest } = route {
-            // The client hears back once the upstream answered (the relay writes the 101).
+            // The client hears back once the upstream answered (the relay writes the 101, with
+            // the extension agreed here).
             let client_ip: Option<IpAddr> = (cx.peer_ip)();
-            let upstream = UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip);
+            let mut upstream = UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip);
+            upstream.client_deflate = agreed;
             self.session = Session::Proxy(Box::new(upstream));
             self.phase = Phase::Handoff;
             return;
         }
-        let agreed = ctx.compressor.negotiate(request.header_values("Sec-WebSocket-Extensions"));
-        let answer = agreed.as_ref().map(|(agreement, _)| agreement.response_value());
+        let answer = agreed.as_ref().map(Agreement::response_value);
         accepted.write_response_with_extensions(&mut self.out.staging, answer.as_deref());
-        if let Some((agreement, deflate)) = agreed {
+        if let Some(agreement) = agreed {
             self.assembler.enable_deflate(agreement.client_no_context_takeover);
-            self.deflate = Some(deflate);
+            self.deflate = Some(ConnDeflate::new(&agreement));
             ctx.stats.compression.connections_add(1);
         }
         add(&ctx.stats.handshakes_completed, 1);

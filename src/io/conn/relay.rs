@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::client::Handoff;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
+use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
 use crate::io::buffers::process_after_tail;
 use crate::io::clock::Millis;
@@ -27,11 +28,12 @@ use crate::io::outgoing::Outgoing;
 use crate::io::token::Side;
 use crate::metrics::{HandshakeFailure, RouteLabel, UpstreamStats, add};
 use crate::proto::close::{CloseCode, write_close_body};
+use crate::proto::deflate::Agreement;
 use crate::proto::frame::{OpCode, write_frame};
 use crate::proto::handshake::{
     Accepted, ClientHandshake, DEFAULT_MAX_HEADER_BYTES, ServerResponse, write_error_response,
 };
-use crate::proto::message::{Assembler, Event, Role};
+use crate::proto::message::{Assembler, Event, MessageKind, Role};
 
 const CLIENT: usize = Side::Client as usize;
 const UPSTREAM: usize = Side::Upstream as usize;
@@ -138,7 +140,12 @@ struct Hop {
     close_sent: bool,
     peer_eof: bool,
     received_any: bool,
+    /// The hop holds a decompressor (its peer keeps its compression context), counted in the
+    /// worker's `compression.inflaters` gauge.
+    inflater_counted: bool,
     deadline: Option<Millis>,
+    /// permessage-deflate towards this hop's peer, when agreed.
+    deflate: Option<ConnDeflate>,
 }
 
 impl Hop {
@@ -153,7 +160,31 @@ impl Hop {
             close_sent: false,
             peer_eof: false,
             received_any: false,
+            inflater_counted: false,
             deadline: None,
+            deflate: None,
+        }
+    }
+
+    /// Appends one message for this hop's peer: compressed when the hop agreed permessage-deflate,
+    /// masked with a fresh key when we are the client on it. Returns its payload bytes as sent.
+    fn push_message(
+        &mut self,
+        rng: &mut Rng,
+        compressor: &Compressor,
+        kind: MessageKind,
+        payload: &[u8],
+    ) -> usize {
+        let mask = (self.role == Role::Client).then(|| rng.mask());
+        compressor.write_message(&mut self.out, kind, payload, self.deflate.as_mut(), mask)
+    }
+
+    /// Keeps the worker's gauge of per-connection decompressors in step with this hop.
+    fn count_inflater(&mut self, cx: &Cx<'_>) {
+        let holds = self.assembler.holds_inflater();
+        if holds != self.inflater_counted {
+            self.inflater_counted = holds;
+            cx.ctx.stats.compression.inflaters_add(if holds { 1 } else { -1 });
         }
     }
 
@@ -357,7 +388,14 @@ impl Relay {
         }
         add(&cx.ctx.stats.handshakes_completed, 1);
         let accepted = Accepted { accept_key: request.client_accept, subprotocol: subprotocol.as_deref() };
-        accepted.write_response(&mut self.hops[CLIENT].out);
+        let extensions = request.client_deflate.as_ref().map(Agreement::response_value);
+        let client = &mut self.hops[CLIENT];
+        accepted.write_response_with_extensions(&mut client.out, extensions.as_deref());
+        if let Some(agreement) = &request.client_deflate {
+            client.assembler.enable_deflate(agreement.client_no_context_takeover);
+            client.deflate = Some(ConnDeflate::new(agreement));
+            cx.ctx.stats.compression.connections_add(1);
+        }
         self.last_activity = cx.now;
         // Frames the upstream sent right behind its 101, then the client's early frames.
         answer.drain(..len);
@@ -616,6 +654,16 @@ impl Relay {
         if let Some(stats) = self.upstream_stats(cx) {
             stats.relay_closed();
         }
+        let compression = &cx.ctx.stats.compression;
+        for hop in &mut self.hops {
+            if let Some(deflate) = hop.deflate.take() {
+                cx.ctx.compressor.release(&deflate);
+                compression.connections_add(-1);
+            }
+            if std::mem::take(&mut hop.inflater_counted) {
+                compression.inflaters_add(-1);
+            }
+        }
         self.stage = Stage::Refused;
     }
 
@@ -736,17 +784,25 @@ impl Relay {
             };
             match event {
                 Event::Message { kind, payload } => {
-                    if side == CLIENT {
-                        messages += 1;
-                        payload_bytes += payload.len() as u64;
-                    }
+                    let inflated = payload.len();
                     if other.takes_messages() {
-                        push_frame(&mut other.out, other.role, rng, kind.opcode(), payload);
+                        let sent = other.push_message(rng, &cx.ctx.compressor, kind, payload);
                         relayed = true;
                         if side == UPSTREAM {
+                            // As it crosses the wire to the client (compressed where it is).
                             messages += 1;
-                            payload_bytes += payload.len() as u64;
+                            payload_bytes += sent as u64;
                         }
+                    }
+                    if side == CLIENT {
+                        messages += 1;
+                        payload_bytes += match me.assembler.compressed_len() {
+                            Some(compressed) => {
+                                cx.ctx.stats.compression.received(compressed, inflated);
+                                compressed
+                            }
+                            None => inflated,
+                        } as u64;
                     }
                 }
                 Event::Ping(payload) => {
@@ -765,6 +821,7 @@ impl Relay {
                 }
             }
         }
+        me.count_inflater(cx);
         if relayed && side == UPSTREAM {
             self.last_activity = cx.now;
         }
