@@ -158,6 +158,24 @@ fn compression_through_a_proxy_route_is_agreed_with_the_client_alone() {
 }
 
 #[test]
+fn with_upstream_compression_each_hop_is_compressed_on_its_own_terms() {
+    let backend = Server::start(&["--compression", "dedicated"]);
+    let route = format!("/app=ws://{}/echo", backend.addr());
+    let proxy = Server::start(&["--route", &route, "--upstream-compression"]);
+    echo_with_every_client(&format!("ws://{}/app", proxy.addr()), true);
+    let backend_metrics = scrape(&mut HttpConn::connect(backend.addr()), "/metrics");
+    // Every echo of 128 bytes and more crossed the upstream hop compressed, both ways.
+    assert!(backend_metrics.sum_where("ringgate_compressed_messages_total", "direction", "in") >= 16.0);
+    assert!(backend_metrics.sum_where("ringgate_compressed_messages_total", "direction", "out") >= 16.0);
+    let proxy_metrics = scrape(&mut HttpConn::connect(proxy.addr()), "/metrics");
+    assert_eq!(proxy_metrics.sum("ringgate_compression_connections"), 0.0, "both hops counted out");
+    // The backend kept its context (dedicated mode), so the relay held a decompressor per relay
+    // while it ran, and gave each back.
+    assert_eq!(proxy_metrics.sum("ringgate_compression_inflaters"), 0.0);
+    assert_eq!(proxy_metrics.sum("ringgate_compression_deflaters"), 0.0);
+}
+
+#[test]
 fn with_compression_off_every_offer_is_declined() {
     let server = Server::start(&["--compression", "off"]);
     echo_with_every_client(&format!("ws://{}/echo", server.addr()), false);

@@ -111,6 +111,7 @@ struct CompressionSection {
     level: Option<u32>,
     min_size: Option<Size>,
     window_bits: Option<u8>,
+    upstream: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +210,7 @@ impl FileConfig {
         take!("compression_level", compression.level, config.compression_level);
         take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);
         take!("compression_window_bits", compression.window_bits, config.compression_window_bits);
+        take!("upstream_compression", compression.upstream, config.upstream_compression);
         take!("echo_path", routes.echo.map(|p| p.0), config.echo_path);
         take!("pubsub_path", routes.pubsub.map(|p| p.0), config.pubsub_path);
         take!("publish_path", routes.publish.map(|p| p.0), config.publish_path);

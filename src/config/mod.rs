@@ -161,6 +161,12 @@ pub struct Config {
     #[arg(long, value_name = "BITS", default_value_t = 15)]
     pub compression_window_bits: u8,
 
+    /// Offer permessage-deflate to proxy upstreams too (unless --compression off); the relay then
+    /// inflates and compresses again on that hop. Off by default: upstreams are usually a LAN
+    /// away, where compressing costs CPU at both ends and saves nothing that matters.
+    #[arg(long)]
+    pub upstream_compression: bool,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
@@ -264,6 +270,7 @@ impl Config {
             level: self.compression_level,
             min_size: self.compression_min_size,
             window_bits: self.compression_window_bits,
+            upstream: self.upstream_compression,
         }
     }
 

@@ -50,11 +50,21 @@ pub struct CompressionSettings {
     /// The largest window the server compresses with in dedicated mode (9-15); shared mode always
     /// offers 15, since its compressors are per worker, not per connection.
     pub window_bits: u8,
+    /// Offer permessage-deflate to proxy upstreams too (not with `off`): the relay then inflates
+    /// and compresses again on that hop. Off by default: upstreams are usually a LAN away, where
+    /// compressing costs CPU at both ends and saves nothing that matters.
+    pub upstream: bool,
 }
 
 impl Default for CompressionSettings {
     fn default() -> Self {
-        CompressionSettings { mode: CompressionMode::Shared, level: 1, min_size: 128, window_bits: 15 }
+        CompressionSettings {
+            mode: CompressionMode::Shared,
+            level: 1,
+            min_size: 128,
+            window_bits: 15,
+            upstream: false,
+        }
     }
 }
 
@@ -94,6 +104,16 @@ impl ConnDeflate {
             own: None,
             window_bits: agreement.server_window_bits,
             dedicated: !agreement.server_no_context_takeover,
+        }
+    }
+
+    /// The send state for a connection on which we are the client (a proxy's upstream hop) and
+    /// the server answered our offer with `agreement`.
+    pub fn for_client(agreement: &Agreement) -> ConnDeflate {
+        ConnDeflate {
+            own: None,
+            window_bits: agreement.client_window_bits.unwrap_or(MAX_WINDOW_BITS),
+            dedicated: !agreement.client_no_context_takeover,
         }
     }
 
@@ -139,6 +159,11 @@ impl Compressor {
     /// The operator's settings.
     pub fn settings(&self) -> &CompressionSettings {
         &self.settings
+    }
+
+    /// Whether a relay offers permessage-deflate to its upstream.
+    pub fn offers_upstream(&self) -> bool {
+        self.settings.upstream && self.settings.mode != CompressionMode::Off
     }
 
     /// Reads an upgrade request's `Sec-WebSocket-Extensions` values: the agreement to answer with

@@ -309,7 +309,10 @@ impl Relay {
                 };
                 let mut nonce = [0u8; 16];
                 self.rng.fill(&mut nonce);
-                let handshake = ClientHandshake::new(nonce);
+                let mut handshake = ClientHandshake::new(nonce);
+                if cx.ctx.compressor.offers_upstream() {
+                    handshake = handshake.offering_deflate();
+                }
                 let up = &mut self.hops[UPSTREAM];
                 up.out.reserve(512);
                 request.write(&mut up.out, &handshake, &upstream.url);
@@ -371,7 +374,15 @@ impl Relay {
         let parsed = handshake.parse_response(answer, &request.offered());
         let (subprotocol, len) = match parsed {
             Ok(ServerResponse::Partial) => return,
-            Ok(ServerResponse::Upgraded { subprotocol, len, .. }) => (subprotocol.map(str::to_string), len),
+            Ok(ServerResponse::Upgraded { subprotocol, len, deflate }) => {
+                if let Some(agreement) = deflate {
+                    let up = &mut self.hops[UPSTREAM];
+                    up.assembler.enable_deflate(agreement.server_no_context_takeover);
+                    up.deflate = Some(ConnDeflate::for_client(&agreement));
+                    cx.ctx.stats.compression.connections_add(1);
+                }
+                (subprotocol.map(str::to_string), len)
+            }
             Err(error) => {
                 debug!(?error, "upstream refused the upgrade");
                 return self.upgrade_failed(index, 502, "the upstream refused the WebSocket upgrade\n", cx);
