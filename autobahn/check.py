@@ -4,6 +4,7 @@
 Usage:
     autobahn/check.py OUTDIR                    # compare OUTDIR/index.json with autobahn/expected.json
     autobahn/check.py OUTDIR --write-expected   # regenerate autobahn/expected.json from the report
+    autobahn/check.py OUTDIR --planned-only     # a run of some cases: judge just those
     options: --expected PATH  --agent NAME
 
 OUTDIR is what autobahn/run.sh (wstest -m fuzzingclient) left behind: index.json is
@@ -164,8 +165,11 @@ def write_expected(path, cases):
     os.replace(tmp, path)
 
 
-def compare(cases, expected, planned, outdir):
-    """Returns a list of (case_id, message) problems, in case order."""
+def compare(cases, expected, planned, outdir, planned_only=False):
+    """Returns a list of (case_id, message) problems, in case order. With `planned_only`, the
+    expectation is cut down to the cases wstest planned (a run of a selection of cases)."""
+    if planned_only:
+        expected = {case_id: want for case_id, want in expected.items() if case_id in set(planned)}
     plan = set(expected)
     if planned is not None:
         plan |= set(planned)
@@ -203,6 +207,11 @@ def main(argv=None):
         "--write-expected", action="store_true", help="regenerate the expected file from the report"
     )
     parser.add_argument("--agent", help="agent in index.json (default: the only one)")
+    parser.add_argument(
+        "--planned-only",
+        action="store_true",
+        help="judge only the cases wstest planned (run.sh was given a selection); needs planned-cases.json",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -229,7 +238,10 @@ def main(argv=None):
     print("Autobahn report %s (agent %s) vs %s" % (report_path, agent, args.expected))
     print_summary(cases)
 
-    problems = compare(cases, expected, planned, args.outdir)
+    if args.planned_only and not planned:
+        print("autobahn/check.py: error: --planned-only needs OUTDIR/planned-cases.json", file=sys.stderr)
+        return 2
+    problems = compare(cases, expected, planned, args.outdir, args.planned_only)
     if not expected:
         problems.insert(0, ("-", "expected file is empty: nothing was planned"))
     if problems:

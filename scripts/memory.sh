@@ -9,19 +9,24 @@
 # `--workers 1` pinned to SERVER_CPU (default 0), loadtest `--mode connect` pinned to CLIENT_CPU
 # (default 1). Uses the release binaries in target/release (build them first). Loopback only.
 #
-# usage: scripts/memory.sh [--rounds N] [--conns N] [--baseline BIN]
+# --deflate adds a row where every connection agrees permessage-deflate (loadtest --deflate; the
+# gateway's default shared mode): it must cost next to nothing per idle connection.
+#
+# usage: scripts/memory.sh [--rounds N] [--conns N] [--baseline BIN] [--deflate]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rounds=3
 conns=10000
 baseline=""
+deflate=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --baseline) baseline=$2; shift 2 ;;
-    *) echo "usage: scripts/memory.sh [--rounds N] [--conns N] [--baseline BIN]" >&2; exit 2 ;;
+    --deflate) deflate=1; shift ;;
+    *) echo "usage: scripts/memory.sh [--rounds N] [--conns N] [--baseline BIN] [--deflate]" >&2; exit 2 ;;
   esac
 done
 server_cpu=${SERVER_CPU:-0}
@@ -37,9 +42,11 @@ server_pid=""
 cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# run_one NAME COMMAND...: prints "name before held after" in KiB.
+# run_one NAME LOADTEST_FLAGS COMMAND...: prints "name before held after" in KiB. LOADTEST_FLAGS is
+# one word ("-" for none).
 run_one() {
-  local name=$1; shift
+  local name=$1 flags=$2; shift 2
+  [ "$flags" = "-" ] && flags=
   taskset -c "$server_cpu" "$@" --listen 127.0.0.1:0 --workers 1 >"$out/server.out" 2>"$out/server.err" &
   server_pid=$!
   local addr=""
@@ -53,7 +60,7 @@ run_one() {
   local before held after
   before=$(rss_kib "$server_pid")
   taskset -c "$client_cpu" "$bin/loadtest" "ws://$addr/echo" --mode connect --conns "$conns" \
-    --duration 4s --threads 1 --json "$out/$name.json" >"$out/loadtest.out" 2>&1 &
+    --duration 4s --threads 1 --json "$out/$name.json" $flags >"$out/loadtest.out" 2>&1 &
   local loadtest=$!
   # Ramp-up at 5,000 connections/s, then the hold: sample in its middle.
   sleep "$(awk -v c="$conns" 'BEGIN { print c / 5000 + 2 }')"
@@ -67,8 +74,9 @@ run_one() {
 
 printf '%-18s %10s %10s %10s %14s %16s\n' server "before KiB" "held KiB" "after KiB" "B/connection" "left behind KiB"
 for round in $(seq "$rounds"); do
-  rows=("ringgate-uring $bin/ringgate --io uring" "ringgate-epoll $bin/ringgate --io epoll")
-  [ -n "$baseline" ] && rows+=("ringgate-baseline $baseline")
+  rows=("ringgate-uring - $bin/ringgate --io uring" "ringgate-epoll - $bin/ringgate --io epoll")
+  [ "$deflate" = 1 ] && rows+=("uring-deflate --deflate $bin/ringgate --io uring")
+  [ -n "$baseline" ] && rows+=("ringgate-baseline - $baseline")
   for row in "${rows[@]}"; do
     # shellcheck disable=SC2086
     read -r name before held after <<<"$(run_one $row)"

@@ -143,7 +143,7 @@ pub struct Config {
     /// does) using one compressor per worker, reset after each message, so a connection holds no
     /// compression state and a pub/sub message is compressed once per worker; `dedicated` gives
     /// each connection its own compressor that keeps context between messages (better ratios,
-    /// about 300 KiB per connection that is sent compressed messages); `off` declines.
+    /// about 310 KiB per connection that is sent compressed messages); `off` declines.
     #[arg(long, value_enum, value_name = "MODE", default_value = "shared")]
     pub compression: CompressionMode,
 

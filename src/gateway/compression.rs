@@ -7,7 +7,7 @@
 //! subscriber that agreed the same window ([`Compressor::shared_frame`]). A connection then holds
 //! only what it agreed ([`ConnDeflate`], no allocation). In `dedicated` mode each connection that
 //! is sent a compressed message gets its own compressor with context takeover (better ratios on
-//! streams of similar messages; about 300 KiB per connection, see the README).
+//! streams of similar messages; 313 KiB per connection measured at 15 window bits, see the README).
 //!
 //! Messages below `--compression-min-size` go out plain (RSV1 clear), as do shared-mode messages
 //! whose compressed form is no smaller: the extension lets a sender choose per message.

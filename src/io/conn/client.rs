@@ -671,24 +671,24 @@ impl Client {
             match event {
                 Event::Message { kind, payload } => {
                     let inflated = payload.len();
-                    match &self.session {
-                        Session::Echo => match self.deflate.as_mut() {
-                            Some(deflate) => {
-                                let compressor = &cx.ctx.compressor;
-                                let mut out = CompressingOutbox { out: &mut self.out, deflate, compressor };
-                                echo::on_message(kind, payload, &mut out);
+                    let route = match &self.session {
+                        Session::Echo => {
+                            match self.deflate.as_mut() {
+                                Some(deflate) => {
+                                    let compressor = &cx.ctx.compressor;
+                                    let mut out =
+                                        CompressingOutbox { out: &mut self.out, deflate, compressor };
+                                    echo::on_message(kind, payload, &mut out);
+                                }
+                                None => echo::on_message(kind, payload, &mut self.out),
                             }
-                            None => echo::on_message(kind, payload, &mut self.out),
-                        },
+                            RouteLabel::Echo
+                        }
                         Session::PubSub(subscription) => {
                             subscription.publish(kind, payload);
+                            RouteLabel::PubSub
                         }
-                        Session::None | Session::Proxy(_) => {}
-                    }
-                    let route = if matches!(self.session, Session::PubSub(_)) {
-                        RouteLabel::PubSub
-                    } else {
-                        RouteLabel::Echo
+                        Session::None | Session::Proxy(_) => continue,
                     };
                     // Payload bytes as they crossed the wire (compressed where they were).
                     let wire = match self.assembler.compressed_len() {
@@ -698,9 +698,7 @@ impl Client {
                         }
                         None => inflated,
                     };
-                    if matches!(self.session, Session::Echo | Session::PubSub(_)) {
-                        stats.messages_in(route, 1, wire as u64);
-                    }
+                    stats.messages_in(route, 1, wire as u64);
                 }
                 Event::Ping(payload) => {
                     if self.phase == Phase::Open {
