@@ -86,12 +86,13 @@ fn run(args: Args) -> Result<ExitCode> {
             }
         };
         eprintln!(
-            "loadtest: {} connections to ws://{}{} ({}), {} B, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
+            "loadtest: {} connections to ws://{}{} ({}), {} B{}, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
             plan.conns,
             plan.target.host,
             plan.target.path,
             what,
             plan.size,
+            if plan.deflate { " (permessage-deflate offered)" } else { "" },
             plan.ramp().as_secs_f64(),
             plan.warmup.as_secs_f64(),
             plan.duration.as_secs_f64(),

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::cli::{Mode, Plan};
 use crate::cpu::CpuTime;
 use crate::schedule::Phases;
-use crate::stats::{ErrorKind, ThreadLoad, ThreadStats};
+use crate::stats::{ErrorKind, ThreadLoad, ThreadStats, Volume};
 
 /// Percentiles of one histogram, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -91,6 +91,8 @@ pub struct RunConfig {
     pub source_ips: usize,
     /// Open-loop wakeup coalescing window, microseconds.
     pub timer_slack_us: f64,
+    /// Whether permessage-deflate was offered (`--deflate`).
+    pub deflate: bool,
 }
 
 /// Everything the run found. Field names are the JSON keys.
@@ -167,6 +169,67 @@ pub struct Summary {
     /// Whether any client thread was saturated (at least 90% CPU over the measured window): the
     /// figures then describe the client rather than the server.
     pub client_saturated: bool,
+    /// `--deflate`: how many connections agreed permessage-deflate, and payload bytes against
+    /// wire bytes each way. Absent without `--deflate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deflate: Option<DeflateSummary>,
+}
+
+/// What permessage-deflate did over the whole run (warmup and drain included).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct DeflateSummary {
+    /// Connections whose server agreed it (out of `connections_established`); 0 when the server
+    /// declined everywhere, which is not an error.
+    pub connections_agreed: u64,
+    /// Data messages received: payload bytes after inflating, and as they were on the wire.
+    pub received: Flow,
+    /// Data messages sent: payload bytes, and as they went on the wire.
+    pub sent: Flow,
+}
+
+/// Payload bytes of one direction's data messages, inflated and on the wire (frame headers not
+/// counted).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Flow {
+    /// Payload bytes as the application sees them.
+    pub payload_bytes: u64,
+    /// The same payloads' bytes on the wire (compressed where they were).
+    pub wire_bytes: u64,
+    /// `wire_bytes / payload_bytes`: under 1 when compression saved bytes; `null` when nothing
+    /// was carried.
+    pub ratio: Option<f64>,
+}
+
+impl Flow {
+    fn of(volume: Volume) -> Flow {
+        Flow {
+            payload_bytes: volume.payload,
+            wire_bytes: volume.wire,
+            ratio: (volume.payload > 0).then(|| volume.wire as f64 / volume.payload as f64),
+        }
+    }
+
+    /// `1.00 GB payload as 0.21 GB on the wire (0.21)`, or `nothing` when nothing was carried.
+    fn text(&self) -> String {
+        match self.ratio {
+            None => "nothing".to_string(),
+            Some(ratio) => format!(
+                "{} payload as {} on the wire ({ratio:.2})",
+                bytes(self.payload_bytes),
+                bytes(self.wire_bytes)
+            ),
+        }
+    }
+}
+
+/// A byte count for people, in decimal units.
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.2} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.2} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
 }
 
 /// Under this percentage of late sends (and with no thread saturated) an open-loop client kept its
@@ -275,6 +338,11 @@ impl Summary {
             client_kept_schedule,
             client_threads,
             client_saturated,
+            deflate: plan.deflate.then(|| DeflateSummary {
+                connections_agreed: counters.deflate_agreed,
+                received: Flow::of(counters.received_bytes),
+                sent: Flow::of(counters.sent_bytes),
+            }),
         }
     }
 
@@ -471,8 +539,31 @@ impl Summary {
                 self.deliveries_lost.unwrap_or(0)
             );
         }
+        self.write_deflate(s);
         self.write_latency_table(s);
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+    }
+
+    /// `--deflate`: how many connections agreed, and the ratio of wire bytes to payload each way.
+    fn write_deflate(&self, s: &mut String) {
+        let Some(d) = &self.deflate else { return };
+        if d.connections_agreed == 0 && self.connections_established > 0 {
+            let _ = writeln!(
+                s,
+                "deflate:     offered, but the server declined it on every connection (0/{}): every \
+                 message went plain",
+                self.connections_established
+            );
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "deflate:     {}/{} connections agreed; received {}; sent {}",
+            d.connections_agreed,
+            self.connections_established,
+            d.received.text(),
+            d.sent.text()
+        );
     }
 
     /// Every latency histogram's percentiles, one row each.
@@ -585,6 +676,7 @@ fn run_config(plan: &Plan) -> RunConfig {
         threads: plan.threads,
         source_ips: plan.source_ips.len(),
         timer_slack_us: plan.timer_slack.as_secs_f64() * 1e6,
+        deflate: plan.deflate,
     }
 }
 
@@ -680,5 +772,47 @@ mod tests {
     fn empty_histogram_reads_as_zeros() {
         let p = Percentiles::of(&new_histogram());
         assert_eq!((p.p50, p.max, p.count), (0, 0, 0));
+    }
+
+    /// A summary of a run with `args` whose threads counted `counters`.
+    fn summary_of(args: &[&str], counters: crate::stats::Counters) -> Summary {
+        use clap::Parser;
+        let plan = crate::cli::Args::parse_from(args).into_plan().expect("valid flags");
+        let phases = Phases::new(&plan, 0);
+        let stats = ThreadStats { counters, ..ThreadStats::default() };
+        let cpu = CpuTime { user: Default::default(), sys: Default::default() };
+        Summary::new(&plan, &phases, &stats, cpu, None, Ending::default())
+    }
+
+    #[test]
+    fn deflate_reports_agreement_and_ratios_only_when_offered() {
+        let mut counters =
+            crate::stats::Counters { established: 1000, deflate_agreed: 812, ..Default::default() };
+        counters.received_bytes.add(1_000_000_000, 210_000_000);
+        counters.sent_bytes.add(2_000, 2_000);
+        let summary = summary_of(&["loadtest", "--deflate"], counters);
+        let deflate = summary.deflate.expect("a deflate summary with --deflate");
+        assert_eq!(deflate.connections_agreed, 812);
+        assert_eq!(deflate.received.ratio, Some(0.21));
+        assert_eq!(deflate.sent.ratio, Some(1.0));
+        assert!(summary.text().contains(
+            "deflate:     812/1000 connections agreed; received 1.00 GB payload as 210.00 MB on the wire \
+             (0.21); sent 2.00 kB payload as 2.00 kB on the wire (1.00)\n"
+        ));
+        let json = serde_json::to_value(&summary).expect("serialises");
+        assert_eq!(json["deflate"]["received"]["wire_bytes"], 210_000_000);
+        assert_eq!(json["config"]["deflate"], true);
+
+        let declined = summary_of(
+            &["loadtest", "--deflate"],
+            crate::stats::Counters { established: 4, ..Default::default() },
+        );
+        assert!(declined.text().contains("server declined it on every connection (0/4)"));
+        assert_eq!(declined.deflate.map(|d| d.received.ratio), Some(None), "nothing received: no ratio");
+
+        let off = summary_of(&["loadtest"], counters);
+        assert!(off.deflate.is_none());
+        assert!(!off.text().contains("deflate:"));
+        assert!(serde_json::to_value(&off).expect("serialises").get("deflate").is_none());
     }
 }

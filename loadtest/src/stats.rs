@@ -98,6 +98,36 @@ pub struct Counters {
     /// Pubsub: measured messages a subscriber never received (gaps in a publisher's sequence,
     /// and what was still missing after the grace period).
     pub deliveries_lost: u64,
+    /// Connections whose server agreed permessage-deflate (`--deflate`).
+    pub deflate_agreed: u64,
+    /// Data messages received on open connections, the whole run (warmup and drain included).
+    pub received_bytes: Volume,
+    /// Data messages sent, the whole run.
+    pub sent_bytes: Volume,
+}
+
+/// Payload bytes of data messages, as the application sees them (inflated) and as they crossed
+/// the wire (compressed where they were; frame headers not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Volume {
+    /// Payload bytes, inflated.
+    pub payload: u64,
+    /// The same messages' payload bytes on the wire.
+    pub wire: u64,
+}
+
+impl Volume {
+    /// Counts one message of `payload` bytes that took `wire` bytes on the wire.
+    pub fn add(&mut self, payload: usize, wire: usize) {
+        self.payload += payload as u64;
+        self.wire += wire as u64;
+    }
+
+    /// Adds `other` to these.
+    pub fn merge(&mut self, other: &Volume) {
+        self.payload += other.payload;
+        self.wire += other.wire;
+    }
 }
 
 impl Counters {
@@ -112,6 +142,9 @@ impl Counters {
         self.total_received += other.total_received;
         self.errors += other.errors;
         self.deliveries_lost += other.deliveries_lost;
+        self.deflate_agreed += other.deflate_agreed;
+        self.received_bytes.merge(&other.received_bytes);
+        self.sent_bytes.merge(&other.sent_bytes);
     }
 }
 

@@ -4,8 +4,9 @@
 //! connection now wants into backend operations: a send of what it has queued, a receive, or
 //! closing the socket.
 //!
-//! Stages: `Connecting` (TCP connect in flight) -> `Upgrading` (request sent, reading the 101) ->
-//! `Open` (its [`Traffic`] runs) -> `Closing` (our Close sent, waiting for the server's) ->
+//! Stages: `Connecting` (TCP connect in flight) -> `Upgrading` (request sent, offering
+//! permessage-deflate with `--deflate`; reading the 101) -> `Open` (its [`Traffic`] runs, its
+//! messages compressed if the server agreed) -> `Closing` (our Close sent, waiting for the server's) ->
 //! `Shutdown` (socket shut down, waiting for the operations still in flight to end) -> `Done`,
 //! or `Lingering` first for a pubsub subscriber that must wait to count what it missed.
 //!
@@ -24,9 +25,9 @@ use socket2::{SockAddr, Socket};
 use super::env::Env;
 use super::pubsub::Role;
 use super::traffic::Traffic;
-use super::wire::{Drained, Receiver, put_close};
+use super::wire::{Compression, Drained, Receiver, put_close};
 use super::{CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT};
-use crate::stats::ErrorKind;
+use crate::stats::{ErrorKind, Volume};
 
 /// Where a connection is.
 enum Stage {
@@ -36,8 +37,8 @@ enum Stage {
     Connecting,
     /// The upgrade request is sent (or queued); reading the response.
     Upgrading(ClientHandshake),
-    /// The handshake is done; the traffic runs.
-    Open,
+    /// The handshake is done; the traffic runs, its messages sent as the handshake agreed.
+    Open(Compression),
     /// Our Close is queued or sent; waiting for the server's until `by`. `peer_closed` once the
     /// server's Close came (then the socket is shut down as soon as ours is out).
     Closing { by: u64, peer_closed: bool },
@@ -147,7 +148,10 @@ impl Conn {
         if let Err(error) = result {
             return self.fail_connect(env, io_reason(&error));
         }
-        let handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes());
+        let mut handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes());
+        if env.plan.deflate {
+            handshake = handshake.offering_deflate();
+        }
         let target = &env.plan.target;
         match (self.role, env.pubsub) {
             (Some(role), Some(shared)) => {
@@ -168,7 +172,7 @@ impl Conn {
             Received::Stopped => {}
             Received::Eof | Received::Error(_) => match self.stage {
                 Stage::Upgrading(_) => self.fail_connect(env, "closed_during_handshake".into()),
-                Stage::Open => {
+                Stage::Open(_) => {
                     env.stats.error(ErrorKind::ConnectionLost);
                     self.shut_down();
                 }
@@ -181,15 +185,18 @@ impl Conn {
     fn on_data(&mut self, env: &mut Env<'_>, data: &mut [u8]) {
         match self.stage {
             Stage::Upgrading(_) => self.on_response(env, data),
-            Stage::Open => {
+            Stage::Open(_) => {
                 let Some(traffic) = self.traffic.as_mut() else { return };
-                let drained =
-                    self.rx.receive(data, &mut self.pending, |payload| traffic.on_message(env, payload));
+                let mut volume = Volume::default();
+                let drained = self.rx.receive(data, &mut self.pending, &mut volume, |payload| {
+                    traffic.on_message(env, payload)
+                });
+                env.stats.counters.received_bytes.merge(&volume);
                 self.after_frames(env, drained);
             }
             Stage::Closing { by, .. } => {
                 // Only the server's Close matters now; Pings are still answered.
-                match self.rx.receive(data, &mut self.pending, |_| {}) {
+                match self.rx.receive(data, &mut self.pending, &mut Volume::default(), |_| {}) {
                     Drained::Open => {}
                     Drained::Closed(_) => self.stage = Stage::Closing { by, peer_closed: true },
                     Drained::Broken => self.shut_down(),
@@ -203,21 +210,28 @@ impl Conn {
     fn on_response(&mut self, env: &mut Env<'_>, data: &[u8]) {
         let Stage::Upgrading(handshake) = &self.stage else { return };
         self.rx.tail.extend_from_slice(data);
-        let len = match handshake.parse_response(&self.rx.tail, &[]) {
+        let (len, deflate) = match handshake.parse_response(&self.rx.tail, &[]) {
             Ok(ServerResponse::Partial) => return,
-            Ok(ServerResponse::Upgraded { len, .. }) => len,
+            Ok(ServerResponse::Upgraded { len, deflate, .. }) => (len, deflate),
             Err(error) => return self.fail_connect(env, handshake_reason(error)),
         };
         self.rx.tail.drain(..len);
+        if let Some(agreement) = &deflate {
+            self.rx.enable_deflate(agreement.server_no_context_takeover);
+            env.stats.counters.deflate_agreed += 1;
+        }
         self.established = true;
-        self.stage = Stage::Open;
+        self.stage = Stage::Open(Compression::agreed(deflate.as_ref()));
         env.stats.established(env.now, env.now - self.started);
         if let (Some(role), Some(shared)) = (self.role, env.pubsub) {
             shared.connected(role, true);
         }
         let mut traffic = Traffic::new(env, self.role);
         // Frames that came with the response.
-        let drained = self.rx.receive_tail(&mut self.pending, |payload| traffic.on_message(env, payload));
+        let mut volume = Volume::default();
+        let drained =
+            self.rx.receive_tail(&mut self.pending, &mut volume, |payload| traffic.on_message(env, payload));
+        env.stats.counters.received_bytes.merge(&volume);
         self.traffic = Some(traffic);
         self.after_frames(env, drained);
     }
@@ -258,7 +272,7 @@ impl Conn {
                 self.out = None;
                 match self.stage {
                     Stage::Upgrading(_) => self.fail_connect(env, io_reason(&error)),
-                    Stage::Open => {
+                    Stage::Open(_) => {
                         env.stats.error(ErrorKind::WriteFailed);
                         self.shut_down();
                     }
@@ -294,10 +308,10 @@ impl Conn {
     /// Turns what the connection wants into backend operations; returns when its timer must next
     /// fire, if ever.
     pub fn sync<B: Backend>(&mut self, env: &mut Env<'_>, backend: &mut B, token: Token) -> Option<u64> {
-        if let Stage::Open = self.stage {
+        if let Stage::Open(compression) = &mut self.stage {
             let traffic = self.traffic.as_mut()?;
             if self.out.is_none() {
-                traffic.fill(env, &mut self.pending);
+                traffic.fill(env, &mut self.pending, compression);
             }
             if traffic.finished(env) {
                 put_close(&mut self.pending);
@@ -312,7 +326,7 @@ impl Conn {
             self.shut_down();
         }
         match self.stage {
-            Stage::Upgrading(_) | Stage::Open | Stage::Closing { .. } => {
+            Stage::Upgrading(_) | Stage::Open(_) | Stage::Closing { .. } => {
                 if self.out.is_none() && !self.pending.is_empty() {
                     let frames = std::mem::replace(&mut self.pending, staging_buffer());
                     let out = self.out.insert(Outgoing::staged(frames));
@@ -349,7 +363,7 @@ impl Conn {
             Stage::Connecting | Stage::Upgrading(_) => {
                 Some(self.started + HANDSHAKE_TIMEOUT.as_nanos() as u64)
             }
-            Stage::Open => self.traffic.as_ref()?.next_wake(env, self.out.is_some()),
+            Stage::Open(_) => self.traffic.as_ref()?.next_wake(env, self.out.is_some()),
             Stage::Closing { by, .. } => Some(*by),
             Stage::Lingering => Some(
                 (env.now + super::pubsub::CHECK_EVERY.as_nanos() as u64)
@@ -454,7 +468,9 @@ mod tests {
     /// What one connection costs in its thread's table, pinned: the receiver (the protocol
     /// core's assembler, 80 B, and an empty tail), the pending-bytes buffer and the send in flight
     /// (a pooled buffer each, on the heap only while they hold frames), the stage (the handshake's
-    /// key while upgrading) and the traffic (an open loop's schedule and counters; a closed loop's
+    /// key while upgrading; once open, how its messages are compressed, which fits beside the key
+    /// at no cost: `--deflate`'s own deflater, where the server lets the client keep its context,
+    /// is on the heap) and the traffic (an open loop's schedule and counters; a closed loop's
     /// window keeps 8 B per message in flight on the heap). 10,000 connections: 3.3 MB of table.
     #[test]
     fn a_connection_costs_at_most_336_bytes_of_table() {

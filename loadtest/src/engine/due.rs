@@ -4,22 +4,22 @@
 //!
 //! Must never: stamp a message with the time it actually left, or skip one that is due.
 
-use ringgate::proto::frame::{OpCode, write_frame};
-
 use super::LATE_THRESHOLD;
 use super::env::Env;
-use super::wire::mask_key;
+use super::wire::{Compression, put_message};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
 
-/// Encodes, as masked client frames into `out`, every message from `*sent` on whose intended time
-/// is due by `env.now` and before the end of the run; advances `*sent` past them. Each message's tag is
+/// Encodes, as masked client frames into `out` (compressed as `compression` says), every message
+/// from `*sent` on whose intended time is due by `env.now` and before the end of the run; advances
+/// `*sent` past them. Each message's tag is
 /// `tag_base | index`. `on_encoded(next, measured)` runs after each one, with the new `*sent` and
 /// whether the message falls in the measured window.
 pub fn encode_due(
     env: &mut Env<'_>,
     out: &mut Vec<u8>,
+    compression: &mut Compression,
     schedule: &Schedule,
     sent: &mut u64,
     tag_base: u64,
@@ -28,6 +28,7 @@ pub fn encode_due(
     let phases = env.phases;
     let stats = &mut *env.stats;
     let payload = &mut *env.scratch;
+    let compressors = &mut *env.compressors;
     let late = LATE_THRESHOLD.as_nanos() as u64;
     let now = env.now;
     loop {
@@ -36,7 +37,7 @@ pub fn encode_due(
             break;
         }
         payload::fill(payload, tag_base | *sent, at);
-        write_frame(out, OpCode::Binary, payload, Some(mask_key()));
+        put_message(out, payload, compression, compressors, &mut stats.counters.sent_bytes);
         let lag = now - at;
         let measured = phases.measured(at);
         if measured {

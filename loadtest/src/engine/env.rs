@@ -1,5 +1,5 @@
-//! What every handler of a client thread sees: the run's plan and phases, the thread's statistics
-//! and scratch space, and the time. Borrowed afresh for each event, so a connection's state machine
+//! What every handler of a client thread sees: the run's plan and phases, the thread's statistics,
+//! scratch space and compressors, and the time. Borrowed afresh for each event, so a connection's state machine
 //! owns no reference to the thread.
 //!
 //! Must never: be kept beyond one event (it borrows the thread's statistics mutably).
@@ -9,6 +9,7 @@ use crate::schedule::Phases;
 use crate::stats::ThreadStats;
 
 use super::pubsub;
+use super::wire::Compressors;
 
 /// One event's view of its thread.
 pub struct Env<'a> {
@@ -22,6 +23,8 @@ pub struct Env<'a> {
     pub pubsub: Option<&'a pubsub::Shared>,
     /// A payload-sized buffer to build messages in before they are framed.
     pub scratch: &'a mut [u8],
+    /// The thread's deflaters (`--deflate`) and the buffer messages are compressed into.
+    pub compressors: &'a mut Compressors,
     /// Now, on the run clock.
     pub now: u64,
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use super::due::encode_due;
 use super::env::Env;
+use super::wire::Compression;
 use crate::cli::{PubSubPlan, SEQ_BITS};
 use crate::clock;
 use crate::payload::{self, HEADER_LEN};
@@ -247,8 +248,15 @@ impl Publisher {
         Publisher { id, rate, stage: Stage::Barrier }
     }
 
-    /// Encodes what is due into `out` (nothing before the barrier is passed).
-    pub fn fill(&mut self, env: &mut Env<'_>, shared: &Shared, out: &mut Vec<u8>) {
+    /// Encodes what is due into `out`, compressed as `compression` says (nothing before the
+    /// barrier is passed).
+    pub fn fill(
+        &mut self,
+        env: &mut Env<'_>,
+        shared: &Shared,
+        out: &mut Vec<u8>,
+        compression: &mut Compression,
+    ) {
         if let Stage::Barrier = self.stage {
             if shared.settled.load(SeqCst) < shared.layout.subscribers {
                 return;
@@ -260,7 +268,7 @@ impl Publisher {
         let Stage::Publishing { schedule, sent } = &mut self.stage else { return };
         let me = &shared.publishers[self.id as usize];
         let tag_base = u64::from(self.id) << SEQ_BITS;
-        encode_due(env, out, schedule, sent, tag_base, |next, measured| {
+        encode_due(env, out, compression, schedule, sent, tag_base, |next, measured| {
             if measured {
                 // `next - 1` is the message just encoded.
                 if me.first_measured.load(SeqCst) == u64::MAX {

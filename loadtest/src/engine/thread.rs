@@ -23,6 +23,7 @@ use super::conn::Conn;
 use super::env::Env;
 use super::pubsub;
 use super::wheel::Wheel;
+use super::wire::Compressors;
 use super::{Report, SNAPSHOT_INTERVAL};
 use crate::cli::Plan;
 use crate::schedule::Phases;
@@ -44,6 +45,7 @@ macro_rules! thread_env {
             stats: &mut $thread.stats,
             pubsub: $thread.pubsub.as_deref(),
             scratch: &mut $thread.scratch,
+            compressors: &mut $thread.compressors,
             now: $now,
         }
     };
@@ -67,6 +69,7 @@ pub struct ClientThread {
     touched: Vec<u32>,
     stats: ThreadStats,
     scratch: Vec<u8>,
+    compressors: Compressors,
     next_snapshot: u64,
     /// Thread CPU and run-clock time when the measured window began.
     load_from: Option<(u64, u64)>,
@@ -103,6 +106,7 @@ impl ClientThread {
             touched: Vec::new(),
             stats: ThreadStats::default(),
             scratch: vec![0; plan.size],
+            compressors: Compressors::default(),
             next_snapshot: phases.begin + SNAPSHOT_INTERVAL.as_nanos() as u64,
             load_from: None,
             load_done: false,

@@ -17,13 +17,11 @@
 //! have more than N closed-loop messages in flight, or finish a connection whose echoes may still
 //! come before the drain deadline.
 
-use ringgate::proto::frame::{OpCode, write_frame};
-
 use super::due::encode_due;
 use super::env::Env;
 use super::pubsub::{self, Publisher, Role, Tracker};
 use super::window::Window;
-use super::wire::mask_key;
+use super::wire::{Compression, put_message};
 use crate::clock;
 use crate::payload;
 use crate::schedule::Schedule;
@@ -110,11 +108,13 @@ impl Traffic {
         }
     }
 
-    /// Appends to `out` what is to be sent now. Only called when no write is in flight, so that
-    /// a send's lateness is measured when it really leaves.
-    pub fn fill(&mut self, env: &mut Env<'_>, out: &mut Vec<u8>) {
+    /// Appends to `out` what is to be sent now, compressed as `compression` says. Only called when
+    /// no write is in flight, so that a send's lateness is measured when it really leaves.
+    pub fn fill(&mut self, env: &mut Env<'_>, out: &mut Vec<u8>, compression: &mut Compression) {
         match self {
-            Traffic::Open(open) => encode_due(env, out, &open.schedule, &mut open.sent, 0, |_, _| {}),
+            Traffic::Open(open) => {
+                encode_due(env, out, compression, &open.schedule, &mut open.sent, 0, |_, _| {})
+            }
             Traffic::Closed(window) => {
                 if env.now >= env.phases.end || !window.has_room() {
                     return;
@@ -122,7 +122,13 @@ impl Traffic {
                 let measured = env.phases.measured(env.now);
                 while let Some(seq) = window.push(env.now) {
                     payload::fill(env.scratch, seq, env.now);
-                    write_frame(out, OpCode::Binary, env.scratch, Some(mask_key()));
+                    put_message(
+                        out,
+                        env.scratch,
+                        compression,
+                        env.compressors,
+                        &mut env.stats.counters.sent_bytes,
+                    );
                     if measured {
                         env.stats.counters.messages_sent += 1;
                     }
@@ -131,7 +137,7 @@ impl Traffic {
             }
             Traffic::Publish(publisher) => {
                 if let Some(shared) = env.pubsub {
-                    publisher.fill(env, shared, out);
+                    publisher.fill(env, shared, out, compression);
                 }
             }
             Traffic::Subscribe(_) | Traffic::Hold => {}
