@@ -47,7 +47,7 @@ cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; wait 2>/dev/
 trap cleanup EXIT
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-metric() { curl -s "http://$1/metrics" | awk -v name="$2" '$1 == name { sum += $2 } END { printf "%d\n", sum }'; }
+metric() { curl -s "http://$1/metrics" | awk -v name="$2" '$1 == name || index($1, name "{") == 1 { sum += $2 } END { printf "%d\n", sum }'; }
 
 # run_one NAME LOADTEST_FLAG: prints "name cpu_us_per_delivery bytes_per_delivery deliveries_per_s runs_per_message".
 run_one() {
