@@ -33,6 +33,8 @@
 # `<!-- compare:begin -->` and `<!-- compare:end -->` in BENCHMARKS.md (appending it if absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 usage() {
   cat <<'EOF'
@@ -201,21 +203,8 @@ server_command() {
 start_server() {
   local name=$1 dir=$2
   # shellcheck disable=SC2046  # the command is words on purpose
-  taskset -c "$server_cpu" $(server_command "$name") >"$dir/server.out" 2>"$dir/server.err" &
-  server_pid=$!
+  start_pinned "$server_cpu" "$dir" $(server_command "$name")
   started+=("$server_pid")
-  server_addr=""
-  for _ in $(seq 100); do
-    server_addr=$(sed -n 's/^.*listening on //p' "$dir/server.out" | head -n 1)
-    [ -n "$server_addr" ] && break
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.05
-  done
-  if [ -z "$server_addr" ]; then
-    cat "$dir/server.err" >&2
-    echo "compare.sh: $name did not start" >&2
-    exit 1
-  fi
 }
 
 stop_server() {

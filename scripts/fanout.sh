@@ -18,6 +18,8 @@
 # usage: scripts/fanout.sh [--rounds N] [--subscribers N] [--rate R] [--size BYTES] [--duration SECS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 rounds=3
 subscribers=10000
@@ -52,15 +54,8 @@ metric() { curl -s "http://$1/metrics" | awk -v name="$2" '$1 == name || index($
 # run_one NAME LOADTEST_FLAG: prints "name cpu_us_per_delivery bytes_per_delivery deliveries_per_s runs_per_message".
 run_one() {
   local name=$1 flag=$2
-  taskset -c "$server_cpu" "$bin/ringgate" --listen 127.0.0.1:0 --workers 1 >"$out/server.out" 2>"$out/server.err" &
-  server_pid=$!
-  local addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/^ringgate listening on //p' "$out/server.out" | head -n 1)
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "$addr" ] || { cat "$out/server.err" >&2; exit 1; }
+  start_pinned "$server_cpu" "$out" "$bin/ringgate" --listen 127.0.0.1:0 --workers 1
+  local addr=$server_addr
   # shellcheck disable=SC2086
   taskset -c "$client_cpu" "$bin/loadtest" "ws://$addr/pubsub" --mode pubsub --publishers 1 \
     --subscribers "$subscribers" --rate "$rate" --size "$size" --warmup 2s --duration "${duration}s" \

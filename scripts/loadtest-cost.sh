@@ -14,6 +14,8 @@
 # (and every run's JSON under target/loadtest-cost/runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 usage() {
   cat <<'EOF'
@@ -98,15 +100,8 @@ for round in $(seq "$rounds"); do
     for which in 0 1; do
       dir="$out/runs/$case-c$which-r$round"
       mkdir -p "$dir"
-      taskset -c "$server_cpu" "$server" --listen 127.0.0.1:0 --workers 1 >"$dir/server.out" 2>"$dir/server.err" &
-      server_pid=$!
-      addr=""
-      for _ in $(seq 100); do
-        addr=$(sed -n 's/^ringgate listening on //p' "$dir/server.out" | head -n 1)
-        [ -n "$addr" ] && break
-        sleep 0.1
-      done
-      [ -n "$addr" ] || { cat "$dir/server.err" >&2; exit 1; }
+      start_pinned "$server_cpu" "$dir" "$server" --listen 127.0.0.1:0 --workers 1
+      addr=$server_addr
       # shellcheck disable=SC2046
       timeout $((duration + 60)) taskset -c "$client_cpu" "${clients[$which]}" "ws://$addr/echo" \
         $(case_flags "$case") --json "$dir/loadtest.json" >"$dir/loadtest.out" 2>"$dir/loadtest.err" &

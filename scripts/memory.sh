@@ -15,6 +15,8 @@
 # usage: scripts/memory.sh [--rounds N] [--conns N] [--baseline BIN] [--deflate]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 rounds=3
 conns=10000
@@ -47,20 +49,13 @@ trap cleanup EXIT
 run_one() {
   local name=$1 flags=$2; shift 2
   [ "$flags" = "-" ] && flags=
-  taskset -c "$server_cpu" "$@" --listen 127.0.0.1:0 --workers 1 >"$out/server.out" 2>"$out/server.err" &
-  server_pid=$!
-  local addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/^ringgate listening on //p' "$out/server.out" | head -n 1)
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "$addr" ] || { cat "$out/server.err" >&2; exit 1; }
+  start_pinned "$server_cpu" "$out" "$@" --listen 127.0.0.1:0 --workers 1
+  local addr=$server_addr
   sleep 0.5
   local before held after
   before=$(rss_kib "$server_pid")
   taskset -c "$client_cpu" "$bin/loadtest" "ws://$addr/echo" --mode connect --conns "$conns" \
-    --duration 4s --threads 1 --json "$out/$name.json" $flags >"$out/loadtest.out" 2>&1 &
+    --duration 4s --threads 1 --json "$out/$name.json" ${flags:+"$flags"} >"$out/loadtest.out" 2>&1 &
   local loadtest=$!
   # Ramp-up at 5,000 connections/s, then the hold: sample in its middle.
   sleep "$(awk -v c="$conns" 'BEGIN { print c / 5000 + 2 }')"

@@ -173,11 +173,12 @@ impl Assembler {
 
     /// permessage-deflate was agreed in the handshake: RSV1 on a message's first frame now means
     /// "compressed", and such messages are inflated (up to the message size limit) before they are
-    /// handed out. `client_no_context_takeover`: the client resets its context after every
-    /// message, so no decompressor is kept for this connection between messages.
-    pub fn enable_deflate(&mut self, client_no_context_takeover: bool) {
+    /// handed out. `peer_no_context_takeover` (the client's parameter when we are the server, the
+    /// server's when we are the client): the peer resets its context after every message, so no
+    /// decompressor is kept for this connection between messages.
+    pub fn enable_deflate(&mut self, peer_no_context_takeover: bool) {
         self.allowed_rsv |= RSV1;
-        self.peer_keeps_context = !client_no_context_takeover;
+        self.peer_keeps_context = !peer_no_context_takeover;
     }
 
     /// Whether this connection holds a decompressor of its own (the peer keeps its context and
