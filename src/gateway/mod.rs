@@ -4,6 +4,7 @@
 //! messages as borrowed slices and gives it an [`Outbox`] to answer through. Must never: import
 //! `crate::io`, block, or keep a borrowed payload beyond the call.
 
+pub mod auth;
 pub mod compression;
 pub mod echo;
 pub mod http;
