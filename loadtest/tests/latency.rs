@@ -28,7 +28,7 @@ fn five_ms_server_delay_reads_as_five_to_seven_ms() {
 
 /// Reading echoes late must not make them look late: with a 10 ms coalescing window the thread
 /// handles completions up to 10 ms after they arrive, but every receive carries the kernel's
-/// arrival time, so a 5 ms delay still reads as 5-7 ms (read times would give about 5-15 ms), on
+/// arrival time, so a 5 ms delay still reads as 5-8 ms (read times would give about 5-15 ms), on
 /// both io backends.
 #[test]
 fn echoes_read_late_are_stamped_with_their_arrival() {
@@ -58,8 +58,11 @@ fn echoes_read_late_are_stamped_with_their_arrival() {
         assert_eq!(run.num("/errors"), 0.0, "{:#}", run.json());
         let (p50, p90) = (run.num("/latency_us/p50"), run.num("/latency_us/p90"));
         eprintln!("5 ms server delay, read up to 10 ms late ({io}): p50 {p50} us, p90 {p90} us");
-        assert!((5_000.0..=7_000.0).contains(&p50), "{io}: p50 {p50} us for a 5 ms server delay");
-        assert!(p90 <= 8_000.0, "{io}: p90 {p90} us: echoes stamped when read, not when they arrived");
+        // Read times would put p90 near 14 ms (5 ms plus up to 10 ms of reading late); stamps keep
+        // it near the delay. The margins allow for the test server's own sleeps overshooting on a
+        // busy machine (p90 8.2 ms was seen with two builds running beside it).
+        assert!((5_000.0..=8_000.0).contains(&p50), "{io}: p50 {p50} us for a 5 ms server delay");
+        assert!(p90 <= 10_000.0, "{io}: p90 {p90} us: echoes stamped when read, not when they arrived");
     }
 }
 
