@@ -120,10 +120,13 @@ fn load_secret(path: &Path) -> Result<DecodingKey, KeyError> {
         .map_err(|e| KeyError { path: path.to_path_buf(), reason: e.to_string() })
 }
 
+/// One of `DecodingKey`'s PEM constructors.
+type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
 /// A PEM public key: RSA, EC (P-256, P-384) or Ed25519, whichever the file holds.
 fn load_pem(path: &Path) -> Result<PublicKey, KeyError> {
     let pem = read(path)?;
-    let attempts: [(AlgorithmFamily, fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>); 3] = [
+    let attempts: [(AlgorithmFamily, PemParser); 3] = [
         (AlgorithmFamily::Rsa, DecodingKey::from_rsa_pem),
         (AlgorithmFamily::Ec, DecodingKey::from_ec_pem),
         (AlgorithmFamily::Ed, DecodingKey::from_ed_pem),
