@@ -6,6 +6,7 @@
 //! default. Must never: accept a key that does nothing.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -14,6 +15,7 @@ use super::{
     Config, IoChoice, RoutePath, parse_duration, parse_proxy_prefix, parse_route_path, parse_size,
     parse_upstream_url,
 };
+use crate::gateway::auth::{AuthMode, RefusedPublish};
 use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
@@ -34,6 +36,8 @@ pub struct FileConfig {
     routes: RoutesSection,
     #[serde(default)]
     compression: CompressionSection,
+    #[serde(default)]
+    auth: AuthSection,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
 }
@@ -43,6 +47,7 @@ pub struct FileConfig {
 struct ProxySection {
     prefix: Prefix,
     upstreams: Vec<Upstream>,
+    auth: Option<AuthMode>,
 }
 
 /// A proxy route's path prefix.
@@ -102,6 +107,22 @@ struct WebSocketSection {
 struct PubSubSection {
     slow_consumer: Option<SlowConsumerPolicy>,
     echo: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    jwt_secret_file: Option<PathBuf>,
+    jwt_public_keys: Option<Vec<PathBuf>>,
+    jwt_jwks: Option<PathBuf>,
+    jwt_issuers: Option<Vec<String>>,
+    jwt_audiences: Option<Vec<String>>,
+    jwt_claim: Option<String>,
+    echo: Option<AuthMode>,
+    pubsub: Option<AuthMode>,
+    proxy: Option<AuthMode>,
+    refused_publish: Option<RefusedPublish>,
+    upstream_subject_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,7 +200,7 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes, compression, proxy } = self;
+        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, proxy } = self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -211,6 +232,17 @@ impl FileConfig {
         take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);
         take!("compression_window_bits", compression.window_bits, config.compression_window_bits);
         take!("upstream_compression", compression.upstream, config.upstream_compression);
+        take!("jwt_secret_file", auth.jwt_secret_file.map(Some), config.jwt_secret_file);
+        take!("jwt_public_keys", auth.jwt_public_keys, config.jwt_public_keys);
+        take!("jwt_jwks", auth.jwt_jwks.map(Some), config.jwt_jwks);
+        take!("jwt_issuers", auth.jwt_issuers, config.jwt_issuers);
+        take!("jwt_audiences", auth.jwt_audiences, config.jwt_audiences);
+        take!("jwt_claim", auth.jwt_claim, config.jwt_claim);
+        take!("echo_auth", auth.echo.map(Some), config.echo_auth);
+        take!("pubsub_auth", auth.pubsub.map(Some), config.pubsub_auth);
+        take!("proxy_auth", auth.proxy.map(Some), config.proxy_auth);
+        take!("refused_publish", auth.refused_publish, config.refused_publish);
+        take!("upstream_subject_header", auth.upstream_subject_header, config.upstream_subject_header);
         take!("echo_path", routes.echo.map(|p| p.0), config.echo_path);
         take!("pubsub_path", routes.pubsub.map(|p| p.0), config.pubsub_path);
         take!("publish_path", routes.publish.map(|p| p.0), config.publish_path);
@@ -220,6 +252,7 @@ impl FileConfig {
             sections
                 .into_iter()
                 .map(|s| ProxyRouteSpec {
+                    auth: s.auth,
                     prefix: s.prefix.0,
                     upstreams: s.upstreams.into_iter().map(|u| u.0).collect(),
                 })

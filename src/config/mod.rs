@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
+use crate::gateway::auth::{AuthMode, AuthSettings, RefusedPublish};
 use crate::gateway::compression::{CompressionMode, CompressionSettings};
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
@@ -167,6 +168,56 @@ pub struct Config {
     #[arg(long)]
     pub upstream_compression: bool,
 
+    /// JWT on connect: a file holding the HS256/384/512 secret (at least 32 bytes).
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+
+    /// JWT on connect: a PEM public key (RSA, EC P-256/P-384 or Ed25519) tokens may be signed
+    /// for (repeatable).
+    #[arg(long = "jwt-public-key", value_name = "FILE")]
+    pub jwt_public_keys: Vec<std::path::PathBuf>,
+
+    /// JWT on connect: a JWKS file of public keys (read again on SIGHUP; a bad file keeps the keys
+    /// in force and logs why).
+    #[arg(long, value_name = "FILE")]
+    pub jwt_jwks: Option<std::path::PathBuf>,
+
+    /// Accepted `iss` of tokens (repeatable); none: not checked.
+    #[arg(long = "jwt-issuer", value_name = "ISS")]
+    pub jwt_issuers: Vec<String>,
+
+    /// Accepted `aud` of tokens (repeatable); none: not checked (a token carrying one is refused).
+    #[arg(long = "jwt-audience", value_name = "AUD")]
+    pub jwt_audiences: Vec<String>,
+
+    /// The claim holding a token's topic permissions: `{"subscribe": [GLOB...], "publish": [GLOB...]}`.
+    #[arg(long, value_name = "NAME", default_value = "ringgate")]
+    pub jwt_claim: String,
+
+    /// Whether the echo route needs a token: `required` (401 without a valid one), `optional` (a
+    /// token given must be valid), `off` [default: required once a JWT key is configured, else off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub echo_auth: Option<AuthMode>,
+
+    /// The same for the pub/sub routes; a token must also grant the topic (else 403).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub pubsub_auth: Option<AuthMode>,
+
+    /// The same for proxy routes (a `[[proxy]]` table's `auth` overrides it for its route); the
+    /// token's `sub` goes upstream in --upstream-subject-header.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub proxy_auth: Option<AuthMode>,
+
+    /// What a pub/sub connection whose token does not grant publishing to its topic gets when it
+    /// sends a message: `close` (1008) or `drop` (the message is discarded and counted).
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "close")]
+    pub refused_publish: RefusedPublish,
+
+    /// The header that carries a verified token's `sub` to proxy upstreams (a client's own copy is
+    /// never forwarded).
+    #[arg(long, value_name = "NAME", default_value = "X-Ringgate-Sub")]
+    pub upstream_subject_header: String,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
@@ -274,6 +325,23 @@ impl Config {
         }
     }
 
+    /// What the JWT verifier needs.
+    pub fn auth_settings(&self) -> AuthSettings {
+        AuthSettings {
+            secret_file: self.jwt_secret_file.clone(),
+            public_key_files: self.jwt_public_keys.clone(),
+            jwks_file: self.jwt_jwks.clone(),
+            issuers: self.jwt_issuers.clone(),
+            audiences: self.jwt_audiences.clone(),
+            claim: self.jwt_claim.clone(),
+        }
+    }
+
+    /// A route's auth mode after the default: `required` once a key is configured, else `off`.
+    pub fn auth_mode(&self, configured: Option<AuthMode>) -> AuthMode {
+        configured.unwrap_or(if self.auth_settings().has_keys() { AuthMode::Required } else { AuthMode::Off })
+    }
+
     /// The router for the configured route paths.
     pub fn router(&self) -> Router {
         Router {
@@ -339,6 +407,30 @@ impl Config {
         if self.upstream_timeout.is_zero() {
             return fail("--upstream-timeout must be more than zero".into());
         }
+        let routes = [
+            ("--echo-auth", self.echo_auth),
+            ("--pubsub-auth", self.pubsub_auth),
+            ("--proxy-auth", self.proxy_auth),
+        ];
+        let per_route = self.proxy_routes.iter().map(|r| (r.prefix.as_str(), r.auth));
+        for (name, mode) in routes.into_iter().chain(per_route) {
+            if matches!(mode, Some(AuthMode::Optional | AuthMode::Required))
+                && !self.auth_settings().has_keys()
+            {
+                return fail(format!(
+                    "{name} asks for tokens, but no key checks them: give --jwt-secret-file, --jwt-public-key or --jwt-jwks"
+                ));
+            }
+        }
+        if self.jwt_claim.is_empty() {
+            return fail("--jwt-claim must name a claim".into());
+        }
+        if http_header_name_is_invalid(&self.upstream_subject_header) {
+            return fail(format!(
+                "--upstream-subject-header '{}' is not a header name",
+                self.upstream_subject_header
+            ));
+        }
         if self.compression_level > 9 {
             return fail(format!("--compression-level must be 0..=9, got {}", self.compression_level));
         }
@@ -355,6 +447,11 @@ impl Config {
     }
 }
 
+/// Whether `name` is not an HTTP field name (RFC 9110 section 5.1: a token).
+fn http_header_name_is_invalid(name: &str) -> bool {
+    name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Parses a proxy route: `PREFIX=URL[,URL...]`, e.g. `/app=ws://10.0.0.5:9000,ws://10.0.0.6:9000`.
 pub fn parse_proxy_route(text: &str) -> Result<ProxyRouteSpec, String> {
     let (prefix, urls) = text
@@ -363,7 +460,7 @@ pub fn parse_proxy_route(text: &str) -> Result<ProxyRouteSpec, String> {
     let prefix = parse_proxy_prefix(prefix.trim())?;
     let upstreams =
         urls.split(',').map(|url| parse_upstream_url(url.trim())).collect::<Result<Vec<_>, _>>()?;
-    Ok(ProxyRouteSpec { prefix, upstreams })
+    Ok(ProxyRouteSpec { prefix, upstreams, auth: None })
 }
 
 /// Parses a proxy route's prefix: an absolute path without a query (a trailing slash is dropped).

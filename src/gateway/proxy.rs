@@ -12,9 +12,11 @@
 //! marked down while a healthy one exists.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::gateway::auth::{TokenSource, Verified, strip_token_protocols, strip_token_query};
 use crate::metrics::{UpstreamLabels, UpstreamStats};
 use crate::proto::deflate::Agreement;
 use crate::proto::handshake::{AcceptKey, ClientHandshake, Request};
@@ -43,6 +45,8 @@ pub struct UpstreamUrl {
 /// One proxy route as configured: a path prefix and its upstreams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyRouteSpec {
+    /// Whether the route needs a token (TOML `auth`; else `--proxy-auth`).
+    pub auth: Option<crate::gateway::auth::AuthMode>,
     /// The path prefix, as `/app` (no trailing slash, except the catch-all `/`).
     pub prefix: String,
     /// Where clients of this route go, round-robin.
@@ -179,6 +183,13 @@ pub struct UpstreamRequest {
     /// permessage-deflate as agreed with the client (the relay names it in the client's 101 and
     /// compresses towards it); the hop to the upstream is negotiated on its own.
     pub client_deflate: Option<Agreement>,
+    /// The client sent its token as a subprotocol entry: if the upstream picks no subprotocol, the
+    /// client is answered with [`TOKEN_PROTOCOL`] (a browser fails a connection otherwise).
+    pub token_protocol: bool,
+    /// When the client's token expires (Unix seconds; 0: no token): the relay closes then.
+    pub token_expires: u64,
+    /// The verified token's `sub`, and the header it goes upstream in.
+    pub subject: Option<(Arc<str>, String)>,
 }
 
 impl UpstreamRequest {
@@ -217,12 +228,25 @@ impl UpstreamRequest {
         }
         UpstreamRequest {
             route,
-            rest: rest.to_string(),
+            rest: strip_token_query(rest),
             client_accept,
-            subprotocols: request.subprotocols().map(str::to_string).collect(),
+            // Nothing of a token goes upstream (it would end up in the upstream's logs).
+            subprotocols: strip_token_protocols(request.subprotocols()).map(str::to_string).collect(),
             headers,
             client_deflate: None,
+            token_protocol: false,
+            token_expires: 0,
+            subject: None,
         }
+    }
+
+    /// The client's token was verified: its `sub` goes upstream in `subject_header`, and nothing
+    /// of the token itself does (the subprotocol entries and the `token` query parameter were
+    /// already left out by [`UpstreamRequest::new`]).
+    pub fn authenticated(&mut self, verified: &Verified, subject_header: &Arc<str>) {
+        self.token_protocol = verified.source == TokenSource::Subprotocol;
+        self.token_expires = verified.identity.expires_at;
+        self.subject = verified.identity.subject.clone().map(|subject| (Arc::clone(subject_header), subject));
     }
 
     /// The subprotocols offered, as `parse_response` wants them.
@@ -233,7 +257,10 @@ impl UpstreamRequest {
     /// Writes the upgrade request for `upstream`.
     pub fn write(&self, dst: &mut Vec<u8>, handshake: &ClientHandshake, upstream: &UpstreamUrl) {
         let target = crate::gateway::router::upstream_target(&upstream.base_path, &self.rest);
-        let extra: Vec<(&str, &[u8])> = self.headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let mut extra: Vec<(&str, &[u8])> = self.headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        if let Some((name, subject)) = &self.subject {
+            extra.push((name, subject.as_bytes()));
+        }
         handshake.write_request_with_headers(dst, &upstream.authority, &target, &self.offered(), &extra);
     }
 }
@@ -251,7 +278,7 @@ mod tests {
                 base_path: String::new(),
             })
             .collect();
-        ProxyPool::new(&[ProxyRouteSpec { prefix: "/app".into(), upstreams: urls }])
+        ProxyPool::new(&[ProxyRouteSpec { prefix: "/app".into(), upstreams: urls, auth: None }])
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use crate::gateway::auth::{Authenticator, RefusedPublish, RouteAuth};
 use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
@@ -60,6 +61,14 @@ pub struct WorkerContext {
     pub proxies: Arc<ProxyPool>,
     /// Time an upstream gets to accept a connection and to answer the upgrade.
     pub upstream_timeout: Duration,
+    /// JWT verification, shared by every worker (its keys reload on SIGHUP).
+    pub auth: Arc<Authenticator>,
+    /// Which WebSocket routes need a token.
+    pub route_auth: RouteAuth,
+    /// What a pub/sub message to a topic the token may not publish to gets.
+    pub refused_publish: RefusedPublish,
+    /// The header carrying a verified token's `sub` to proxy upstreams.
+    pub subject_header: Arc<str>,
 }
 
 impl Endpoints for WorkerContext {
@@ -120,6 +129,12 @@ impl WorkerContext {
             draining: Cell::new(false),
             proxies: Arc::default(),
             upstream_timeout: Duration::from_secs(1),
+            auth: Arc::new(
+                Authenticator::load(crate::gateway::auth::AuthSettings::default()).expect("no keys to load"),
+            ),
+            route_auth: RouteAuth::default(),
+            refused_publish: RefusedPublish::Close,
+            subject_header: Arc::from("X-Ringgate-Sub"),
         }
     }
 }

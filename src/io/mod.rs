@@ -39,6 +39,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, IoChoice};
+use crate::gateway::auth::{Authenticator, KeyError, RouteAuth};
 use crate::gateway::compression::Compressor;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::{Broker, BrokerSettings, Hub};
@@ -53,7 +54,7 @@ pub use buffers::process_after_tail;
 pub use driver::{Setup, UringBackend};
 pub use epoll::EpollBackend;
 pub use outgoing::{Outgoing, staging_buffer};
-pub use process::{block_shutdown_signals, wait_for_shutdown_signal};
+pub use process::{block_shutdown_signals, wait_for_shutdown_signal, wait_for_signal};
 pub use token::{Op, Side, Token};
 pub use wake::WakeFd;
 
@@ -66,6 +67,8 @@ pub enum StartError {
     IoUringUnavailable(io::Error),
     /// A thread could not be started.
     Thread(io::Error),
+    /// A JWT key file could not be used.
+    Keys(KeyError),
 }
 
 impl fmt::Display for StartError {
@@ -98,6 +101,7 @@ impl fmt::Display for StartError {
                 write!(f, "cannot start: {cause} ({error})")
             }
             StartError::Thread(error) => write!(f, "cannot start a worker thread: {error}"),
+            StartError::Keys(error) => write!(f, "cannot use a JWT key: {error}"),
         }
     }
 }
@@ -196,6 +200,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let workers = config.worker_count();
     let kind = choose_backend(config.io, config.coalesce_wait)?;
     let (listeners, bound) = bind_listeners(config, workers)?;
+    let auth = Arc::new(Authenticator::load(config.auth_settings()).map_err(StartError::Keys)?);
 
     process::block_shutdown_signals().map_err(StartError::Thread)?;
     let drain = Arc::new(AtomicBool::new(false));
@@ -211,6 +216,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
         hub.set_waker(index, Waker::from(Arc::clone(&wake)));
         wakes.push(Arc::clone(&wake));
         let shared = Shared {
+            auth: Arc::clone(&auth),
             stats: Arc::clone(&stats),
             open_connections: Arc::clone(&open_connections),
             hub: Arc::clone(&hub),
@@ -233,15 +239,27 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     }
     info!(workers, addresses = ?bound, io = ?kind, "serving");
 
-    let signal = process::wait_for_shutdown_signal();
+    let signal = loop {
+        let signal = process::wait_for_signal();
+        if signal != libc::SIGHUP {
+            break signal;
+        }
+        reload_keys(&auth);
+    };
     info!(signal, drain_timeout = ?config.drain_timeout, "draining: closing every connection with 1001");
     drain.store(true, Ordering::Release);
     for wake in &wakes {
         wake.wake();
     }
-    // A second signal exits at once.
-    std::thread::spawn(|| {
-        let signal = process::wait_for_shutdown_signal();
+    // A second signal exits at once (keys still reload meanwhile).
+    std::thread::spawn(move || {
+        let signal = loop {
+            let signal = process::wait_for_signal();
+            if signal != libc::SIGHUP {
+                break signal;
+            }
+            reload_keys(&auth);
+        };
         eprintln!("ringgate: second signal ({signal}), exiting without waiting for connections");
         std::process::exit(128 + signal);
     });
@@ -354,8 +372,21 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// SIGHUP: reads the JWT key files again; a bad file keeps the keys in force.
+fn reload_keys(auth: &Authenticator) {
+    if !auth.enabled() {
+        info!("SIGHUP: no JWT keys are configured, nothing to reload");
+        return;
+    }
+    match auth.reload() {
+        Ok(keys) => info!(keys, "SIGHUP: JWT keys reloaded"),
+        Err(error) => warn!(%error, "SIGHUP: keeping the JWT keys in force"),
+    }
+}
+
 /// What all workers share, handed to each worker's context.
 struct Shared {
+    auth: Arc<Authenticator>,
     stats: Arc<[Arc<WorkerStats>]>,
     open_connections: Arc<AtomicUsize>,
     hub: Arc<Hub>,
@@ -378,6 +409,13 @@ fn context_builder(
     let slow_consumer = config.slow_consumer;
     let pubsub_echo = config.pubsub_echo;
     let compression = config.compression_settings();
+    let route_auth = RouteAuth {
+        echo: config.auth_mode(config.echo_auth),
+        pubsub: config.auth_mode(config.pubsub_auth),
+        proxies: config.proxy_routes.iter().map(|r| config.auth_mode(r.auth.or(config.proxy_auth))).collect(),
+    };
+    let refused_publish = config.refused_publish;
+    let subject_header: Arc<str> = Arc::from(config.upstream_subject_header.as_str());
     let upstream_timeout = config.upstream_timeout;
     let max_conns = config.max_conns;
     Box::new(move |io_backend| {
@@ -410,6 +448,10 @@ fn context_builder(
             draining: Cell::new(false),
             proxies: shared.proxies,
             upstream_timeout,
+            auth: shared.auth,
+            route_auth,
+            refused_publish,
+            subject_header,
         }
     })
 }

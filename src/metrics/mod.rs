@@ -17,6 +17,7 @@ pub use prometheus::{
     CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_prometheus, render_upstreams,
 };
 
+use crate::gateway::auth::AuthFailure;
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::HandshakeError;
 
@@ -35,9 +36,13 @@ pub enum HandshakeFailure {
     UpstreamUnavailable,
     /// Proxy route: the upstream did not connect or answer the upgrade in time (504).
     UpstreamTimeout,
+    /// The route needs a token and none valid was given (401).
+    Unauthorized,
+    /// The token is valid but does not grant the topic (403).
+    Forbidden,
 }
 
-const HANDSHAKE_FAILURE_KINDS: usize = 15;
+const HANDSHAKE_FAILURE_KINDS: usize = 17;
 
 /// Every failure kind, in table order: the summary and the exposition list them all from here.
 const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
@@ -56,6 +61,8 @@ const ALL_HANDSHAKE_FAILURES: [HandshakeFailure; HANDSHAKE_FAILURE_KINDS] = [
     HandshakeFailure::Disconnected,
     HandshakeFailure::UpstreamUnavailable,
     HandshakeFailure::UpstreamTimeout,
+    HandshakeFailure::Unauthorized,
+    HandshakeFailure::Forbidden,
 ];
 
 impl HandshakeFailure {
@@ -68,6 +75,8 @@ impl HandshakeFailure {
             HandshakeFailure::Disconnected => "disconnected",
             HandshakeFailure::UpstreamUnavailable => "upstream_unavailable",
             HandshakeFailure::UpstreamTimeout => "upstream_timeout",
+            HandshakeFailure::Unauthorized => "unauthorized",
+            HandshakeFailure::Forbidden => "forbidden",
         }
     }
 
@@ -91,6 +100,8 @@ impl HandshakeFailure {
             HandshakeFailure::Disconnected => 12,
             HandshakeFailure::UpstreamUnavailable => 13,
             HandshakeFailure::UpstreamTimeout => 14,
+            HandshakeFailure::Unauthorized => 15,
+            HandshakeFailure::Forbidden => 16,
         }
     }
 }
@@ -249,7 +260,15 @@ pub struct WorkerStats {
     pub io: IoCounters,
     /// permessage-deflate: what was compressed and inflated, and what it holds.
     pub compression: CompressionCounters,
+    /// Tokens refused, by reason (`AuthFailure` order).
+    auth_failures: [AtomicU64; AUTH_FAILURE_KINDS],
+    /// Pub/sub messages from connections whose token may not publish to their topic.
+    pub refused_publishes: AtomicU64,
+    /// Connections closed (3000) because their token expired while they were connected.
+    pub token_expiries: AtomicU64,
 }
+
+const AUTH_FAILURE_KINDS: usize = AuthFailure::ALL.len();
 
 /// permessage-deflate's counters and gauges (see `ringgate_compression_*` in `/metrics`): enough
 /// to tell what compression saves on the wire, what it costs in compressor runs (a pub/sub
@@ -372,6 +391,17 @@ impl WorkerStats {
     /// Counts a handshake that failed.
     pub fn handshake_failed(&self, why: HandshakeFailure) {
         add(&self.handshake_failures[why.index()], 1);
+    }
+
+    /// Counts a token refused before an upgrade, and the handshake it failed.
+    pub fn auth_failed(&self, why: AuthFailure) {
+        add(&self.auth_failures[why.index()], 1);
+        let failure = if why == AuthFailure::Forbidden {
+            HandshakeFailure::Forbidden
+        } else {
+            HandshakeFailure::Unauthorized
+        };
+        self.handshake_failed(failure);
     }
 
     /// Counts a Close frame we sent.

@@ -270,6 +270,37 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
         }
     }
     render_compression(out, workers);
+    render_auth(out, workers);
+}
+
+/// The JWT families: refusals by reason, refused publishes, expiries while connected.
+fn render_auth(out: &mut String, workers: &[Arc<WorkerStats>]) {
+    use Kind::Counter;
+    let sum = |pick: &dyn Fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| load(pick(w))).sum::<u64>();
+    let mut failures = family(
+        out,
+        "ringgate_auth_failures_total",
+        Counter,
+        "Upgrades refused for their token: missing (401), invalid, expired, not_yet_valid, \
+         wrong_issuer_or_audience (401), forbidden (403: the token does not grant the topic).",
+    );
+    for why in crate::gateway::auth::AuthFailure::ALL {
+        failures.sample(&[("reason", why.label())], sum(&|w| &w.auth_failures[why.index()]));
+    }
+    family(
+        out,
+        "ringgate_auth_refused_publishes_total",
+        Counter,
+        "Pub/sub messages from connections whose token may not publish to their topic (closed or dropped).",
+    )
+    .sample(&[], sum(&|w| &w.refused_publishes));
+    family(
+        out,
+        "ringgate_auth_token_expiries_total",
+        Counter,
+        "Connections closed with 3000 because their token expired while they were connected.",
+    )
+    .sample(&[], sum(&|w| &w.token_expiries));
 }
 
 /// The permessage-deflate families: what compression saves, what it runs, what it holds.
@@ -585,6 +616,9 @@ mod tests {
             ("ringgate_compression_runs_total", Counter),
             ("ringgate_compressed_messages_total", Counter),
             ("ringgate_compression_payload_bytes_total", Counter),
+            ("ringgate_auth_failures_total", Counter),
+            ("ringgate_auth_refused_publishes_total", Counter),
+            ("ringgate_auth_token_expiries_total", Counter),
         ]
     }
 
@@ -794,6 +828,9 @@ mod tests {
             add(&compression.out_uncompressed_bytes, 1);
             add(&compression.out_compressed_bytes, 1);
             compression.received(1, 1);
+            worker.auth_failed(crate::gateway::auth::AuthFailure::Missing);
+            add(&worker.refused_publishes, 1);
+            add(&worker.token_expiries, 1);
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
             worker.queue_bytes_sub(10);

@@ -25,6 +25,9 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     /// A generic policy violation, such as a slow consumer.
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
+    /// 3000 "Unauthorized" (IANA WebSocket close code registry): the client's token expired
+    /// while it was connected; it may reconnect with a fresh one.
+    pub const UNAUTHORIZED: CloseCode = CloseCode(3000);
     /// A message was larger than the endpoint accepts.
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
     /// The client expected an extension the server did not negotiate.

@@ -31,6 +31,9 @@ pub use token::{
 };
 
 use jsonwebtoken::{Algorithm, Validation, decode, decode_header};
+
+use crate::gateway::router::Route;
+use crate::proto::handshake::Request;
 use serde_json::Value;
 
 /// Whether a route needs a token (`--echo-auth`, `--pubsub-auth`, `--proxy-auth`, and per proxy
@@ -45,6 +48,45 @@ pub enum AuthMode {
     Optional,
     /// No valid token, no upgrade (401).
     Required,
+}
+
+/// What a pub/sub connection that may not publish to its topic gets when it sends a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefusedPublish {
+    /// Close it with 1008 "publish not permitted".
+    Close,
+    /// Discard the message and count it.
+    Drop,
+}
+
+/// Which WebSocket routes need a token, after defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteAuth {
+    /// The echo route.
+    pub echo: AuthMode,
+    /// The pub/sub routes.
+    pub pubsub: AuthMode,
+    /// Each proxy route, by index.
+    pub proxies: Vec<AuthMode>,
+}
+
+impl RouteAuth {
+    /// The mode of the route a request went to (plain HTTP routes have their own rules).
+    pub fn mode(&self, route: &Route<'_>) -> AuthMode {
+        match route {
+            Route::Echo => self.echo,
+            Route::PubSub { .. } => self.pubsub,
+            Route::Proxy { index, .. } => self.proxies.get(*index).copied().unwrap_or(AuthMode::Off),
+            _ => AuthMode::Off,
+        }
+    }
+}
+
+impl Default for RouteAuth {
+    fn default() -> Self {
+        RouteAuth { echo: AuthMode::Off, pubsub: AuthMode::Off, proxies: Vec::new() }
+    }
 }
 
 /// What the operator configured.
@@ -123,7 +165,17 @@ impl AuthFailure {
     }
 }
 
+/// A client whose token was checked, and where the token was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Who it is and what it may do.
+    pub identity: Identity,
+    /// Where its token was: a token in a subprotocol entry is answered with [`TOKEN_PROTOCOL`].
+    pub source: TokenSource,
+}
+
 /// A verified client.
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// The token's `sub`, passed to proxy upstreams.
@@ -164,6 +216,30 @@ impl Authenticator {
             *current = Arc::new(keys);
         }
         Ok(count)
+    }
+
+    /// Decides an upgrade on a route in `mode`: `Ok(None)` lets an anonymous client in (`off`, or
+    /// `optional` without a token), `Ok(Some(..))` a verified one; `topic` (a pub/sub route's)
+    /// must be granted for subscribing, else 403.
+    pub fn authenticate(
+        &self,
+        mode: AuthMode,
+        request: &Request<'_, '_>,
+        topic: Option<&str>,
+    ) -> Result<Option<Verified>, AuthFailure> {
+        if mode == AuthMode::Off {
+            return Ok(None);
+        }
+        let Some((token, source)) = find_token(request) else {
+            return if mode == AuthMode::Required { Err(AuthFailure::Missing) } else { Ok(None) };
+        };
+        let identity = self.verify(token)?;
+        if let Some(topic) = topic
+            && !identity.grants.may_subscribe(topic)
+        {
+            return Err(AuthFailure::Forbidden);
+        }
+        Ok(Some(Verified { identity, source }))
     }
 
     /// Verifies `token` now.

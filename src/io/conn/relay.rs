@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::client::Handoff;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
+use crate::gateway::auth::{TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
 use crate::io::buffers::process_after_tail;
@@ -223,6 +224,8 @@ pub struct Relay {
     /// our Close, so that the answers to the client's earlier messages still reach it first (as
     /// they would without the proxy).
     client_error: Option<(CloseCode, &'static str)>,
+    /// When the client's token expires (Unix seconds; 0: no token): both hops close then.
+    token_expires: u64,
 }
 
 impl Relay {
@@ -238,6 +241,7 @@ impl Relay {
             last_activity: cx.now,
             ping_sent: false,
             client_error: None,
+            token_expires: request.token_expires,
         };
         relay.hops[CLIENT].tail = early;
         let Some(pool_route) = cx.ctx.proxies.route(route) else {
@@ -398,7 +402,9 @@ impl Relay {
             route.upstreams[index].stats.relay_opened();
         }
         add(&cx.ctx.stats.handshakes_completed, 1);
-        let accepted = Accepted { accept_key: request.client_accept, subprotocol: subprotocol.as_deref() };
+        // A browser that sent its token as a subprotocol needs one answered.
+        let subprotocol = subprotocol.as_deref().or(request.token_protocol.then_some(TOKEN_PROTOCOL));
+        let accepted = Accepted { accept_key: request.client_accept, subprotocol };
         let extensions = request.client_deflate.as_ref().map(Agreement::response_value);
         let client = &mut self.hops[CLIENT];
         accepted.write_response_with_extensions(&mut client.out, extensions.as_deref());
@@ -554,6 +560,12 @@ impl Relay {
         }
         if matches!(self.stage, Stage::Relaying { .. }) && self.hops.iter().all(|h| h.phase == HopPhase::Open)
         {
+            if self.token_expires != 0 && unix_now() >= self.token_expires {
+                add(&cx.ctx.stats.token_expiries, 1);
+                self.start_closing(CLIENT, CloseCode::UNAUTHORIZED, "token expired", cx);
+                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, "client token expired", cx);
+                return;
+            }
             let idle = self.last_activity.until(now);
             if idle >= cx.ctx.idle_timeout {
                 self.start_closing(CLIENT, CloseCode::GOING_AWAY, "idle timeout", cx);
@@ -651,11 +663,17 @@ impl Relay {
             let idle = cx.ctx.idle_timeout;
             self.last_activity.after(if self.ping_sent { idle } else { idle / 2 })
         });
+        // Re-read every day at most: the worker's clock counts milliseconds in 32 bits.
+        let expiry = (relaying && self.token_expires != 0).then(|| {
+            let left = self.token_expires.saturating_sub(unix_now()).min(86_400);
+            cx.now.after(std::time::Duration::from_secs(left))
+        });
         self.hops
             .iter()
             .filter_map(|h| h.deadline)
             .chain(stage)
             .chain(idle)
+            .chain(expiry)
             .reduce(Millis::earliest)
             .unwrap_or_else(|| cx.now.after(std::time::Duration::from_secs(3600)))
     }
