@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::gateway::auth::{TokenSource, Verified, strip_token_protocols, strip_token_query};
+use crate::gateway::auth::{Verified, strip_token_protocols, strip_token_query};
 use crate::metrics::{UpstreamLabels, UpstreamStats};
 use crate::proto::deflate::Agreement;
 use crate::proto::handshake::{AcceptKey, ClientHandshake, Request};
@@ -183,8 +183,9 @@ pub struct UpstreamRequest {
     /// permessage-deflate as agreed with the client (the relay names it in the client's 101 and
     /// compresses towards it); the hop to the upstream is negotiated on its own.
     pub client_deflate: Option<Agreement>,
-    /// The client sent its token as a subprotocol entry: if the upstream picks no subprotocol, the
-    /// client is answered with [`TOKEN_PROTOCOL`] (a browser fails a connection otherwise).
+    /// The client offered the [`TOKEN_PROTOCOL`](crate::gateway::auth::TOKEN_PROTOCOL) subprotocol
+    /// (a browser sending its token): if the upstream picks no subprotocol, the client is answered
+    /// with it (a browser fails a connection otherwise).
     pub token_protocol: bool,
     /// When the client's token expires (Unix seconds; 0: no token): the relay closes then.
     pub token_expires: u64,
@@ -243,8 +244,8 @@ impl UpstreamRequest {
     /// The client's token was verified: its `sub` goes upstream in `subject_header`, and nothing
     /// of the token itself does (the subprotocol entries and the `token` query parameter were
     /// already left out by [`UpstreamRequest::new`]).
-    pub fn authenticated(&mut self, verified: &Verified, subject_header: &Arc<str>) {
-        self.token_protocol = verified.source == TokenSource::Subprotocol;
+    pub fn authenticated(&mut self, verified: &Verified, subject_header: &Arc<str>, token_protocol: bool) {
+        self.token_protocol = token_protocol;
         self.token_expires = verified.identity.expires_at;
         self.subject = verified.identity.subject.clone().map(|subject| (Arc::clone(subject_header), subject));
     }

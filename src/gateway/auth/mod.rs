@@ -120,11 +120,11 @@ pub enum AuthFailure {
     Missing,
     /// Not a JWT, an algorithm we have no key for, or a bad signature.
     Invalid,
-    /// `exp` has passed (or was absent).
+    /// `exp` has passed (or was absent: a token that never expires is refused).
     Expired,
     /// `nbf` is in the future.
     NotYetValid,
-    /// `iss` or `aud` is not one the operator accepts.
+    /// `iss` or `aud` is not one the operator accepts (or is absent while the operator set some).
     WrongIssuerOrAudience,
     /// Valid, but it does not grant the topic asked for.
     Forbidden,
@@ -273,12 +273,16 @@ impl Authenticator {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.validate_aud = !self.settings.audiences.is_empty();
+        let mut required = vec!["exp"];
         if !self.settings.audiences.is_empty() {
             validation.set_audience(&self.settings.audiences);
+            required.push("aud");
         }
         if !self.settings.issuers.is_empty() {
             validation.set_issuer(&self.settings.issuers);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         validation
     }
 
@@ -297,7 +301,9 @@ impl Authenticator {
 fn failure_of(kind: &jsonwebtoken::errors::ErrorKind) -> AuthFailure {
     use jsonwebtoken::errors::ErrorKind as K;
     match kind {
-        K::ExpiredSignature | K::MissingRequiredClaim(_) => AuthFailure::Expired,
+        K::ExpiredSignature => AuthFailure::Expired,
+        K::MissingRequiredClaim(claim) if claim == "exp" => AuthFailure::Expired,
+        K::MissingRequiredClaim(_) => AuthFailure::WrongIssuerOrAudience,
         K::ImmatureSignature => AuthFailure::NotYetValid,
         K::InvalidIssuer | K::InvalidAudience => AuthFailure::WrongIssuerOrAudience,
         _ => AuthFailure::Invalid,

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
-use crate::gateway::auth::{AuthFailure, RefusedPublish, TOKEN_PROTOCOL, TokenSource, unix_now};
+use crate::gateway::auth::{AuthFailure, RefusedPublish, TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::http::{self, parse_plain_request};
 use crate::gateway::proxy::UpstreamRequest;
@@ -636,6 +636,9 @@ impl Client {
         };
         self.header_scanned = 0;
         self.set_keepalive(false, cx);
+        // A browser that sends its token as a subprotocol offers `ringgate.jwt` beside it, and
+        // fails the connection unless some subprotocol is answered.
+        let token_protocol = verified.is_some() && request.subprotocols().any(|p| p == TOKEN_PROTOCOL);
         let agreed = ctx.compressor.negotiate(request.header_values("Sec-WebSocket-Extensions"));
         if let Route::Proxy { index, rest } = route {
             // The client hears back once the upstream answered (the relay writes the 101, with
@@ -644,7 +647,7 @@ impl Client {
             let mut upstream = UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip);
             upstream.client_deflate = agreed;
             if let Some(verified) = &verified {
-                upstream.authenticated(verified, &ctx.subject_header);
+                upstream.authenticated(verified, &ctx.subject_header, token_protocol);
             }
             self.session = Session::Proxy(Box::new(upstream));
             self.phase = Phase::Handoff;
@@ -653,7 +656,7 @@ impl Client {
         if let Some(verified) = &verified {
             self.token_expires = u32::try_from(verified.identity.expires_at).unwrap_or(u32::MAX);
             self.may_publish = topic.is_none_or(|topic| verified.identity.grants.may_publish(topic));
-            if verified.source == TokenSource::Subprotocol && accepted.subprotocol.is_none() {
+            if token_protocol && accepted.subprotocol.is_none() {
                 accepted.subprotocol = Some(TOKEN_PROTOCOL);
             }
         }
