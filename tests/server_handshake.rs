@@ -45,7 +45,8 @@ fn a_valid_upgrade_gets_101_with_the_accept_key() {
 
 #[test]
 fn no_subprotocol_or_extension_is_negotiated_unasked() {
-    let server = Server::start(&[]);
+    // permessage-deflate is agreed by default (tests/server_compression.rs): off, it is declined.
+    let server = Server::start(&["--compression", "off"]);
     let extra = "Sec-WebSocket-Protocol: chat, superchat\r\n\
                  Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
     let mut stream = server.connect();
