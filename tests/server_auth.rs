@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use common::prom::scrape;
 use common::server::Server;
-use common::wire::{self, Client, HttpConn, HttpResponse, parse_head};
+use common::wire::{self, Client, HttpConn, HttpResponse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
@@ -79,25 +79,9 @@ fn gateway(extra: &[&str]) -> Server {
     Server::start(&flags)
 }
 
-/// Sends an upgrade request and reads the answer's head (and, for a refusal, the rest).
+/// Sends an upgrade request and reads the answer's head.
 fn upgrade(server: &Server, path: &str, extra: &str) -> (HttpResponse, Option<Client>) {
-    let mut stream = server.connect();
-    stream.write_all(wire::upgrade_request(path, extra).as_bytes()).expect("send");
-    let mut head = Vec::new();
-    let response = loop {
-        if let Some((response, _)) = parse_head(&head) {
-            break response;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).expect("read the answer");
-        assert!(n > 0, "EOF before an answer");
-        head.extend_from_slice(&chunk[..n]);
-    };
-    if response.status == 101 {
-        (response, Some(Client::finish_upgrade_after(stream, &head)))
-    } else {
-        (response, None)
-    }
+    wire::upgrade_with(server.addr(), path, extra)
 }
 
 fn status(server: &Server, path: &str, extra: &str) -> u16 {

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::prom::scrape;
 use common::server::Server;
-use common::wire::{self, Client, HttpConn, encode_frame, parse_head};
+use common::wire::{self, Client, HttpConn, encode_frame};
 use ringgate::proto::deflate::Deflater;
 
 const KEY: Option<[u8; 4]> = Some([0x11, 0x22, 0x33, 0x44]);
@@ -16,24 +14,13 @@ const RSV1: u8 = 0b100;
 
 /// Upgrades on `path` offering permessage-deflate (the browsers' offer) and checks the answer.
 fn deflate_client(server: &Server, path: &str) -> Client {
-    let mut stream = server.connect();
     let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
-    stream.write_all(wire::upgrade_request(path, offer).as_bytes()).expect("send upgrade");
-    let mut head = Vec::new();
-    let response = loop {
-        if let Some((response, _)) = parse_head(&head) {
-            break response;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).expect("read the 101");
-        assert!(n > 0, "EOF before the 101");
-        head.extend_from_slice(&chunk[..n]);
-    };
+    let (response, client) = wire::upgrade_with(server.addr(), path, offer);
     assert_eq!(
         response.header("Sec-WebSocket-Extensions"),
         Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
     );
-    Client::finish_upgrade_after(stream, &head)
+    client.expect("upgraded")
 }
 
 /// A compressed message of `mebibytes` MiB of zeros, built from one compressed MiB repeated: each

@@ -186,6 +186,25 @@ impl Rng {
     }
 }
 
+/// Sends an upgrade request for `path` with `extra` header lines (each ending in CRLF) and reads
+/// the answer's head: the response, and the upgraded client when it is a 101.
+pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (HttpResponse, Option<Client>) {
+    let mut stream = connect(addr);
+    stream.write_all(upgrade_request(path, extra).as_bytes()).expect("send the upgrade request");
+    let mut head = Vec::new();
+    let response = loop {
+        if let Some((response, _)) = parse_head(&head) {
+            break response;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).expect("read the answer");
+        assert!(n > 0, "EOF before an answer");
+        head.extend_from_slice(&chunk[..n]);
+    };
+    let client = (response.status == 101).then(|| Client::finish_upgrade_after(stream, &head));
+    (response, client)
+}
+
 /// An upgraded connection driven frame by frame.
 pub struct Client {
     pub stream: TcpStream,
