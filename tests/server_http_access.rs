@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::prom;
@@ -16,11 +17,12 @@ const APP: &str = "https://app.example";
 const EVIL: &str = "http://evil.example";
 const KEY: &str = "Zm9vYmFyLWtleS0xMjM0NTY3ODk=";
 
-/// A key file in a directory of this test process, holding `contents`.
+/// A key file of its own (tests run in parallel) in a directory of this test process.
 fn key_file(name: &str, contents: &str) -> PathBuf {
+    static FILES: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("ringgate-access-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
+    let path = dir.join(format!("{}-{name}", FILES.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&path, contents).expect("write the key file");
     path
 }
