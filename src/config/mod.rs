@@ -106,7 +106,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 
     /// File holding the key `POST /publish` requires as `Authorization: Bearer KEY` (the file's
-    /// first line; a trailing line break is ignored). Without the key: 401; a wrong key: 401
+    /// content; a trailing line break is ignored). Without the key: 401; a wrong key: 401
     /// `invalid_token`. An empty or unreadable file stops the start. Unset: publishing is open.
     #[arg(long, value_name = "FILE")]
     pub publish_key_file: Option<std::path::PathBuf>,

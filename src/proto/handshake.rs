@@ -338,6 +338,7 @@ pub fn parse_request<'h, 'b>(
     // The message rules every request passes (one Host, a clean target, no body framing in
     // doubt): the same ones the plain endpoints apply.
     let mut rules = RequestRules::new(version);
+    let mut host = None;
     let mut key = None;
     let mut version = None;
     let mut origin = None;
@@ -348,7 +349,9 @@ pub fn parse_request<'h, 'b>(
         let name = header.name;
         let value = header.value;
         rules.header(name, value).map_err(HandshakeError::from)?;
-        if name.eq_ignore_ascii_case("Upgrade") {
+        if name.eq_ignore_ascii_case("Host") {
+            host = Some(value); // once, and valid: the rules saw to it
+        } else if name.eq_ignore_ascii_case("Upgrade") {
             upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("Connection") {
             connection_upgrade |= has_token(value, "upgrade");
@@ -366,11 +369,7 @@ pub fn parse_request<'h, 'b>(
     if rules.finish().map_err(HandshakeError::from)? > 0 {
         return Err(HandshakeError::Malformed);
     }
-    let host = headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("Host"))
-        .and_then(|h| std::str::from_utf8(trim_ows(h.value)).ok())
-        .ok_or(HandshakeError::BadHost)?;
+    let host = host.and_then(|h| std::str::from_utf8(trim_ows(h)).ok()).ok_or(HandshakeError::BadHost)?;
     if !upgrade || !connection_upgrade {
         return Err(HandshakeError::UpgradeRequired);
     }

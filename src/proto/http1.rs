@@ -117,17 +117,22 @@ impl RequestRules {
 
     /// Looks at one header field; names these rules do not govern pass untouched.
     pub fn header(&mut self, name: &str, value: &[u8]) -> Result<(), RequestError> {
-        if name.eq_ignore_ascii_case("Host") {
-            if std::mem::replace(&mut self.host_seen, true) || !is_valid_host(trim_ows(value)) {
-                return Err(RequestError::BadHost);
+        // By length first: most headers are none of these three, and are passed over at once.
+        match name.len() {
+            4 if name.eq_ignore_ascii_case("Host") => {
+                let repeated = std::mem::replace(&mut self.host_seen, true);
+                if repeated || !is_valid_host(trim_ows(value)) {
+                    return Err(RequestError::BadHost);
+                }
             }
-        } else if name.eq_ignore_ascii_case("Content-Length") {
-            let length = parse_content_length(value).ok_or(RequestError::BadContentLength)?;
-            if self.content_length.replace(length).is_some() {
-                return Err(RequestError::BadContentLength);
+            14 if name.eq_ignore_ascii_case("Content-Length") => {
+                let length = parse_content_length(value).ok_or(RequestError::BadContentLength)?;
+                if self.content_length.replace(length).is_some() {
+                    return Err(RequestError::BadContentLength);
+                }
             }
-        } else if name.eq_ignore_ascii_case("Transfer-Encoding") {
-            self.encoding.add(value);
+            17 if name.eq_ignore_ascii_case("Transfer-Encoding") => self.encoding.add(value),
+            _ => {}
         }
         Ok(())
     }
