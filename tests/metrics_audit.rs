@@ -757,10 +757,103 @@ fn with_the_drop_policy_every_frame_is_either_delivered_or_dropped() {
     );
 }
 
+/// A JWT signed with `secret` (HS256) carrying `claims`.
+fn token(secret: &[u8], claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret).expect("key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), claims, &key)
+        .expect("token")
+}
+
+#[test]
+fn every_token_refusal_and_token_event_counts_once() {
+    const SECRET: &[u8] = b"an HS256 secret for the audit, longer than 32 bytes";
+    let secret = std::env::temp_dir().join(format!("ringgate-audit-{}.secret", std::process::id()));
+    std::fs::write(&secret, SECRET).expect("write the secret");
+    let flags = [
+        "--jwt-secret-file",
+        secret.to_str().expect("UTF-8 path"),
+        "--jwt-issuer",
+        "audit",
+        "--refused-publish",
+        "drop",
+    ];
+    let server = Server::start(&flags);
+    let mut meter = Meter::new(&server);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let claims = |extra: serde_json::Value| {
+        let mut claims = serde_json::json!({
+            "sub": "u1", "iss": "audit", "exp": now + 600,
+            "ringgate": {"subscribe": ["news.*"], "publish": ["news.u1"]},
+        });
+        if let (Some(base), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        claims
+    };
+    let bearer = |claims: &serde_json::Value| format!("Authorization: Bearer {}\r\n", token(SECRET, claims));
+    let cases: Vec<(&str, &str, String, u16)> = vec![
+        ("missing", "/echo", String::new(), 401),
+        ("invalid", "/echo", "Authorization: Bearer not.a.token\r\n".into(), 401),
+        ("expired", "/echo", bearer(&claims(serde_json::json!({"exp": now - 3600}))), 401),
+        ("not_yet_valid", "/echo", bearer(&claims(serde_json::json!({"nbf": now + 3600}))), 401),
+        ("wrong_issuer_or_audience", "/echo", bearer(&claims(serde_json::json!({"iss": "other"}))), 401),
+        ("forbidden", "/pubsub/sports", bearer(&claims(serde_json::json!({}))), 403),
+    ];
+    for (reason, path, extra, status) in &cases {
+        assert_eq!(wire::upgrade_with(server.addr(), path, extra).0.status, *status, "{reason}");
+        let handshake_reason = if *reason == "forbidden" { "forbidden" } else { "unauthorized" };
+        meter.expect(
+            reason,
+            &[
+                ("ringgate_connections_accepted_total", &[], 1.0),
+                ("ringgate_auth_failures_total", &[("reason", *reason)], 1.0),
+                ("ringgate_handshake_failures_total", &[("reason", handshake_reason)], 1.0),
+            ],
+        );
+    }
+
+    // A publish the token does not grant is dropped and counted, not published. (Nor is it counted
+    // in ringgate_messages_received_total, although it was received: that is how the connection
+    // counts it today.)
+    let valid = bearer(&claims(serde_json::json!({})));
+    let (_, client) = wire::upgrade_with(server.addr(), "/pubsub/news.eu", &valid);
+    let mut client = client.expect("news.* may be subscribed to");
+    client.send(TEXT, b"not granted");
+    client.send(wire::PING, b"");
+    assert_eq!(client.read_frame().opcode, wire::PONG, "dropped, not closed");
+    meter.expect(
+        "a refused publish",
+        &[
+            ("ringgate_connections_accepted_total", &[], 1.0),
+            ("ringgate_handshakes_completed_total", &[], 1.0),
+            ("ringgate_auth_refused_publishes_total", &[], 1.0),
+        ],
+    );
+
+    // A token that expires while connected: the connection is closed with 3000, once.
+    let soon = bearer(&claims(serde_json::json!({"exp": now + 2})));
+    let (_, client) = wire::upgrade_with(server.addr(), "/echo", &soon);
+    let mut client = client.expect("valid for two more seconds");
+    client.stream.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    assert_eq!(client.read_frame().close_code(), Some(3000));
+    client.send(CLOSE, &wire::close_body(3000, b""));
+    client.expect_eof();
+    meter.expect(
+        "a token expiry",
+        &[
+            ("ringgate_connections_accepted_total", &[], 1.0),
+            ("ringgate_handshakes_completed_total", &[], 1.0),
+            ("ringgate_auth_token_expiries_total", &[], 1.0),
+            ("ringgate_close_frames_sent_total", &[("code", "other")], 1.0),
+            ("ringgate_close_frames_received_total", &[("code", "other")], 1.0),
+        ],
+    );
+}
+
 #[test]
 fn every_counter_family_is_audited_here() {
     // A new counter family must get its step in this file: the list below is what is audited.
-    const AUDITED: [&str; 30] = [
+    const AUDITED: [&str; 33] = [
         "ringgate_connections_accepted_total",
         "ringgate_connections_rejected_total",
         "ringgate_handshakes_completed_total",
@@ -791,6 +884,9 @@ fn every_counter_family_is_audited_here() {
         "ringgate_upstream_connects_total",
         "ringgate_upstream_connect_failures_total",
         "ringgate_upstream_bytes_total",
+        "ringgate_auth_failures_total",
+        "ringgate_auth_refused_publishes_total",
+        "ringgate_auth_token_expiries_total",
     ];
     let (server, _upstream) = gateway();
     let exposition = prom::scrape(&mut HttpConn::connect(server.addr()), "/metrics");
