@@ -38,6 +38,8 @@ pub struct FileConfig {
     compression: CompressionSection,
     #[serde(default)]
     auth: AuthSection,
+    #[serde(default)]
+    http: HttpSection,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
 }
@@ -100,6 +102,12 @@ struct LimitsSection {
 #[serde(deny_unknown_fields)]
 struct WebSocketSection {
     allowed_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    publish_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,7 +208,7 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, proxy } = self;
+        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, http, proxy } = self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -225,6 +233,7 @@ impl FileConfig {
         take!("idle_timeout", limits.idle_timeout.map(|d| d.0), config.idle_timeout);
         take!("upstream_timeout", limits.upstream_timeout.map(|d| d.0), config.upstream_timeout);
         take!("allowed_origins", websocket.allowed_origins, config.allowed_origins);
+        take!("publish_key_file", http.publish_key_file.map(Some), config.publish_key_file);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
         take!("compression", compression.mode, config.compression);

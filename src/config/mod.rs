@@ -18,6 +18,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use crate::gateway::auth::{AuthMode, AuthSettings, RefusedPublish};
 use crate::gateway::compression::{CompressionMode, CompressionSettings};
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
+use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::SlowConsumerPolicy;
 use crate::gateway::router::Router;
 
@@ -95,10 +96,24 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Origin allowed to connect (repeatable); none means all. Requests without Origin (non-browser
-    /// clients) are always allowed.
+    /// Origin allowed to call the gateway from a browser (repeatable), e.g. `https://app.example`:
+    /// on every endpoint (WebSocket upgrades, /publish, /metrics, /healthz) a request whose Origin
+    /// is not listed gets 403, and pages on a listed origin get CORS on /publish (preflights
+    /// answered, Access-Control-Allow-Origin naming that origin, never `*`). None listed: every
+    /// origin may send and no CORS header is sent, so no page can read a publish answer or send a
+    /// publish key. Requests without Origin (non-browser clients) are always allowed.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
+
+    /// File holding the key `POST /publish` requires as `Authorization: Bearer KEY` (the file's
+    /// content; a trailing line break is ignored). Without the key: 401; a wrong key: 401
+    /// `invalid_token`. An empty or unreadable file stops the start. Unset: publishing is open.
+    #[arg(long, value_name = "FILE")]
+    pub publish_key_file: Option<std::path::PathBuf>,
+
+    /// The key read from `--publish-key-file` by [`Config::load`] (never printed).
+    #[arg(skip)]
+    pub publish_key: Option<PublishKey>,
 
     /// What to do with a pub/sub subscriber whose queue passes --max-backpressure: `close` it with
     /// 1008 "slow consumer", or `drop` the messages it has no room for (counted in /metrics).
@@ -300,6 +315,9 @@ impl Config {
             });
         }
         config.validate()?;
+        if let Some(path) = &config.publish_key_file {
+            config.publish_key = Some(PublishKey::from_file(path).map_err(ConfigError)?);
+        }
         Ok(config)
     }
 
@@ -724,6 +742,27 @@ mod tests {
         assert_eq!(config.compression, CompressionMode::Off);
         let message = invalid(load(&[], "[compression]\nmode = \"fast\"\n"));
         assert!(message.contains("mode") && message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn the_publish_key_is_read_at_load_and_a_bad_file_stops_the_start() {
+        let dir = std::env::temp_dir().join(format!("ringgate-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key_file = dir.join("publish.key");
+        std::fs::write(&key_file, "k3y\n").expect("write key");
+        let key_path = key_file.to_string_lossy().into_owned();
+        let config = load(&["--publish-key-file", &key_path], "").expect("valid");
+        assert_eq!(config.publish_key, PublishKey::new(b"k3y").ok());
+        assert!(!format!("{config:?}").contains("k3y"), "the key is never printed");
+        let from_file = load(&[], &format!("[http]\npublish_key_file = {key_path:?}\n")).expect("valid");
+        assert_eq!(from_file.publish_key, PublishKey::new(b"k3y").ok());
+
+        std::fs::write(&key_file, "\n").expect("write key");
+        let message = invalid(load(&["--publish-key-file", &key_path], ""));
+        assert!(message.contains("empty") && message.contains(&key_path), "{message}");
+        let missing = dir.join("nope.key").to_string_lossy().into_owned();
+        let message = invalid(load(&["--publish-key-file", &missing], ""));
+        assert!(message.contains("cannot read") && message.contains(&missing), "{message}");
     }
 
     #[test]

@@ -1,17 +1,27 @@
-//! The plain HTTP endpoints: `POST /publish/{topic}`, `GET /metrics`, `GET /healthz`.
+//! The plain HTTP endpoints: `POST /publish/{topic}` (and its CORS preflight), `GET /metrics`,
+//! `GET /healthz`.
 //!
-//! Sans I/O like the protocol core: [`parse_plain_request`] reads a complete header section, and
-//! [`answer`] writes the whole response for a request and its body into a buffer, asking the rest
-//! of the gateway (through [`Endpoints`]) only for what it must: publishing, the metrics text, and
-//! whether it is draining. HTTP/1.1 keep-alive is honoured so that scrapers and publishers can reuse
-//! a connection. Must never: read a body without a declared length, or accept one over the limit.
+//! Sans I/O like the protocol core: [`read_request`] parses a complete header section under the
+//! same message rules as the WebSocket upgrade ([`RequestRules`]: one `Host`, a clean target,
+//! `Content-Length` digits only, no `Transfer-Encoding`) and admits it (the Origin allow-list on
+//! every endpoint, the publish key on `/publish`), writing the refusal itself when it does not;
+//! [`answer`] writes the whole response to an admitted request and its body into a buffer, asking
+//! the rest of the gateway (through [`Endpoints`]) only for what it must: publishing, the metrics
+//! text, whether it is draining, and the access settings. HTTP/1.1 keep-alive is honoured so that
+//! scrapers and publishers can reuse a connection. Must never: read a body without a declared
+//! length, accept one over the limit, or keep a connection open after a refusal (its framing, or
+//! its sender, is not to be trusted with a next request).
 
 use std::fmt::Write as _;
 
 use bytes::BufMut;
 
+use super::cors::{self, OriginCheck};
+use super::publish_key::{Credentials, PublishKey};
 use super::router::Route;
-use crate::proto::handshake::reason_phrase;
+use crate::metrics::HttpRefusal;
+use crate::proto::handshake::{reason_phrase, write_error_response};
+use crate::proto::http1::{RequestError, RequestRules, check_target};
 use crate::proto::message::MessageKind;
 
 /// What the HTTP endpoints need from the gateway.
@@ -22,6 +32,11 @@ pub trait Endpoints {
     fn render_metrics(&self, out: &mut String);
     /// Publishes a message to a topic; returns the number of subscribers it reached.
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize;
+    /// The origins browsers may call from (`--allowed-origin`, shared with the upgrade); empty
+    /// means no list: every origin may send, and no CORS header is sent.
+    fn allowed_origins(&self) -> &[String];
+    /// The key `POST /publish` requires (`--publish-key-file`), if one is configured.
+    fn publish_key(&self) -> Option<&PublishKey>;
 }
 
 /// The parts of a plain HTTP request the endpoints act on; borrows the request bytes.
@@ -35,70 +50,206 @@ pub struct PlainRequest<'b> {
     pub content_length: usize,
     /// The `Content-Type`, if given.
     pub content_type: Option<&'b str>,
+    /// The `Origin`, if given once as UTF-8.
+    pub origin: Option<&'b str>,
+    /// `Origin` was sent twice, or not as UTF-8: judged like an origin not on the list.
+    pub bad_origin: bool,
+    /// The first `Authorization` value, if any.
+    pub authorization: Option<&'b [u8]>,
+    /// `Authorization` was sent more than once.
+    pub authorization_repeated: bool,
+    /// `Access-Control-Request-Method` was sent: an `OPTIONS` with it is a CORS preflight.
+    pub preflight: bool,
 }
 
-/// Why a plain request cannot be served; the HTTP status says it.
+/// Why a plain request is refused. Each knows its status, its answer, and its metrics reason;
+/// every refusal closes the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlainRequestError {
-    /// Unparseable, or a bad `Content-Length` (400).
+pub enum Refusal {
+    /// Not parseable as HTTP/1.x (400).
     Malformed,
-    /// A chunked (or otherwise encoded) body: only `Content-Length` bodies are accepted (411).
-    LengthRequired,
+    /// Breaks a message rule of RFC 9112 / RFC 9110 (400, or 411/501 for transfer codings).
+    Message(RequestError),
     /// The declared body is over the message size limit (413).
     PayloadTooLarge,
+    /// The Origin is not on the allow-list (403).
+    ForbiddenOrigin,
+    /// The publish API needs a key and none was presented (401, `WWW-Authenticate: Bearer`).
+    Unauthorized,
+    /// Bearer credentials that are not well formed (400, `error="invalid_request"`).
+    InvalidRequest,
+    /// A bearer token that is not the key (401, `error="invalid_token"`).
+    InvalidToken,
 }
 
-impl PlainRequestError {
+impl Refusal {
     /// The response status.
     pub fn status(self) -> u16 {
         match self {
-            PlainRequestError::Malformed => 400,
-            PlainRequestError::LengthRequired => 411,
-            PlainRequestError::PayloadTooLarge => 413,
+            Refusal::Malformed | Refusal::InvalidRequest => 400,
+            Refusal::Message(error) => error.status(),
+            Refusal::PayloadTooLarge => 413,
+            Refusal::ForbiddenOrigin => 403,
+            Refusal::Unauthorized | Refusal::InvalidToken => 401,
         }
+    }
+
+    /// The `reason` it is counted under in `ringgate_http_refusals_total`.
+    pub fn reason(self) -> HttpRefusal {
+        match self {
+            Refusal::Malformed | Refusal::Message(RequestError::BadTarget) => HttpRefusal::Malformed,
+            Refusal::Message(RequestError::BadHost) => HttpRefusal::BadHost,
+            Refusal::Message(RequestError::ChunkedBody) => HttpRefusal::LengthRequired,
+            Refusal::Message(RequestError::UnknownTransferCoding) => HttpRefusal::NotImplemented,
+            Refusal::Message(_) => HttpRefusal::BadFraming,
+            Refusal::PayloadTooLarge => HttpRefusal::TooLarge,
+            Refusal::ForbiddenOrigin => HttpRefusal::ForbiddenOrigin,
+            Refusal::Unauthorized => HttpRefusal::Unauthorized,
+            Refusal::InvalidRequest => HttpRefusal::InvalidRequest,
+            Refusal::InvalidToken => HttpRefusal::InvalidToken,
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed HTTP request\n",
+            Refusal::Message(error) => error.message(),
+            Refusal::PayloadTooLarge => "the body is over the message size limit\n",
+            Refusal::ForbiddenOrigin => "origin not allowed\n",
+            Refusal::Unauthorized => "publishing needs Authorization: Bearer <key>\n",
+            Refusal::InvalidRequest => "malformed Authorization: use one Bearer <key>\n",
+            Refusal::InvalidToken => "wrong publish key\n",
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge (RFC 6750 section 3): none for a missing key, so the
+    /// client learns the scheme without being told it erred.
+    fn challenge(self) -> Option<&'static str> {
+        match self {
+            Refusal::Unauthorized => Some("Bearer realm=\"ringgate\""),
+            Refusal::InvalidRequest => Some("Bearer realm=\"ringgate\", error=\"invalid_request\""),
+            Refusal::InvalidToken => Some("Bearer realm=\"ringgate\", error=\"invalid_token\""),
+            _ => None,
+        }
+    }
+
+    /// Writes the refusal, with `Connection: close`, and `headers` (CORS) beside its own.
+    fn write_response(self, dst: &mut impl BufMut, headers: &[(&str, &str)]) {
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(challenge) = self.challenge() {
+            all.push(("WWW-Authenticate", challenge));
+        }
+        write_error_response(dst, self.status(), &all, self.body());
     }
 }
 
-/// Parses a complete header section of a plain HTTP request. `max_body` bounds `Content-Length`.
-pub fn parse_plain_request(head: &[u8], max_body: usize) -> Result<PlainRequest<'_>, PlainRequestError> {
+/// Parses a complete header section of a plain HTTP request, under the same message rules as the
+/// upgrade. `max_body` bounds `Content-Length`.
+pub fn parse_plain_request(head: &[u8], max_body: usize) -> Result<PlainRequest<'_>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; crate::proto::handshake::DEFAULT_MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(PlainRequestError::Malformed),
+        _ => return Err(Refusal::Malformed),
     }
-    let (Some(method), Some(version)) = (request.method, request.version) else {
-        return Err(PlainRequestError::Malformed);
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
+        return Err(Refusal::Malformed);
     };
-    let mut keep_alive = version >= 1;
-    let mut content_length = None;
-    let mut content_type = None;
-    for header in request.headers.iter() {
-        let value = std::str::from_utf8(header.value).map_err(|_| PlainRequestError::Malformed)?.trim();
-        if header.name.eq_ignore_ascii_case("Content-Length") {
-            let length: usize = value.parse().map_err(|_| PlainRequestError::Malformed)?;
-            if content_length.replace(length).is_some_and(|previous| previous != length) {
-                return Err(PlainRequestError::Malformed);
+    check_target(target.as_bytes()).map_err(Refusal::Message)?;
+    let mut rules = RequestRules::new(version);
+    let mut request = PlainRequest {
+        method,
+        keep_alive: version >= 1,
+        content_length: 0,
+        content_type: None,
+        origin: None,
+        bad_origin: false,
+        authorization: None,
+        authorization_repeated: false,
+        preflight: false,
+    };
+    for header in parsed.headers.iter() {
+        rules.header(header.name, header.value).map_err(Refusal::Message)?;
+        let name = header.name;
+        if name.eq_ignore_ascii_case("Authorization") {
+            request.authorization_repeated |= request.authorization.replace(header.value).is_some();
+            continue;
+        }
+        let value = std::str::from_utf8(header.value).map(str::trim);
+        if name.eq_ignore_ascii_case("Origin") {
+            match value {
+                Ok(origin) if request.origin.is_none() && !request.bad_origin => {
+                    request.origin = Some(origin)
+                }
+                _ => (request.origin, request.bad_origin) = (None, true),
             }
-        } else if header.name.eq_ignore_ascii_case("Transfer-Encoding") {
-            return Err(PlainRequestError::LengthRequired);
-        } else if header.name.eq_ignore_ascii_case("Connection") {
-            for token in value.split(',').map(str::trim) {
+        } else if name.eq_ignore_ascii_case("Access-Control-Request-Method") {
+            request.preflight = true;
+        } else if name.eq_ignore_ascii_case("Connection") {
+            for token in value.map_err(|_| Refusal::Malformed)?.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
+                    request.keep_alive = false;
                 } else if token.eq_ignore_ascii_case("keep-alive") {
-                    keep_alive = true;
+                    request.keep_alive = true;
                 }
             }
-        } else if header.name.eq_ignore_ascii_case("Content-Type") {
-            content_type = Some(value);
+        } else if name.eq_ignore_ascii_case("Content-Type") {
+            request.content_type = Some(value.map_err(|_| Refusal::Malformed)?);
         }
     }
-    let content_length = content_length.unwrap_or(0);
-    if content_length > max_body {
-        return Err(PlainRequestError::PayloadTooLarge);
+    let content_length = rules.finish().map_err(Refusal::Message)?;
+    request.content_length = usize::try_from(content_length)
+        .ok()
+        .filter(|&length| length <= max_body)
+        .ok_or(Refusal::PayloadTooLarge)?;
+    Ok(request)
+}
+
+/// Decides whether an otherwise valid request for `route` is served: its `Origin` must be allowed
+/// (every endpoint), and a `POST` to the publish API must carry the key when one is configured
+/// (a preflight carries no credentials, and needs none).
+pub fn admit<'b>(
+    route: Route<'_>,
+    request: &PlainRequest<'b>,
+    endpoints: &impl Endpoints,
+) -> Result<OriginCheck<'b>, Refusal> {
+    if request.bad_origin {
+        return Err(Refusal::ForbiddenOrigin);
     }
-    Ok(PlainRequest { method, keep_alive, content_length, content_type })
+    let origin = cors::check_origin(endpoints.allowed_origins(), request.origin)
+        .map_err(|_| Refusal::ForbiddenOrigin)?;
+    if let (Route::Publish { .. }, "POST", Some(key)) = (route, request.method, endpoints.publish_key()) {
+        match key.check(request.authorization, request.authorization_repeated) {
+            Credentials::Valid => {}
+            Credentials::Missing => return Err(Refusal::Unauthorized),
+            Credentials::Malformed => return Err(Refusal::InvalidRequest),
+            Credentials::Wrong => return Err(Refusal::InvalidToken),
+        }
+    }
+    Ok(origin)
+}
+
+/// Parses and admits a plain request for `route` (see [`parse_plain_request`] and [`admit`]).
+/// A refused request has its answer written to `dst` already; the caller closes the connection.
+pub fn read_request<'b>(
+    route: Route<'_>,
+    head: &'b [u8],
+    max_body: usize,
+    endpoints: &impl Endpoints,
+    dst: &mut impl BufMut,
+) -> Result<PlainRequest<'b>, Refusal> {
+    let request =
+        parse_plain_request(head, max_body).inspect_err(|refusal| refusal.write_response(dst, &[]))?;
+    admit(route, &request, endpoints).map(|_| request).inspect_err(|refusal| {
+        // The page that sent it may read why (a missing key), if its origin is allowed.
+        let mut headers = Vec::new();
+        if let Ok(origin) = cors::check_origin(endpoints.allowed_origins(), request.origin) {
+            origin.headers(matches!(route, Route::Publish { .. }), &mut headers);
+        } else {
+            headers.push(("Vary", "Origin"));
+        }
+        refusal.write_response(dst, &headers);
+    })
 }
 
 /// Text if the client says it is text (`text/*`, JSON) and it is valid UTF-8; binary otherwise, so
@@ -123,8 +274,8 @@ pub struct Answered {
     pub keep_alive: bool,
 }
 
-/// Writes the full response to a plain request for `route` (an HTTP route) with its `body`.
-/// A `HEAD` request gets the headers a `GET` would, without the body.
+/// Writes the full response to an admitted plain request for `route` (an HTTP route) with its
+/// `body`. A `HEAD` request gets the headers a `GET` would, without the body.
 pub fn answer(
     route: Route<'_>,
     request: &PlainRequest<'_>,
@@ -136,17 +287,22 @@ pub fn answer(
     let keep_alive = request.keep_alive && !endpoints.is_draining();
     let is = |method: &str| request.method == method;
     let readable = is("GET") || is("HEAD");
+    let is_publish = matches!(route, Route::Publish { .. });
+    let origin = cors::check_origin(endpoints.allowed_origins(), request.origin)
+        .unwrap_or(OriginCheck { listed: true, allowed: None });
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(6);
+    origin.headers(is_publish, &mut headers);
     const TEXT: &str = "text/plain; charset=utf-8";
     let mut text = String::new();
-    let (status, content_type, response_body, extra): (u16, &str, &[u8], &[(&str, &str)]) = match route {
+    let (status, content_type, response_body): (u16, &str, &[u8]) = match route {
         Route::Healthz if readable => {
             let (status, words) = if endpoints.is_draining() { (503, "draining\n") } else { (200, "ok\n") };
-            (status, TEXT, words.as_bytes(), &[])
+            (status, TEXT, words.as_bytes())
         }
         Route::Metrics if readable => {
             text.reserve(16 * 1024);
             endpoints.render_metrics(&mut text);
-            (200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes(), &[])
+            (200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes())
         }
         Route::Publish { topic } if is("POST") => {
             let kind = publish_kind(request.content_type, body);
@@ -157,10 +313,23 @@ pub fn answer(
                 "{{\"topic\":\"{}\",\"kind\":\"{kind_name}\",\"subscribers\":{reached}}}",
                 JsonEscaped(topic)
             );
-            (202, "application/json", text.as_bytes(), &[])
+            (202, "application/json", text.as_bytes())
         }
-        Route::Healthz | Route::Metrics => (405, TEXT, b"use GET\n", &[("Allow", "GET, HEAD")]),
-        Route::Publish { .. } => (405, TEXT, b"use POST\n", &[("Allow", "POST")]),
+        Route::Publish { .. } if is("OPTIONS") => {
+            headers.push(("Allow", "OPTIONS, POST"));
+            if request.preflight {
+                origin.preflight_headers(&mut headers);
+            }
+            (204, TEXT, &[])
+        }
+        Route::Healthz | Route::Metrics => {
+            headers.push(("Allow", "GET, HEAD"));
+            (405, TEXT, b"use GET\n")
+        }
+        Route::Publish { .. } => {
+            headers.push(("Allow", "OPTIONS, POST"));
+            (405, TEXT, b"use POST\n")
+        }
         Route::Echo | Route::PubSub { .. } | Route::Proxy { .. } => {
             // Not an HTTP route; the caller upgrades these. Answer sanely rather than panic.
             write_response(dst, 426, TEXT, b"upgrade required\n", false, &[("Upgrade", "websocket")]);
@@ -168,14 +337,15 @@ pub fn answer(
         }
     };
     let start = dst.len();
-    write_response(dst, status, content_type, response_body, keep_alive, extra);
+    write_response(dst, status, content_type, response_body, keep_alive, &headers);
     if is("HEAD") {
         dst.truncate(start + (dst.len() - start - response_body.len()));
     }
     Answered { status, keep_alive }
 }
 
-/// Writes a complete HTTP/1.1 response with a `Content-Length` body.
+/// Writes a complete HTTP/1.1 response with a `Content-Length` body; a 204 has neither body nor
+/// `Content-Length` nor `Content-Type` (RFC 9110 sections 8.6 and 15.3.5).
 pub fn write_response(
     dst: &mut impl BufMut,
     status: u16,
@@ -184,16 +354,21 @@ pub fn write_response(
     keep_alive: bool,
     extra_headers: &[(&str, &str)],
 ) {
+    let no_content = status == 204;
     let mut head = String::with_capacity(160);
     let _ = write!(head, "HTTP/1.1 {status} {}\r\n", reason_phrase(status));
-    let _ = write!(head, "Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len());
+    if !no_content {
+        let _ = write!(head, "Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len());
+    }
     head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
     for (name, value) in extra_headers {
         let _ = write!(head, "{name}: {value}\r\n");
     }
     head.push_str("\r\n");
     dst.put_slice(head.as_bytes());
-    dst.put_slice(body);
+    if !no_content {
+        dst.put_slice(body);
+    }
 }
 
 /// A string written as JSON string contents.
@@ -222,6 +397,18 @@ mod tests {
     struct Fake {
         draining: bool,
         published: RefCell<Vec<(String, MessageKind, Vec<u8>)>>,
+        origins: Vec<String>,
+        key: Option<PublishKey>,
+    }
+
+    impl Fake {
+        fn guarded() -> Fake {
+            Fake {
+                origins: vec!["https://app.example".into()],
+                key: PublishKey::new(b"k3y").ok(),
+                ..Fake::default()
+            }
+        }
     }
 
     impl Endpoints for Fake {
@@ -235,14 +422,28 @@ mod tests {
             self.published.borrow_mut().push((topic.into(), kind, payload.to_vec()));
             7
         }
+        fn allowed_origins(&self) -> &[String] {
+            &self.origins
+        }
+        fn publish_key(&self) -> Option<&PublishKey> {
+            self.key.as_ref()
+        }
     }
 
+    /// The answer to `raw` (head and body): the response text and whether the connection stays
+    /// open, through [`read_request`] and [`answer`] as the connection calls them.
     fn respond(raw: &str, route: Route<'_>, fake: &Fake) -> (String, bool) {
         let head_end = raw.find("\r\n\r\n").expect("complete head") + 4;
-        let request = parse_plain_request(&raw.as_bytes()[..head_end], 1024).expect("parses");
         let mut out = Vec::new();
-        let answered = answer(route, &request, &raw.as_bytes()[head_end..], fake, &mut out);
-        (String::from_utf8(out).expect("utf-8 response"), answered.keep_alive)
+        let keep_alive = match read_request(route, &raw.as_bytes()[..head_end], 1024, fake, &mut out) {
+            Ok(request) => answer(route, &request, &raw.as_bytes()[head_end..], fake, &mut out).keep_alive,
+            Err(_) => false,
+        };
+        (String::from_utf8(out).expect("utf-8 response"), keep_alive)
+    }
+
+    fn status_of(text: &str) -> &str {
+        &text[9..12]
     }
 
     #[test]
@@ -280,43 +481,167 @@ mod tests {
 
     #[test]
     fn wrong_methods_get_405_with_allow() {
+        let (text, _) = respond(
+            "GET /publish/t HTTP/1.1\r\nHost: x\r\n\r\n",
+            Route::Publish { topic: "t" },
+            &Fake::default(),
+        );
+        assert!(text.starts_with("HTTP/1.1 405 ") && text.contains("Allow: OPTIONS, POST\r\n"), "{text}");
         let (text, _) =
-            respond("GET /publish/t HTTP/1.1\r\n\r\n", Route::Publish { topic: "t" }, &Fake::default());
-        assert!(text.starts_with("HTTP/1.1 405 ") && text.contains("Allow: POST\r\n"), "{text}");
-        let (text, _) = respond("POST /metrics HTTP/1.1\r\n\r\n", Route::Metrics, &Fake::default());
+            respond("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics, &Fake::default());
         assert!(text.starts_with("HTTP/1.1 405 ") && text.contains("Allow: GET, HEAD\r\n"), "{text}");
     }
 
     #[test]
     fn bodies_need_a_bounded_declared_length() {
-        let chunked = b"POST /publish/t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(parse_plain_request(chunked, 10), Err(PlainRequestError::LengthRequired));
-        let big = b"POST /publish/t HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
-        assert_eq!(parse_plain_request(big, 10), Err(PlainRequestError::PayloadTooLarge));
-        let bad = b"POST /publish/t HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
-        assert_eq!(parse_plain_request(bad, 10), Err(PlainRequestError::Malformed));
-        let conflicting = b"POST /publish/t HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
-        assert_eq!(parse_plain_request(conflicting, 10), Err(PlainRequestError::Malformed));
+        let refusal = |raw: &[u8]| parse_plain_request(raw, 10).err();
+        let chunked = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(chunked), Some(Refusal::Message(RequestError::ChunkedBody)));
+        assert_eq!(refusal(chunked).map(Refusal::status), Some(411));
+        let big = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n";
+        assert_eq!(refusal(big), Some(Refusal::PayloadTooLarge));
+        let bad = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(refusal(bad), Some(Refusal::Message(RequestError::BadContentLength)));
+        let conflicting =
+            b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(refusal(conflicting), Some(Refusal::Message(RequestError::BadContentLength)));
+    }
+
+    #[test]
+    fn plain_requests_pass_the_upgrades_message_rules() {
+        let refusal = |raw: &str| parse_plain_request(raw.as_bytes(), 10).err().map(Refusal::status);
+        assert_eq!(refusal("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), None);
+        assert_eq!(refusal("GET /metrics HTTP/1.1\r\n\r\n"), Some(400), "no Host");
+        assert_eq!(refusal("GET /metrics HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n"), Some(400));
+        assert_eq!(refusal("GET /metrics HTTP/1.0\r\n\r\n"), None, "HTTP/1.0 may leave Host out");
+        let both =
+            "POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(both), Some(400));
+        let gzip = "POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(refusal(gzip), Some(501));
+        assert_eq!(refusal("POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"), Some(400));
+        assert_eq!(refusal("POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"), Some(400));
     }
 
     #[test]
     fn keep_alive_follows_http_version_and_connection_header() {
         let parse = |raw: &str| parse_plain_request(raw.as_bytes(), 0).map(|r| r.keep_alive);
-        assert_eq!(parse("GET /m HTTP/1.1\r\n\r\n"), Ok(true));
-        assert_eq!(parse("GET /m HTTP/1.1\r\nConnection: close\r\n\r\n"), Ok(false));
+        assert_eq!(parse("GET /m HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(true));
+        assert_eq!(parse("GET /m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), Ok(false));
         assert_eq!(parse("GET /m HTTP/1.0\r\n\r\n"), Ok(false));
         assert_eq!(parse("GET /m HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"), Ok(true));
     }
 
     #[test]
+    fn refusals_close_the_connection_and_say_why() {
+        let (text, keep) = respond("GET /metrics HTTP/1.1\r\n\r\n", Route::Metrics, &Fake::default());
+        assert_eq!(status_of(&text), "400", "{text}");
+        assert!(text.contains("Connection: close\r\n") && !keep, "{text}");
+    }
+
+    #[test]
+    fn the_publish_key_is_required_with_rfc_6750_challenges() {
+        let fake = Fake::guarded();
+        let post = |auth: &str| {
+            let raw = format!("POST /publish/t HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1\r\n\r\nx");
+            respond(&raw, Route::Publish { topic: "t" }, &fake).0
+        };
+        let text = post("");
+        assert_eq!(status_of(&text), "401", "{text}");
+        assert!(text.contains("WWW-Authenticate: Bearer realm=\"ringgate\"\r\n"), "{text}");
+        let text = post("Authorization: Bearer nope\r\n");
+        assert_eq!(status_of(&text), "401", "{text}");
+        assert!(text.contains("error=\"invalid_token\""), "{text}");
+        let text = post("Authorization: Bearer\r\n");
+        assert_eq!(status_of(&text), "400", "{text}");
+        assert!(text.contains("error=\"invalid_request\""), "{text}");
+        assert!(fake.published.borrow().is_empty(), "nothing published without the key");
+        let text = post("Authorization: Bearer k3y\r\n");
+        assert_eq!(status_of(&text), "202", "{text}");
+        assert_eq!(fake.published.borrow().len(), 1);
+        // The other endpoints need no key.
+        let (text, _) = respond("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Route::Healthz, &fake);
+        assert_eq!(status_of(&text), "200", "{text}");
+    }
+
+    #[test]
+    fn listed_origins_get_cors_and_others_403_on_every_endpoint() {
+        let fake = Fake::guarded();
+        let publish = Route::Publish { topic: "t" };
+        let preflight = "OPTIONS /publish/t HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\
+                         Access-Control-Request-Method: POST\r\n\
+                         Access-Control-Request-Headers: authorization, content-type\r\n\r\n";
+        let (text, keep) = respond(preflight, publish, &fake);
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n") && keep, "{text}");
+        for header in [
+            "Access-Control-Allow-Origin: https://app.example\r\n",
+            "Access-Control-Allow-Methods: POST\r\n",
+            "Access-Control-Allow-Headers: Authorization, Content-Type\r\n",
+            "Access-Control-Max-Age: 600\r\n",
+            "Vary: Origin\r\n",
+        ] {
+            assert!(text.contains(header), "{header:?} missing from {text}");
+        }
+        assert!(!text.contains("Content-Length") && text.ends_with("\r\n\r\n"), "a 204 has no body: {text}");
+
+        let post = "POST /publish/t HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\
+                    Authorization: Bearer k3y\r\nContent-Length: 1\r\n\r\nx";
+        let (text, _) = respond(post, publish, &fake);
+        assert_eq!(status_of(&text), "202", "{text}");
+        assert!(text.contains("Access-Control-Allow-Origin: https://app.example\r\n"), "{text}");
+        assert!(text.contains("Vary: Origin\r\n") && !text.contains('*'), "{text}");
+        // Without the key, a listed page may still read why.
+        let keyless = post.replace("Authorization: Bearer k3y\r\n", "");
+        let (text, _) = respond(&keyless, publish, &fake);
+        assert_eq!(status_of(&text), "401", "{text}");
+        assert!(text.contains("Access-Control-Allow-Origin: https://app.example\r\n"), "{text}");
+
+        for (raw, route) in [
+            (post.replace("https://app.example", "http://evil.example"), publish),
+            (preflight.replace("https://app.example", "http://evil.example"), publish),
+            ("GET /metrics HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n".into(), Route::Metrics),
+            ("GET /healthz HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n".into(), Route::Healthz),
+            (
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nOrigin: https://app.example\r\n\r\n"
+                    .into(),
+                Route::Healthz,
+            ),
+        ] {
+            let (text, keep) = respond(&raw, route, &fake);
+            assert_eq!(status_of(&text), "403", "{raw:?}: {text}");
+            assert!(!text.contains("Access-Control-Allow-Origin") && !keep, "{text}");
+        }
+        assert!(fake.published.borrow().len() == 1, "only the allowed POST published");
+    }
+
+    #[test]
+    fn without_a_list_origins_pass_and_get_no_cors_headers() {
+        let fake = Fake::default();
+        let post = "POST /publish/t HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 1\r\n\r\nx";
+        let (text, _) = respond(post, Route::Publish { topic: "t" }, &fake);
+        assert_eq!(status_of(&text), "202", "{text}");
+        assert!(!text.contains("Access-Control") && !text.contains("Vary"), "{text}");
+        let preflight = "OPTIONS /publish/t HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\
+                         Access-Control-Request-Method: POST\r\n\r\n";
+        let (text, _) = respond(preflight, Route::Publish { topic: "t" }, &fake);
+        assert_eq!(status_of(&text), "204", "{text}");
+        assert!(!text.contains("Access-Control"), "a browser reads this preflight as a refusal: {text}");
+    }
+
+    #[test]
     fn head_gets_headers_without_a_body() {
-        let (text, _) = respond("HEAD /healthz HTTP/1.1\r\n\r\n", Route::Healthz, &Fake::default());
+        let (text, _) =
+            respond("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Route::Healthz, &Fake::default());
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("Content-Length: 3\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
-        let (text, _) = respond("HEAD /metrics HTTP/1.1\r\n\r\n", Route::Metrics, &Fake::default());
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\n"), "{text}");
         let (text, _) =
-            respond("HEAD /publish/t HTTP/1.1\r\n\r\n", Route::Publish { topic: "t" }, &Fake::default());
+            respond("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics, &Fake::default());
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\n"), "{text}");
+        let (text, _) = respond(
+            "HEAD /publish/t HTTP/1.1\r\nHost: x\r\n\r\n",
+            Route::Publish { topic: "t" },
+            &Fake::default(),
+        );
         assert!(text.starts_with("HTTP/1.1 405 ") && text.ends_with("\r\n\r\n"), "{text}");
     }
 

@@ -6,9 +6,11 @@
 
 pub mod auth;
 pub mod compression;
+pub mod cors;
 pub mod echo;
 pub mod http;
 pub mod proxy;
+pub mod publish_key;
 pub mod pubsub;
 pub mod router;
 

@@ -14,6 +14,7 @@ use crate::gateway::auth::{Authenticator, RefusedPublish, RouteAuth};
 use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
+use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::Broker;
 use crate::gateway::router::Router;
 use crate::metrics::{ProcessInfo, WorkerStats, process_rss_bytes, render_prometheus, render_upstreams};
@@ -32,8 +33,10 @@ pub struct WorkerContext {
     pub handshake_timeout: Duration,
     /// Time without traffic before the connection is closed (a ping goes out at half).
     pub idle_timeout: Duration,
-    /// Origin allow-list and subprotocols.
+    /// Origin allow-list (for upgrades and plain endpoints alike) and subprotocols.
     pub policy: StaticPolicy,
+    /// The key `POST /publish` requires, if one is configured.
+    pub publish_key: Option<PublishKey>,
     /// Path to route.
     pub router: Router,
     /// This worker's counters.
@@ -90,6 +93,14 @@ impl Endpoints for WorkerContext {
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
         self.broker.publish(topic, kind, payload, None)
     }
+
+    fn allowed_origins(&self) -> &[String] {
+        &self.policy.allowed_origins
+    }
+
+    fn publish_key(&self) -> Option<&PublishKey> {
+        self.publish_key.as_ref()
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +127,7 @@ impl WorkerContext {
             handshake_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             policy: StaticPolicy::default(),
+            publish_key: None,
             router: Router::default(),
             stats: Arc::clone(&stats),
             open_connections: Arc::default(),

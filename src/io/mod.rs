@@ -400,6 +400,7 @@ fn context_builder(
 ) -> Box<dyn FnOnce(&'static str) -> WorkerContext + Send> {
     let limits = Limits { max_message_size: config.max_message_size, max_frame_size: config.frame_limit() };
     let policy = StaticPolicy { allowed_origins: config.allowed_origins.clone(), subprotocols: Vec::new() };
+    let publish_key = config.publish_key.clone();
     let max_backpressure = config.max_backpressure;
     let handshake_timeout = config.handshake_timeout;
     let idle_timeout = config.idle_timeout.max(Duration::from_millis(2));
@@ -435,6 +436,7 @@ fn context_builder(
             handshake_timeout,
             idle_timeout,
             policy,
+            publish_key,
             router,
             stats,
             open_connections: shared.open_connections,

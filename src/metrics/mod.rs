@@ -193,6 +193,71 @@ impl HttpEndpoint {
     }
 }
 
+/// Why a plain HTTP request was refused: the `reason` of `ringgate_http_refusals_total`. Statuses
+/// alone (`ringgate_http_requests_total`) do not tell a smuggling attempt from a wrong key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpRefusal {
+    /// Not parseable, or a request target with a control character (400).
+    Malformed,
+    /// No `Host` in HTTP/1.1, two, or an invalid one (400).
+    BadHost,
+    /// `Content-Length` not digits, repeated or a list; with `Transfer-Encoding`; or a
+    /// `Transfer-Encoding` that leaves the length unknown (400).
+    BadFraming,
+    /// A chunked body (411).
+    LengthRequired,
+    /// A transfer coding we do not implement (501).
+    NotImplemented,
+    /// A declared body over the message size limit (413).
+    TooLarge,
+    /// An `Origin` not on the allow-list (403).
+    ForbiddenOrigin,
+    /// Publishing without the key (401).
+    Unauthorized,
+    /// Malformed bearer credentials (400).
+    InvalidRequest,
+    /// A wrong key (401).
+    InvalidToken,
+}
+
+const HTTP_REFUSALS: usize = 10;
+
+impl HttpRefusal {
+    /// Every reason, in table order.
+    pub const ALL: [HttpRefusal; HTTP_REFUSALS] = [
+        HttpRefusal::Malformed,
+        HttpRefusal::BadHost,
+        HttpRefusal::BadFraming,
+        HttpRefusal::LengthRequired,
+        HttpRefusal::NotImplemented,
+        HttpRefusal::TooLarge,
+        HttpRefusal::ForbiddenOrigin,
+        HttpRefusal::Unauthorized,
+        HttpRefusal::InvalidRequest,
+        HttpRefusal::InvalidToken,
+    ];
+
+    /// A stable label: the `reason` of `ringgate_http_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpRefusal::Malformed => "malformed",
+            HttpRefusal::BadHost => "bad_host",
+            HttpRefusal::BadFraming => "bad_framing",
+            HttpRefusal::LengthRequired => "length_required",
+            HttpRefusal::NotImplemented => "not_implemented",
+            HttpRefusal::TooLarge => "too_large",
+            HttpRefusal::ForbiddenOrigin => "forbidden_origin",
+            HttpRefusal::Unauthorized => "unauthorized",
+            HttpRefusal::InvalidRequest => "invalid_request",
+            HttpRefusal::InvalidToken => "invalid_token",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// The class slot of an HTTP status; anything outside 100-599 (which we never send) counts as 5xx.
 fn status_class_slot(status: u16) -> usize {
     match status {
@@ -252,6 +317,7 @@ pub struct WorkerStats {
     close_codes_received: [AtomicU64; CLOSE_CODE_SLOTS],
     routes: [RouteCounters; ROUTES],
     http_requests: [[AtomicU64; STATUS_CLASSES]; HTTP_ENDPOINTS],
+    http_refusals: [AtomicU64; HTTP_REFUSALS],
     // Gauges are signed: an unbalanced inc/dec shows up as a negative value, not as 2^64 - 1.
     topics: AtomicI64,
     subscribers: AtomicI64,
@@ -438,6 +504,13 @@ impl WorkerStats {
         add(&self.http_requests[endpoint.index()][status_class_slot(status)], 1);
     }
 
+    /// Counts a plain HTTP request refused for `reason` (its status counts in
+    /// [`WorkerStats::http_request`] too).
+    #[inline]
+    pub fn http_refused(&self, reason: HttpRefusal) {
+        add(&self.http_refusals[reason.index()], 1);
+    }
+
     /// A topic got its first subscriber on this worker.
     #[inline]
     pub fn topic_opened(&self) {
@@ -614,6 +687,9 @@ mod tests {
         }
         for (i, endpoint) in HttpEndpoint::ALL.iter().enumerate() {
             assert_eq!(endpoint.index(), i);
+        }
+        for (i, reason) in HttpRefusal::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i);
         }
     }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::{
-    ALL_HANDSHAKE_FAILURES, CLOSE_CODE_SLOTS, HttpEndpoint, RouteLabel, STATUS_CLASSES, WorkerStats,
-    close_code_label, status_class_label,
+    ALL_HANDSHAKE_FAILURES, CLOSE_CODE_SLOTS, HttpEndpoint, HttpRefusal, RouteLabel, STATUS_CLASSES,
+    WorkerStats, close_code_label, status_class_label,
 };
 
 /// The `Content-Type` of a response carrying [`render_prometheus`] output; scrapers pick their
@@ -268,6 +268,16 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
             let value = sum(&|w| &w.http_requests[endpoint.index()][class]);
             http.sample(&[("endpoint", endpoint.label()), ("status", status_class_label(class))], value);
         }
+    }
+    let mut refusals = family(
+        out,
+        "ringgate_http_refusals_total",
+        Counter,
+        "Plain HTTP requests refused before they were served, by reason (their status counts in \
+         ringgate_http_requests_total too); each refusal closes its connection.",
+    );
+    for reason in HttpRefusal::ALL {
+        refusals.sample(&[("reason", reason.label())], sum(&|w| &w.http_refusals[reason.index()]));
     }
     render_compression(out, workers);
     render_auth(out, workers);
@@ -610,6 +620,7 @@ mod tests {
             ("ringgate_io_loop_turns_total", Counter),
             ("ringgate_io_events_total", Counter),
             ("ringgate_http_requests_total", Counter),
+            ("ringgate_http_refusals_total", Counter),
             ("ringgate_compression_connections", Gauge),
             ("ringgate_compression_inflaters", Gauge),
             ("ringgate_compression_deflaters", Gauge),
@@ -691,6 +702,9 @@ mod tests {
         w0.http_request(HttpEndpoint::Metrics, 200);
         w1.http_request(HttpEndpoint::Metrics, 200);
         w1.http_request(HttpEndpoint::Publish, 413);
+        w1.http_refused(HttpRefusal::TooLarge);
+        w0.http_refused(HttpRefusal::InvalidToken);
+        w1.http_refused(HttpRefusal::InvalidToken);
         workers
     }
 
@@ -740,6 +754,7 @@ mod tests {
         assert_eq!(count("ringgate_handshake_failures_total"), ALL_HANDSHAKE_FAILURES.len());
         assert_eq!(count("ringgate_close_frames_sent_total"), CLOSE_CODE_SLOTS);
         assert_eq!(count("ringgate_http_requests_total"), HttpEndpoint::ALL.len() * STATUS_CLASSES);
+        assert_eq!(count("ringgate_http_refusals_total"), HttpRefusal::ALL.len());
         for family in exposition.families.values() {
             let mut seen = HashSet::new();
             for sample in family.iter_samples() {
@@ -789,6 +804,9 @@ mod tests {
         assert_eq!(v("ringgate_http_requests_total", &http("metrics", "2xx")), 2.0);
         assert_eq!(v("ringgate_http_requests_total", &http("publish", "4xx")), 1.0);
         assert_eq!(v("ringgate_http_requests_total", &http("healthz", "2xx")), 0.0);
+        assert_eq!(v("ringgate_http_refusals_total", &[("reason", "too_large")]), 1.0);
+        assert_eq!(v("ringgate_http_refusals_total", &[("reason", "invalid_token")]), 2.0);
+        assert_eq!(v("ringgate_http_refusals_total", &[("reason", "forbidden_origin")]), 0.0);
         assert_eq!(v("ringgate_process_resident_memory_bytes", &[]), f64::from(12 << 20));
         assert_eq!(v("ringgate_process_start_time_seconds", &[]), 1_700_000_000.25);
         assert_eq!(v("ringgate_draining", &[]), 0.0);
@@ -816,6 +834,7 @@ mod tests {
             add(&worker.slow_consumer_drops, 1);
             add(&worker.handoff_drops, 1);
             worker.http_request(HttpEndpoint::Healthz, 503);
+            worker.http_refused(HttpRefusal::BadHost);
             let io = &worker.io;
             for counter in
                 [&io.buffer_ring_empty, &io.cq_overflows, &io.multishot_rearms, &io.turns, &io.events]

@@ -15,6 +15,7 @@
 use std::fmt;
 
 use super::deflate::{Agreement, CLIENT_OFFER, parse_answer};
+use super::http1::{RequestError, RequestRules, check_target, trim_ows};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::BufMut;
@@ -154,6 +155,17 @@ impl HandshakeError {
     }
 }
 
+impl From<RequestError> for HandshakeError {
+    /// The message rules' refusals as the handshake counts them: a bad `Host` keeps its own
+    /// label; a bad target or any body framing on an upgrade is malformed.
+    fn from(error: RequestError) -> HandshakeError {
+        match error {
+            RequestError::BadHost => HandshakeError::BadHost,
+            _ => HandshakeError::Malformed,
+        }
+    }
+}
+
 impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.body().trim_end(), self.status())
@@ -195,13 +207,18 @@ pub fn reason_phrase(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -229,13 +246,21 @@ pub fn find_header_end(buf: &[u8], scanned: usize) -> Option<usize> {
     None
 }
 
-/// The request target (path and query) of a request line at the start of `buf`, without validating
-/// anything else, so that routing can answer an unknown path with 404 before judging the upgrade.
+/// The request target (path and query) of a request line at the start of `buf`, without judging the
+/// headers, so that routing can answer an unknown path with 404 before judging the upgrade.
+///
+/// `None` unless the line is `METHOD SP target SP HTTP/...` with a clean target (see
+/// [`check_target`]): a target with a control character is a 400, never routed.
 pub fn request_target(buf: &[u8]) -> Option<&str> {
     let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n')?;
     let mut parts = buf[..line_end].split(|&b| b == b' ');
     let _method = parts.next()?;
-    std::str::from_utf8(parts.next()?).ok().filter(|target| target.starts_with('/'))
+    let target = parts.next()?;
+    let version = parts.next()?;
+    if !version.starts_with(b"HTTP/") || parts.next().is_some() || check_target(target).is_err() {
+        return None;
+    }
+    std::str::from_utf8(target).ok()
 }
 
 /// A validated WebSocket upgrade request. Everything borrows the caller's buffer.
@@ -302,6 +327,7 @@ pub fn parse_request<'h, 'b>(
     let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
         return Err(HandshakeError::Malformed);
     };
+    check_target(path.as_bytes())?;
     if method != "GET" {
         return Err(HandshakeError::MethodNotAllowed);
     }
@@ -309,6 +335,9 @@ pub fn parse_request<'h, 'b>(
         return Err(HandshakeError::HttpVersionTooOld);
     }
 
+    // The message rules every request passes (one Host, a clean target, no body framing in
+    // doubt): the same ones the plain endpoints apply.
+    let mut rules = RequestRules::new(version);
     let mut host = None;
     let mut key = None;
     let mut version = None;
@@ -319,8 +348,9 @@ pub fn parse_request<'h, 'b>(
     for header in headers {
         let name = header.name;
         let value = header.value;
+        rules.header(name, value).map_err(HandshakeError::from)?;
         if name.eq_ignore_ascii_case("Host") {
-            set_once(&mut host, value, HandshakeError::BadHost)?;
+            host = Some(value); // once, and valid: the rules saw to it
         } else if name.eq_ignore_ascii_case("Upgrade") {
             upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("Connection") {
@@ -334,10 +364,12 @@ pub fn parse_request<'h, 'b>(
         }
     }
 
-    let host = host
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .filter(|h| !h.is_empty())
-        .ok_or(HandshakeError::BadHost)?;
+    // Bytes after the header section are WebSocket frames: a body the client (or a proxy in front)
+    // meant to send would be read as frames, so an upgrade with one is refused.
+    if rules.finish().map_err(HandshakeError::from)? > 0 {
+        return Err(HandshakeError::Malformed);
+    }
+    let host = host.and_then(|h| std::str::from_utf8(trim_ows(h)).ok()).ok_or(HandshakeError::BadHost)?;
     if !upgrade || !connection_upgrade {
         return Err(HandshakeError::UpgradeRequired);
     }
@@ -370,14 +402,6 @@ fn set_once<'b>(
 fn is_valid_key(key: &[u8]) -> bool {
     let mut decoded = [0u8; 18];
     key.len() == 24 && matches!(BASE64.decode_slice(key, &mut decoded), Ok(16))
-}
-
-/// Strips HTTP optional white space (spaces and tabs) from both ends.
-fn trim_ows(value: &[u8]) -> &[u8] {
-    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
-    &value[start..end]
 }
 
 /// The comma-separated tokens of a header value, trimmed.
@@ -415,16 +439,19 @@ impl HandshakePolicy for StaticPolicy {
     fn allows_origin(&self, origin: Option<&str>) -> bool {
         match origin {
             None => true,
-            Some(origin) => {
-                self.allowed_origins.is_empty()
-                    || self.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
-            }
+            Some(origin) => self.allowed_origins.is_empty() || origin_listed(&self.allowed_origins, origin),
         }
     }
 
     fn select_subprotocol<'b>(&self, request: &Request<'_, 'b>) -> Option<&'b str> {
         request.subprotocols().find(|offer| self.subprotocols.iter().any(|ours| ours == offer))
     }
+}
+
+/// Whether `origin` is on `allow_list`. Compared case-insensitively: scheme and host are, and
+/// browsers serialize both in lower case. The one rule for upgrades and plain endpoints alike.
+pub fn origin_listed(allow_list: &[String], origin: &str) -> bool {
+    allow_list.iter().any(|listed| listed.eq_ignore_ascii_case(origin))
 }
 
 /// An upgrade the server has decided to accept: everything the 101 response needs.

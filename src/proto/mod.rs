@@ -13,6 +13,7 @@ pub mod close;
 pub mod deflate;
 pub mod frame;
 pub mod handshake;
+pub mod http1;
 pub mod mask;
 pub mod message;
 pub mod utf8;

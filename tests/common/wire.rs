@@ -422,7 +422,8 @@ impl HttpConn {
     }
 
     /// Reads exactly one response: the head, then `Content-Length` bytes of body (which must be
-    /// declared). Fails the test on EOF or timeout before the response is complete.
+    /// declared, except on a 204, which must have neither). Fails the test on EOF or timeout before
+    /// the response is complete.
     pub fn read_response(&mut self) -> HttpResponse {
         let (mut response, head_len) = loop {
             if let Some(parsed) = parse_head(&self.buf) {
@@ -430,6 +431,11 @@ impl HttpConn {
             }
             self.fill_or_fail();
         };
+        if response.status == 204 {
+            assert!(response.header("Content-Length").is_none(), "a 204 with a length: {response:?}");
+            self.buf.drain(..head_len);
+            return response;
+        }
         let length: usize = response
             .header("Content-Length")
             .unwrap_or_else(|| panic!("no Content-Length in {response:?}"))

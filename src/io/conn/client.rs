@@ -23,7 +23,7 @@ use tracing::debug;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
 use crate::gateway::auth::{AuthFailure, RefusedPublish, TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
-use crate::gateway::http::{self, parse_plain_request};
+use crate::gateway::http;
 use crate::gateway::proxy::UpstreamRequest;
 use crate::gateway::pubsub::{Subscriber, Subscription, split_frame};
 use crate::gateway::router::Route;
@@ -568,33 +568,30 @@ impl Client {
             return head_end;
         }
 
-        let request = match parse_plain_request(head, ctx.limits.max_message_size) {
+        let endpoint = match route {
+            Route::Metrics => HttpEndpoint::Metrics,
+            Route::Healthz => HttpEndpoint::Healthz,
+            _ => HttpEndpoint::Publish,
+        };
+        let max_body = ctx.limits.max_message_size;
+        let request = match http::read_request(route, head, max_body, ctx, &mut self.out.staging) {
             Ok(request) => request,
-            Err(error) => {
-                let status = error.status();
-                http::write_response(
-                    &mut self.out.staging,
-                    status,
-                    "text/plain",
-                    b"bad request\n",
-                    false,
-                    &[],
-                );
+            Err(refusal) => {
+                // Answered already, from the headers alone; nothing after it is read as a request.
+                debug!(?refusal, "plain request refused");
+                ctx.stats.http_request(endpoint, refusal.status());
+                ctx.stats.http_refused(refusal.reason());
                 self.start_flushing(cx);
                 return buf.len();
             }
         };
         let request_len = head_end + request.content_length;
         if buf.len() < request_len {
-            self.header_scanned = 0; // the head is parsed again once the body is complete
+            // The head is parsed again once the body is complete (nothing was written for it).
+            self.header_scanned = 0;
             return 0;
         }
         let answered = http::answer(route, &request, &buf[head_end..request_len], ctx, &mut self.out.staging);
-        let endpoint = match route {
-            Route::Metrics => HttpEndpoint::Metrics,
-            Route::Healthz => HttpEndpoint::Healthz,
-            _ => HttpEndpoint::Publish,
-        };
         ctx.stats.http_request(endpoint, answered.status);
         self.header_scanned = 0;
         if answered.keep_alive {
