@@ -812,9 +812,8 @@ fn every_token_refusal_and_token_event_counts_once() {
         );
     }
 
-    // A publish the token does not grant is dropped and counted, not published. (Nor is it counted
-    // in ringgate_messages_received_total, although it was received: that is how the connection
-    // counts it today.)
+    // A publish the token does not grant is received (and counted so), then dropped and counted
+    // as refused, not published.
     let valid = bearer(&claims(serde_json::json!({})));
     let (_, client) = wire::upgrade_with(server.addr(), "/pubsub/news.eu", &valid);
     let mut client = client.expect("news.* may be subscribed to");
@@ -827,6 +826,8 @@ fn every_token_refusal_and_token_event_counts_once() {
             ("ringgate_connections_accepted_total", &[], 1.0),
             ("ringgate_handshakes_completed_total", &[], 1.0),
             ("ringgate_auth_refused_publishes_total", &[], 1.0),
+            ("ringgate_messages_received_total", &[("route", "pubsub")], 1.0),
+            ("ringgate_payload_received_bytes_total", &[("route", "pubsub")], 11.0),
         ],
     );
 

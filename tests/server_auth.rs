@@ -295,3 +295,25 @@ fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_token_with_publish_rights_may_use_the_publish_api_and_others_may_not() {
+    let key = file("publish-key", b"k3y-for-the-publish-api\n");
+    let server = gateway(&["--publish-key-file", key.to_str().expect("utf-8")]);
+    let token = hs256(&claims(json!({})));
+    let post = |topic: &str, authorization: &str| {
+        let request = format!(
+            "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n\
+             Content-Length: 2\r\n{authorization}Connection: close\r\n\r\nhi"
+        );
+        wire::http_exchange(server.addr(), request.as_bytes()).status
+    };
+    assert_eq!(post("chat.u1", "Authorization: Bearer k3y-for-the-publish-api\r\n"), 202, "the key");
+    assert_eq!(post("chat.u1", &bearer(&token)), 202, "a token granting chat.u1");
+    assert_eq!(post("chat.u2", &bearer(&token)), 403, "a token not granting chat.u2");
+    assert_eq!(post("chat.u1", &bearer(&hs256(&claims(json!({"exp": now() - 3600}))))), 401, "expired");
+    assert_eq!(post("chat.u1", ""), 401, "nothing");
+    let metrics = scrape(&mut HttpConn::connect(server.addr()), "/metrics");
+    assert_eq!(metrics.sum_where("ringgate_http_refusals_total", "reason", "forbidden_topic"), 1.0);
+    assert_eq!(metrics.sum_where("ringgate_http_refusals_total", "reason", "invalid_token"), 1.0);
+}

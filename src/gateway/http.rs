@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 
 use bytes::BufMut;
 
+use super::auth::Authenticator;
 use super::cors::{self, OriginCheck};
 use super::publish_key::{Credentials, PublishKey};
 use super::router::Route;
@@ -37,6 +38,9 @@ pub trait Endpoints {
     fn allowed_origins(&self) -> &[String];
     /// The key `POST /publish` requires (`--publish-key-file`), if one is configured.
     fn publish_key(&self) -> Option<&PublishKey>;
+    /// The JWT verifier, when JWT keys are configured: a token with publish rights on the topic
+    /// may publish too.
+    fn authenticator(&self) -> Option<&Authenticator>;
 }
 
 /// The parts of a plain HTTP request the endpoints act on; borrows the request bytes.
@@ -78,8 +82,10 @@ pub enum Refusal {
     Unauthorized,
     /// Bearer credentials that are not well formed (400, `error="invalid_request"`).
     InvalidRequest,
-    /// A bearer token that is not the key (401, `error="invalid_token"`).
+    /// A bearer token that is not the key, nor a valid JWT (401, `error="invalid_token"`).
     InvalidToken,
+    /// A valid JWT that does not grant publishing to the topic (403).
+    ForbiddenTopic,
 }
 
 impl Refusal {
@@ -89,7 +95,7 @@ impl Refusal {
             Refusal::Malformed | Refusal::InvalidRequest => 400,
             Refusal::Message(error) => error.status(),
             Refusal::PayloadTooLarge => 413,
-            Refusal::ForbiddenOrigin => 403,
+            Refusal::ForbiddenOrigin | Refusal::ForbiddenTopic => 403,
             Refusal::Unauthorized | Refusal::InvalidToken => 401,
         }
     }
@@ -107,6 +113,7 @@ impl Refusal {
             Refusal::Unauthorized => HttpRefusal::Unauthorized,
             Refusal::InvalidRequest => HttpRefusal::InvalidRequest,
             Refusal::InvalidToken => HttpRefusal::InvalidToken,
+            Refusal::ForbiddenTopic => HttpRefusal::ForbiddenTopic,
         }
     }
 
@@ -118,7 +125,8 @@ impl Refusal {
             Refusal::ForbiddenOrigin => "origin not allowed\n",
             Refusal::Unauthorized => "publishing needs Authorization: Bearer <key>\n",
             Refusal::InvalidRequest => "malformed Authorization: use one Bearer <key>\n",
-            Refusal::InvalidToken => "wrong publish key\n",
+            Refusal::InvalidToken => "wrong publish key, or a token that is not valid\n",
+            Refusal::ForbiddenTopic => "the token does not grant publishing to this topic\n",
         }
     }
 
@@ -218,15 +226,51 @@ pub fn admit<'b>(
     }
     let origin = cors::check_origin(endpoints.allowed_origins(), request.origin)
         .map_err(|_| Refusal::ForbiddenOrigin)?;
-    if let (Route::Publish { .. }, "POST", Some(key)) = (route, request.method, endpoints.publish_key()) {
-        match key.check(request.authorization, request.authorization_repeated) {
-            Credentials::Valid => {}
-            Credentials::Missing => return Err(Refusal::Unauthorized),
-            Credentials::Malformed => return Err(Refusal::InvalidRequest),
-            Credentials::Wrong => return Err(Refusal::InvalidToken),
-        }
+    if let (Route::Publish { topic }, "POST") = (route, request.method) {
+        admit_publisher(topic, request, endpoints)?;
     }
     Ok(origin)
+}
+
+/// A publisher needs the publish key, or a JWT whose permissions claim lets it publish to `topic`,
+/// once either is configured (with neither, the publish API is open, as documented).
+fn admit_publisher(
+    topic: &str,
+    request: &PlainRequest<'_>,
+    endpoints: &impl Endpoints,
+) -> Result<(), Refusal> {
+    let key = endpoints.publish_key();
+    let jwt = endpoints.authenticator();
+    if key.is_none() && jwt.is_none() {
+        return Ok(());
+    }
+    // The key's checks also judge the shape of the credentials (one `Bearer` b64token).
+    let credentials = match key {
+        Some(key) => key.check(request.authorization, request.authorization_repeated),
+        None => PublishKey::shape(request.authorization, request.authorization_repeated),
+    };
+    match credentials {
+        Credentials::Valid => Ok(()),
+        Credentials::Missing => Err(Refusal::Unauthorized),
+        Credentials::Malformed => Err(Refusal::InvalidRequest),
+        Credentials::Wrong => {
+            let (Some(jwt), Some(token)) = (jwt, request.authorization.and_then(bearer_token)) else {
+                return Err(Refusal::InvalidToken);
+            };
+            match jwt.verify(token) {
+                Ok(identity) if identity.grants.may_publish(topic) => Ok(()),
+                Ok(_) => Err(Refusal::ForbiddenTopic),
+                Err(_) => Err(Refusal::InvalidToken),
+            }
+        }
+    }
+}
+
+/// The token of a `Bearer` credential, as text.
+fn bearer_token(authorization: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(crate::proto::http1::trim_ows(authorization)).ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Parses and admits a plain request for `route` (see [`parse_plain_request`] and [`admit`]).
@@ -427,6 +471,9 @@ mod tests {
         }
         fn publish_key(&self) -> Option<&PublishKey> {
             self.key.as_ref()
+        }
+        fn authenticator(&self) -> Option<&Authenticator> {
+            None
         }
     }
 

@@ -54,6 +54,13 @@ impl PublishKey {
         Ok(PublishKey(key.into()))
     }
 
+    /// Judges only the shape of a request's `Authorization` credentials, for when no key is
+    /// configured (a JWT may still be): well-formed bearer credentials come back `Wrong`, meaning
+    /// "not a key; look further".
+    pub fn shape(authorization: Option<&[u8]>, repeated: bool) -> Credentials {
+        PublishKey(Box::default()).check(authorization, repeated)
+    }
+
     /// Judges the values of a request's `Authorization` headers (`None`: no such header;
     /// `repeated`: more than one).
     pub fn check(&self, authorization: Option<&[u8]>, repeated: bool) -> Credentials {

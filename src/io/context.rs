@@ -101,6 +101,10 @@ impl Endpoints for WorkerContext {
     fn publish_key(&self) -> Option<&PublishKey> {
         self.publish_key.as_ref()
     }
+
+    fn authenticator(&self) -> Option<&Authenticator> {
+        self.auth.enabled().then_some(&*self.auth)
+    }
 }
 
 #[cfg(test)]

@@ -216,11 +216,13 @@ pub enum HttpRefusal {
     Unauthorized,
     /// Malformed bearer credentials (400).
     InvalidRequest,
-    /// A wrong key (401).
+    /// A wrong key, or a JWT that is not valid (401).
     InvalidToken,
+    /// A valid JWT without publish rights on the topic (403).
+    ForbiddenTopic,
 }
 
-const HTTP_REFUSALS: usize = 10;
+const HTTP_REFUSALS: usize = 11;
 
 impl HttpRefusal {
     /// Every reason, in table order.
@@ -235,6 +237,7 @@ impl HttpRefusal {
         HttpRefusal::Unauthorized,
         HttpRefusal::InvalidRequest,
         HttpRefusal::InvalidToken,
+        HttpRefusal::ForbiddenTopic,
     ];
 
     /// A stable label: the `reason` of `ringgate_http_refusals_total`.
@@ -250,6 +253,7 @@ impl HttpRefusal {
             HttpRefusal::Unauthorized => "unauthorized",
             HttpRefusal::InvalidRequest => "invalid_request",
             HttpRefusal::InvalidToken => "invalid_token",
+            HttpRefusal::ForbiddenTopic => "forbidden_topic",
         }
     }
 

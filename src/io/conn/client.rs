@@ -734,6 +734,9 @@ impl Client {
                             RouteLabel::Echo
                         }
                         Session::PubSub(_) if !self.may_publish => {
+                            // Received all the same: counted as such, then refused.
+                            let wire = self.assembler.compressed_len().unwrap_or(inflated);
+                            stats.messages_in(RouteLabel::PubSub, 1, wire as u64);
                             add(&stats.refused_publishes, 1);
                             if cx.ctx.refused_publish == RefusedPublish::Close {
                                 self.start_closing(CloseCode::POLICY_VIOLATION, "publish not permitted", cx);
