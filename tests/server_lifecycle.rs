@@ -193,7 +193,10 @@ fn draining_stops_accepting_and_drops_unfinished_handshakes() {
     loop {
         match std::net::TcpStream::connect_timeout(&server.addr(), wire::IO_TIMEOUT) {
             Err(error) => {
-                assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+                // Refused once the listeners are gone; reset when the SYN was queued on a listener
+                // that closed under it (seen once in CI).
+                let kind = error.kind();
+                assert!(matches!(kind, ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset), "{error}");
                 break;
             }
             Ok(mut stream) => {
