@@ -13,6 +13,8 @@
 //! - `exp` is required (a token that never expires is refused), `nbf` is checked when present,
 //!   `iss` and `aud` when configured; 5 s of clock skew are allowed.
 //!
+//! Signatures are checked by jsonwebtoken on aws-lc-rs (Cargo.toml says why that backend).
+//!
 //! Must never: log a token, accept a token whose signature was not checked, or let a route
 //! configured `required` through without one.
 
