@@ -663,7 +663,7 @@ fn one_slow_consumer_closed_counts_exactly_one_close() {
     // One worker: a publish's reply then counts the frames queued, not handed to another worker.
     let server = Server::start(&["--max-backpressure", "64KiB", "--workers", "1"]);
     let mut meter = Meter::new(&server);
-    let mut slow = slow_subscriber(server.addr(), "firehose");
+    let mut slow = wire::slow_subscriber(server.addr(), "firehose");
     let mut http = HttpConn::connect(server.addr());
     let mut published = 0;
     let mut delivered = 0;
@@ -714,21 +714,10 @@ fn one_slow_consumer_closed_counts_exactly_one_close() {
     );
 }
 
-/// A subscriber with a tiny receive buffer that does not read.
-fn slow_subscriber(addr: SocketAddr, topic: &str) -> Client {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(2048).expect("SO_RCVBUF");
-    socket.connect_timeout(&addr.into(), wire::IO_TIMEOUT).expect("connect");
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(wire::IO_TIMEOUT)).expect("read timeout");
-    stream.write_all(wire::upgrade_request(&format!("/pubsub/{topic}"), "").as_bytes()).expect("upgrade");
-    Client::finish_upgrade(stream)
-}
-
 #[test]
 fn with_the_drop_policy_every_frame_is_either_delivered_or_dropped() {
     let server = Server::start(&["--max-backpressure", "64KiB", "--slow-consumer", "drop", "--workers", "1"]);
-    let _slow = slow_subscriber(server.addr(), "firehose");
+    let _slow = wire::slow_subscriber(server.addr(), "firehose");
     let mut http = HttpConn::connect(server.addr());
     assert_eq!(http.publish("/publish/firehose", None, b"first").subscribers, 1);
     let mut meter = Meter::over(

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -239,20 +238,6 @@ fn pubsub_echo_delivers_a_publishers_own_messages_too() {
 // ---------------------------------------------------------------------------------------------
 // Slow consumers
 
-/// A subscriber with a tiny receive buffer that will not read: the kernel's buffers between it
-/// and the server fill quickly, so the server's own queue for it grows.
-fn slow_subscriber(addr: SocketAddr, topic: &str) -> Client {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    // Before connecting, so that the window advertised in the handshake is small too.
-    socket.set_recv_buffer_size(2048).expect("SO_RCVBUF");
-    socket.connect_timeout(&addr.into(), wire::IO_TIMEOUT).expect("connect");
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(wire::IO_TIMEOUT)).expect("read timeout");
-    stream.set_write_timeout(Some(wire::IO_TIMEOUT)).expect("write timeout");
-    stream.write_all(wire::upgrade_request(&format!("/pubsub/{topic}"), "").as_bytes()).expect("upgrade");
-    Client::finish_upgrade(stream)
-}
-
 const SLOW_PAYLOAD: usize = 1024;
 
 /// A 1 KiB binary message carrying `seq` in its first 4 bytes.
@@ -340,7 +325,7 @@ fn slow_consumer_counter(exposition: &prom::Exposition, what: &str) -> f64 {
 #[test]
 fn a_subscriber_that_does_not_read_is_closed_with_1008_and_the_others_get_everything() {
     let server = Server::start(&["--max-backpressure", "64KiB"]);
-    let mut slow = slow_subscriber(server.addr(), "firehose");
+    let mut slow = wire::slow_subscriber(server.addr(), "firehose");
     let readers = Readers::start(server.addr(), "firehose", 3);
     let mut http = HttpConn::connect(server.addr());
     wait_for_subscribers(&mut http, "firehose", 4);
@@ -403,7 +388,7 @@ fn a_subscriber_that_does_not_read_is_closed_with_1008_and_the_others_get_everyt
 #[test]
 fn with_the_drop_policy_a_slow_subscriber_misses_messages_but_stays_connected() {
     let server = Server::start(&["--max-backpressure", "64KiB", "--slow-consumer", "drop"]);
-    let mut slow = slow_subscriber(server.addr(), "firehose");
+    let mut slow = wire::slow_subscriber(server.addr(), "firehose");
     let readers = Readers::start(server.addr(), "firehose", 3);
     let mut http = HttpConn::connect(server.addr());
     let mut metrics = HttpConn::connect(server.addr());

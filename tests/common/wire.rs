@@ -205,6 +205,20 @@ pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (HttpResponse,
     (response, client)
 }
 
+/// A pub/sub subscriber on `topic` with a tiny receive buffer that will not read: the kernel's
+/// buffers between it and the server fill quickly, so the server's own queue for it grows.
+pub fn slow_subscriber(addr: SocketAddr, topic: &str) -> Client {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    // Before connecting, so that the window advertised in the handshake is small too.
+    socket.set_recv_buffer_size(2048).expect("SO_RCVBUF");
+    socket.connect_timeout(&addr.into(), IO_TIMEOUT).expect("connect");
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("write timeout");
+    stream.write_all(upgrade_request(&format!("/pubsub/{topic}"), "").as_bytes()).expect("upgrade");
+    Client::finish_upgrade(stream)
+}
+
 /// An upgraded connection driven frame by frame.
 pub struct Client {
     pub stream: TcpStream,
