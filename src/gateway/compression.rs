@@ -191,7 +191,7 @@ impl Compressor {
         scratch.clear();
         if conn.dedicated {
             if conn.own.is_none() {
-                gauge_deflaters(&self.stats, 1);
+                self.stats.compression.deflaters_add(1);
             }
             let own = conn
                 .own
@@ -240,8 +240,8 @@ impl Compressor {
 
     /// A connection that compressed with its own compressor leaves: its gauge comes down.
     pub fn release(&self, conn: &ConnDeflate) {
-        if conn.own.is_some() {
-            gauge_deflaters(&self.stats, -1);
+        if conn.holds_deflater() {
+            self.stats.compression.deflaters_add(-1);
         }
     }
 
@@ -252,10 +252,6 @@ impl Compressor {
         deflater.compress(payload, out);
         add(&self.stats.compression.runs, 1);
     }
-}
-
-fn gauge_deflaters(stats: &WorkerStats, delta: i64) {
-    stats.compression.deflaters_add(delta);
 }
 
 fn release_if_large(scratch: &mut Vec<u8>) {

@@ -462,9 +462,7 @@ impl Client {
             if self.token_expires == 0 {
                 return idle_deadline;
             }
-            // Re-read every day at most: the worker's clock counts milliseconds in 32 bits.
-            let left = u64::from(self.token_expires).saturating_sub(unix_now()).min(86_400);
-            idle_deadline.earliest(cx.now.after(std::time::Duration::from_secs(left)))
+            idle_deadline.earliest(super::token_deadline(u64::from(self.token_expires), cx))
         } else {
             self.deadline
         }
@@ -786,17 +784,8 @@ impl Client {
                 }
             }
         }
-        self.count_inflater(cx);
+        super::count_inflater(&self.assembler, &mut self.inflater_counted, cx);
         if matches!(self.phase, Phase::Open | Phase::Closing) { at } else { buf.len() }
-    }
-
-    /// Keeps the worker's gauge of per-connection decompressors in step with this connection.
-    fn count_inflater(&mut self, cx: &Cx<'_>) {
-        let holds = self.assembler.holds_inflater();
-        if holds != self.inflater_counted {
-            self.inflater_counted = holds;
-            cx.ctx.stats.compression.inflaters_add(if holds { 1 } else { -1 });
-        }
     }
 
     fn send_close(&mut self, code: CloseCode, reason: &str, cx: &Cx<'_>) {

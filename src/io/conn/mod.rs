@@ -32,6 +32,23 @@ pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// How long we keep reading after our FIN, so the peer reads our last bytes before the socket goes.
 pub const LINGER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Keeps the worker's gauge of per-connection decompressors in step with one side's assembler;
+/// `counted` is that side's record of whether it is in the gauge.
+fn count_inflater(assembler: &crate::proto::message::Assembler, counted: &mut bool, cx: &Cx<'_>) {
+    let holds = assembler.holds_inflater();
+    if holds != *counted {
+        *counted = holds;
+        cx.ctx.stats.compression.inflaters_add(if holds { 1 } else { -1 });
+    }
+}
+
+/// When a connection whose token expires at `expires` (Unix seconds) must next look at it: then,
+/// or in a day at most, since the worker's clock counts milliseconds in 32 bits.
+fn token_deadline(expires: u64, cx: &Cx<'_>) -> Millis {
+    let left = expires.saturating_sub(crate::gateway::auth::unix_now()).min(86_400);
+    cx.now.after(std::time::Duration::from_secs(left))
+}
+
 /// What a machine is lent for one call.
 pub struct Cx<'a> {
     /// The worker's shared state.

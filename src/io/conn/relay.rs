@@ -180,15 +180,6 @@ impl Hop {
         compressor.write_message(&mut self.out, kind, payload, self.deflate.as_mut(), mask)
     }
 
-    /// Keeps the worker's gauge of per-connection decompressors in step with this hop.
-    fn count_inflater(&mut self, cx: &Cx<'_>) {
-        let holds = self.assembler.holds_inflater();
-        if holds != self.inflater_counted {
-            self.inflater_counted = holds;
-            cx.ctx.stats.compression.inflaters_add(if holds { 1 } else { -1 });
-        }
-    }
-
     fn queued(&self) -> usize {
         self.out.len() + self.in_flight
     }
@@ -663,11 +654,8 @@ impl Relay {
             let idle = cx.ctx.idle_timeout;
             self.last_activity.after(if self.ping_sent { idle } else { idle / 2 })
         });
-        // Re-read every day at most: the worker's clock counts milliseconds in 32 bits.
-        let expiry = (relaying && self.token_expires != 0).then(|| {
-            let left = self.token_expires.saturating_sub(unix_now()).min(86_400);
-            cx.now.after(std::time::Duration::from_secs(left))
-        });
+        let expiry =
+            (relaying && self.token_expires != 0).then(|| super::token_deadline(self.token_expires, cx));
         self.hops
             .iter()
             .filter_map(|h| h.deadline)
@@ -850,7 +838,7 @@ impl Relay {
                 }
             }
         }
-        me.count_inflater(cx);
+        super::count_inflater(&me.assembler, &mut me.inflater_counted, cx);
         if relayed && side == UPSTREAM {
             self.last_activity = cx.now;
         }
