@@ -841,9 +841,61 @@ fn every_token_refusal_and_token_event_counts_once() {
 }
 
 #[test]
+fn every_rate_limit_trip_and_address_refusal_counts_once() {
+    let server = Server::start(&["--max-message-rate", "2", "--max-conns-per-ip", "3"]);
+    let mut meter = Meter::new(&server);
+
+    // Three messages in one write against two a second: two echoed, the third closes (1008).
+    let mut client = Client::connect(server.addr(), "/echo");
+    let frames: Vec<u8> = (0..3).flat_map(|_| wire::masked(TEXT, b"12345")).collect();
+    client.send_raw(&frames);
+    client.expect_frame(TEXT, b"12345");
+    client.expect_frame(TEXT, b"12345");
+    assert_eq!(client.read_frame().close_code(), Some(1008));
+    client.send(CLOSE, &wire::close_body(1008, b""));
+    client.expect_eof();
+    meter.expect(
+        "a message over the rate",
+        &[
+            ("ringgate_connections_accepted_total", &[], 1.0),
+            ("ringgate_handshakes_completed_total", &[], 1.0),
+            ("ringgate_messages_received_total", &[("route", "echo")], 3.0),
+            ("ringgate_payload_received_bytes_total", &[("route", "echo")], 15.0),
+            ("ringgate_messages_sent_total", &[("route", "echo")], 2.0),
+            ("ringgate_payload_sent_bytes_total", &[("route", "echo")], 10.0),
+            ("ringgate_rate_limited_messages_total", &[("limit", "message_rate")], 1.0),
+            ("ringgate_rate_limit_closes_total", &[("limit", "message_rate")], 1.0),
+            ("ringgate_close_frames_sent_total", &[("code", "1008")], 1.0),
+            ("ringgate_close_frames_received_total", &[("code", "1008")], 1.0),
+        ],
+    );
+
+    // The meter holds one connection from 127.0.0.1; two more fill the address's cap of three
+    // once the closed one has left (the gateway lingers until the client's side closes too).
+    drop(client);
+    let deadline = Instant::now() + SETTLE;
+    while meter.scrape().sum("ringgate_connections_open") > 1.0 {
+        assert!(Instant::now() < deadline, "the closed connection did not leave");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let held: Vec<Client> = (0..2).map(|_| Client::connect(server.addr(), "/echo")).collect();
+    let (refusal, _) = wire::upgrade_with(server.addr(), "/echo", "");
+    assert_eq!(refusal.status, 429);
+    meter.expect(
+        "a connection over the address's cap",
+        &[
+            ("ringgate_connections_accepted_total", &[], 3.0),
+            ("ringgate_handshakes_completed_total", &[], 2.0),
+            ("ringgate_address_refusals_total", &[("reason", "conns_per_ip")], 1.0),
+        ],
+    );
+    drop(held);
+}
+
+#[test]
 fn every_counter_family_is_audited_here() {
     // A new counter family must get its step in this file: the list below is what is audited.
-    const AUDITED: [&str; 33] = [
+    const AUDITED: [&str; 36] = [
         "ringgate_connections_accepted_total",
         "ringgate_connections_rejected_total",
         "ringgate_handshakes_completed_total",
@@ -877,6 +929,9 @@ fn every_counter_family_is_audited_here() {
         "ringgate_auth_failures_total",
         "ringgate_auth_refused_publishes_total",
         "ringgate_auth_token_expiries_total",
+        "ringgate_rate_limited_messages_total",
+        "ringgate_rate_limit_closes_total",
+        "ringgate_address_refusals_total",
     ];
     let (server, _upstream) = gateway();
     let exposition = prom::scrape(&mut HttpConn::connect(server.addr()), "/metrics");

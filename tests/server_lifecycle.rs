@@ -55,6 +55,24 @@ fn a_client_that_answers_pings_stays_connected_past_the_idle_timeout() {
     }
 }
 
+/// A read that ends a long quiet spell counts from when it arrived, not from when the worker
+/// went to sleep: the worker waits until its next timer (here the keepalive ping, due 1 s after
+/// the upgrade), and a message 0.9 s into that wait moves the ping to 1.9 s. Stamped with the
+/// time before the wait, it left the ping due at 1 s, 0.1 s after the message.
+#[test]
+fn a_message_after_a_quiet_spell_restarts_the_idle_clock_from_its_arrival() {
+    let server = Server::start(&["--idle-timeout", "2s"]);
+    let mut client = server.raw_client();
+    std::thread::sleep(Duration::from_millis(900));
+    client.send(TEXT, b"late");
+    client.expect_frame(TEXT, b"late");
+    client.stream.set_read_timeout(Some(Duration::from_millis(600))).expect("read timeout");
+    match client.try_read_frame() {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("nothing was due for 0.6 s after the message, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_client_that_keeps_talking_is_never_pinged() {
     let server = Server::start(&["--idle-timeout", "1s"]);

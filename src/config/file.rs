@@ -19,6 +19,7 @@ use crate::gateway::auth::{AuthMode, RefusedPublish};
 use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
+use crate::gateway::rate_limit::RateLimitAction;
 
 /// The whole file. Sections mirror `--help`'s groups.
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +29,8 @@ pub struct FileConfig {
     server: ServerSection,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    rate_limits: RateLimitsSection,
     #[serde(default)]
     websocket: WebSocketSection,
     #[serde(default)]
@@ -96,6 +99,16 @@ struct LimitsSection {
     handshake_timeout: Option<Seconds>,
     idle_timeout: Option<Seconds>,
     upstream_timeout: Option<Seconds>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitsSection {
+    max_message_rate: Option<u32>,
+    max_byte_rate: Option<Size>,
+    action: Option<RateLimitAction>,
+    max_conns_per_ip: Option<u32>,
+    max_conn_rate_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,7 +221,18 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, http, proxy } = self;
+        let FileConfig {
+            server,
+            limits,
+            rate_limits,
+            websocket,
+            pubsub,
+            routes,
+            compression,
+            auth,
+            http,
+            proxy,
+        } = self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -232,6 +256,11 @@ impl FileConfig {
         take!("handshake_timeout", limits.handshake_timeout.map(|d| d.0), config.handshake_timeout);
         take!("idle_timeout", limits.idle_timeout.map(|d| d.0), config.idle_timeout);
         take!("upstream_timeout", limits.upstream_timeout.map(|d| d.0), config.upstream_timeout);
+        take!("max_message_rate", rate_limits.max_message_rate, config.max_message_rate);
+        take!("max_byte_rate", rate_limits.max_byte_rate.map(|s| s.0), config.max_byte_rate);
+        take!("rate_limit_action", rate_limits.action, config.rate_limit_action);
+        take!("max_conns_per_ip", rate_limits.max_conns_per_ip, config.max_conns_per_ip);
+        take!("max_conn_rate_per_ip", rate_limits.max_conn_rate_per_ip, config.max_conn_rate_per_ip);
         take!("allowed_origins", websocket.allowed_origins, config.allowed_origins);
         take!("publish_key_file", http.publish_key_file.map(Some), config.publish_key_file);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);

@@ -15,11 +15,13 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
+use crate::gateway::address_limits::AddressLimitSettings;
 use crate::gateway::auth::{AuthMode, AuthSettings, RefusedPublish};
 use crate::gateway::compression::{CompressionMode, CompressionSettings};
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::SlowConsumerPolicy;
+use crate::gateway::rate_limit::{MessageRates, RateLimitAction};
 use crate::gateway::router::Router;
 
 /// ringgate: an io_uring WebSocket gateway.
@@ -233,6 +235,34 @@ pub struct Config {
     #[arg(long, value_name = "NAME", default_value = "X-Ringgate-Sub")]
     pub upstream_subject_header: String,
 
+    /// Messages per second one client may send (Pings and Pongs included), as a bucket of one
+    /// second's worth: a client at or under the rate never trips it; one over it gets
+    /// --rate-limit-action once the second's allowance is spent. 0: unlimited.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_message_rate: u32,
+
+    /// Payload bytes per second one client may send (after decompression), as a bucket of one
+    /// second's worth; a larger message passes on a full bucket and leaves it in debt. Accepts B,
+    /// KiB, MiB, GiB suffixes; 0: unlimited.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
+    pub max_byte_rate: usize,
+
+    /// What a client over --max-message-rate or --max-byte-rate gets: `close` (1008 "rate limit
+    /// exceeded") or `drop` (each message over the rate is discarded, counted in /metrics).
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "close")]
+    pub rate_limit_action: RateLimitAction,
+
+    /// Connections one address (IPv4, or IPv6 /64) may hold open at once, all workers together;
+    /// excess ones get 429. 0: unlimited. Behind a load balancer every client shares its address:
+    /// leave it off there.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conns_per_ip: u32,
+
+    /// New connections one address may open per second (a bucket of one second's worth); excess
+    /// ones get 429. 0: unlimited.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conn_rate_per_ip: u32,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
@@ -340,6 +370,23 @@ impl Config {
             min_size: self.compression_min_size,
             window_bits: self.compression_window_bits,
             upstream: self.upstream_compression,
+        }
+    }
+
+    /// The per-connection rates every worker enforces.
+    pub fn message_rates(&self) -> MessageRates {
+        MessageRates {
+            messages_per_second: self.max_message_rate,
+            bytes_per_second: self.max_byte_rate as u64,
+            action: self.rate_limit_action,
+        }
+    }
+
+    /// The per-address limits, for the process-wide table.
+    pub fn address_limit_settings(&self) -> AddressLimitSettings {
+        AddressLimitSettings {
+            max_conns_per_ip: self.max_conns_per_ip,
+            max_conn_rate_per_ip: self.max_conn_rate_per_ip,
         }
     }
 

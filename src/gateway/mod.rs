@@ -4,6 +4,7 @@
 //! messages as borrowed slices and gives it an [`Outbox`] to answer through. Must never: import
 //! `crate::io`, block, or keep a borrowed payload beyond the call.
 
+pub mod address_limits;
 pub mod auth;
 pub mod compression;
 pub mod cors;
@@ -12,6 +13,7 @@ pub mod http;
 pub mod proxy;
 pub mod publish_key;
 pub mod pubsub;
+pub mod rate_limit;
 pub mod router;
 
 use crate::proto::message::MessageKind;

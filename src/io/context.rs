@@ -10,14 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use crate::gateway::address_limits::AddressLimits;
 use crate::gateway::auth::{Authenticator, RefusedPublish, RouteAuth};
 use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::Broker;
+use crate::gateway::rate_limit::MessageRates;
 use crate::gateway::router::Router;
-use crate::metrics::{ProcessInfo, WorkerStats, process_rss_bytes, render_prometheus, render_upstreams};
+use crate::metrics::{
+    ProcessInfo, WorkerStats, process_rss_bytes, render_address_table, render_prometheus, render_upstreams,
+};
 use crate::proto::handshake::StaticPolicy;
 use crate::proto::message::{Limits, MessageKind};
 
@@ -72,6 +76,11 @@ pub struct WorkerContext {
     pub refused_publish: RefusedPublish,
     /// The header carrying a verified token's `sub` to proxy upstreams.
     pub subject_header: Arc<str>,
+    /// What each client may send per second.
+    pub rates: MessageRates,
+    /// Per-address connection counts, shared by every worker; `None` when no per-address limit
+    /// is configured.
+    pub address_limits: Option<Arc<AddressLimits>>,
 }
 
 impl Endpoints for WorkerContext {
@@ -88,6 +97,9 @@ impl Endpoints for WorkerContext {
         };
         render_prometheus(out, &self.all_stats, &process);
         render_upstreams(out, &self.proxies.labels());
+        if let Some(limits) = &self.address_limits {
+            render_address_table(out, limits.tracked_addresses());
+        }
     }
 
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
@@ -151,6 +163,8 @@ impl WorkerContext {
             route_auth: RouteAuth::default(),
             refused_publish: RefusedPublish::Close,
             subject_header: Arc::from("X-Ringgate-Sub"),
+            rates: MessageRates::default(),
+            address_limits: None,
         }
     }
 }

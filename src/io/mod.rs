@@ -39,6 +39,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, IoChoice};
+use crate::gateway::address_limits::AddressLimits;
 use crate::gateway::auth::{Authenticator, KeyError, RouteAuth};
 use crate::gateway::compression::Compressor;
 use crate::gateway::proxy::ProxyPool;
@@ -210,6 +211,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
     let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
+    let address_limits = AddressLimits::new(config.address_limit_settings()).map(Arc::new);
     let mut wakes = Vec::with_capacity(workers);
     for ((index, listeners), deliveries) in listeners.into_iter().enumerate().zip(deliveries) {
         let wake = WakeFd::new().map_err(StartError::Thread)?;
@@ -221,6 +223,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             open_connections: Arc::clone(&open_connections),
             hub: Arc::clone(&hub),
             proxies: Arc::clone(&proxies),
+            address_limits: address_limits.clone(),
         };
         let context = context_builder(config, index, shared);
         let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
@@ -391,6 +394,7 @@ struct Shared {
     open_connections: Arc<AtomicUsize>,
     hub: Arc<Hub>,
     proxies: Arc<ProxyPool>,
+    address_limits: Option<Arc<AddressLimits>>,
 }
 
 fn context_builder(
@@ -419,6 +423,7 @@ fn context_builder(
     let subject_header: Arc<str> = Arc::from(config.upstream_subject_header.as_str());
     let upstream_timeout = config.upstream_timeout;
     let max_conns = config.max_conns;
+    let rates = config.message_rates();
     Box::new(move |io_backend| {
         let stats = Arc::clone(&shared.stats[worker]);
         let compressor = Rc::new(Compressor::new(compression, Arc::clone(&stats)));
@@ -454,6 +459,8 @@ fn context_builder(
             route_auth,
             refused_publish,
             subject_header,
+            rates,
+            address_limits: shared.address_limits,
         }
     })
 }

@@ -35,6 +35,7 @@ use super::driver::timer::{self, Wheel};
 use super::outgoing::Outgoing;
 use super::token::{Op, Side, Token};
 use super::wake::WakeFd;
+use crate::gateway::address_limits::AddressTicket;
 use crate::gateway::pubsub::Delivery;
 use crate::metrics::add;
 
@@ -137,6 +138,9 @@ struct Entry {
     upstream: Option<Box<UpstreamIo>>,
     /// The deadline the timer wheel holds an entry for.
     scheduled: Option<Millis>,
+    /// The connection's claim on its address's slot (`--max-conns-per-ip`), given back when it
+    /// closes. 4 bytes that the entry's alignment left unused.
+    address: Option<AddressTicket>,
 }
 
 impl Entry {
@@ -284,7 +288,18 @@ impl State {
             let _ = done.send(self.index);
         }
         let timeout = self.timeout();
-        if let Err(error) = backend.wait(timeout, &mut |event| self.on_event(event)) {
+        // The events of this turn happened after the wait, which may have lasted until the next
+        // timer: the clock is read again at the first of them, or a read after a long quiet spell
+        // would be stamped with the time before it (an idle deadline early by the whole wait, a
+        // rate bucket not refilled for it).
+        let mut stamped = false;
+        let waited = backend.wait(timeout, &mut |event| {
+            if !std::mem::replace(&mut stamped, true) {
+                self.now = self.clock.now();
+            }
+            self.on_event(event);
+        });
+        if let Err(error) = waited {
             warn!(%error, worker = self.index, "waiting for I/O failed; retrying");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -456,26 +471,46 @@ impl State {
             set_nodelay(fd);
             let peer = || None;
             let cx = Self::cx(ctx, self.now, Token(0), &peer);
+            let mut address = None;
             let machine = if open_before >= ctx.max_conns {
                 add(&ctx.stats.connections_rejected, 1);
                 Machine::over_capacity(&cx)
+            } else if let Some(limits) = &ctx.address_limits
+                && let Some(ip) = peer_ip(fd)
+            {
+                match limits.admit(ip, limits.now_ms()) {
+                    Ok(ticket) => {
+                        address = ticket;
+                        Machine::accepted(&cx)
+                    }
+                    Err(refusal) => {
+                        ctx.stats.address_refused(refusal);
+                        Machine::over_address_limit(refusal, &cx)
+                    }
+                }
             } else {
                 Machine::accepted(&cx)
             };
-            let entry = Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None };
+            let entry =
+                Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None, address };
             let (slot, generation) = self.slab.insert(entry);
             if let Err(error) = backend.attach(fd, owner_token(slot, generation)) {
                 warn!(%error, "cannot watch an accepted socket");
-                self.slab.remove(slot, generation);
+                let address = self.slab.remove(slot, generation).and_then(|entry| entry.address);
                 backend.close(fd);
-                self.forget_connection();
+                self.forget_connection(address);
                 continue;
             }
             self.dirty.push((slot, generation));
         }
     }
 
-    fn forget_connection(&self) {
+    /// A connection left the slab: it no longer counts against `--max-conns`, nor against its
+    /// address's `--max-conns-per-ip`.
+    fn forget_connection(&self, address: Option<AddressTicket>) {
+        if let (Some(ticket), Some(limits)) = (address, &self.ctx.address_limits) {
+            limits.release(ticket, limits.now_ms());
+        }
         self.ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
@@ -715,8 +750,8 @@ impl State {
         let upstream_closed = entry.upstream.as_ref().is_none_or(|u| u.io.has(CLOSED));
         if entry.machine.is_done() && entry.client.has(CLOSED) && upstream_closed {
             entry.machine.finish(&cx);
-            self.slab.remove(slot, generation);
-            self.forget_connection();
+            let address = self.slab.remove(slot, generation).and_then(|entry| entry.address);
+            self.forget_connection(address);
             return;
         }
         let deadline = entry.machine.deadline(&cx);
@@ -743,7 +778,8 @@ mod tests {
     /// point to the connection's permessage-deflate inflate state: null unless a compressed message
     /// is being inflated (216 -> 224 bytes in the session that added it); the client machine's
     /// 16-byte send-side agreement (window, mode, and dedicated mode's compressor pointer, null
-    /// until used) took it to 240; a JWT's expiry and publish permission to 248.
+    /// until used) took it to 240; a JWT's expiry and publish permission to 248. The address
+    /// ticket of `--max-conns-per-ip` (4 bytes) took padding the entry had anyway.
     #[test]
     fn an_entry_fits_the_idle_memory_budget() {
         assert_eq!(std::mem::size_of::<SocketIo>(), 12);

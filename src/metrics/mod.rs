@@ -14,10 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 pub use prometheus::{
-    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_prometheus, render_upstreams,
+    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_address_table, render_prometheus,
+    render_upstreams,
 };
 
+use crate::gateway::address_limits::AddressRefusal;
 use crate::gateway::auth::AuthFailure;
+use crate::gateway::rate_limit::RateLimit;
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::HandshakeError;
 
@@ -336,7 +339,17 @@ pub struct WorkerStats {
     pub refused_publishes: AtomicU64,
     /// Connections closed (3000) because their token expired while they were connected.
     pub token_expiries: AtomicU64,
+    /// Messages over a connection's rate, by limit (`RateLimit` order): dropped, or the one that
+    /// closed its connection.
+    rate_limited_messages: [AtomicU64; RATE_LIMITS],
+    /// Connections closed (1008) for going over a rate, by limit.
+    rate_limit_closes: [AtomicU64; RATE_LIMITS],
+    /// Connections refused (429) for their address, by reason (`AddressRefusal` order).
+    address_refusals: [AtomicU64; ADDRESS_REFUSALS],
 }
+
+const RATE_LIMITS: usize = RateLimit::ALL.len();
+const ADDRESS_REFUSALS: usize = AddressRefusal::ALL.len();
 
 const AUTH_FAILURE_KINDS: usize = AuthFailure::ALL.len();
 
@@ -506,6 +519,19 @@ impl WorkerStats {
     #[inline]
     pub fn http_request(&self, endpoint: HttpEndpoint, status: u16) {
         add(&self.http_requests[endpoint.index()][status_class_slot(status)], 1);
+    }
+
+    /// Counts a message over a connection's `limit`, and the connection's close if it `closed`.
+    pub fn rate_limited(&self, limit: RateLimit, closed: bool) {
+        add(&self.rate_limited_messages[limit.index()], 1);
+        if closed {
+            add(&self.rate_limit_closes[limit.index()], 1);
+        }
+    }
+
+    /// Counts a connection refused (429) for its address.
+    pub fn address_refused(&self, why: AddressRefusal) {
+        add(&self.address_refusals[why.index()], 1);
     }
 
     /// Counts a plain HTTP request refused for `reason` (its status counts in

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::{
-    ALL_HANDSHAKE_FAILURES, CLOSE_CODE_SLOTS, HttpEndpoint, HttpRefusal, RouteLabel, STATUS_CLASSES,
-    WorkerStats, close_code_label, status_class_label,
+    ALL_HANDSHAKE_FAILURES, AddressRefusal, CLOSE_CODE_SLOTS, HttpEndpoint, HttpRefusal, RateLimit,
+    RouteLabel, STATUS_CLASSES, WorkerStats, close_code_label, status_class_label,
 };
 
 /// The `Content-Type` of a response carrying [`render_prometheus`] output; scrapers pick their
@@ -281,6 +281,54 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
     }
     render_compression(out, workers);
     render_auth(out, workers);
+    render_rate_limits(out, workers);
+}
+
+/// The rate-limit families: messages over a connection's rates, the closes they caused, and
+/// connections refused for their address.
+fn render_rate_limits(out: &mut String, workers: &[Arc<WorkerStats>]) {
+    use Kind::Counter;
+    let sum = |pick: &dyn Fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| load(pick(w))).sum::<u64>();
+    let mut limited = family(
+        out,
+        "ringgate_rate_limited_messages_total",
+        Counter,
+        "Messages (Pings and Pongs included) over their connection's --max-message-rate or \
+         --max-byte-rate: dropped, or the one that closed the connection.",
+    );
+    for limit in RateLimit::ALL {
+        limited.sample(&[("limit", limit.label())], sum(&|w| &w.rate_limited_messages[limit.index()]));
+    }
+    let mut closes = family(
+        out,
+        "ringgate_rate_limit_closes_total",
+        Counter,
+        "Connections closed with 1008 for going over a rate (--rate-limit-action close), by limit.",
+    );
+    for limit in RateLimit::ALL {
+        closes.sample(&[("limit", limit.label())], sum(&|w| &w.rate_limit_closes[limit.index()]));
+    }
+    let mut refusals = family(
+        out,
+        "ringgate_address_refusals_total",
+        Counter,
+        "Connections refused with 429 for their address: it held --max-conns-per-ip connections \
+         (conns_per_ip) or opened --max-conn-rate-per-ip in the last second (conn_rate_per_ip).",
+    );
+    for why in AddressRefusal::ALL {
+        refusals.sample(&[("reason", why.label())], sum(&|w| &w.address_refusals[why.index()]));
+    }
+}
+
+/// The per-address table's size, when a per-address limit is configured.
+pub fn render_address_table(out: &mut String, tracked_addresses: usize) {
+    family(
+        out,
+        "ringgate_tracked_addresses",
+        Kind::Gauge,
+        "Addresses (IPv4, or IPv6 /64) the per-address limits hold counts for (about 60 bytes each).",
+    )
+    .sample(&[], tracked_addresses as u64);
 }
 
 /// The JWT families: refusals by reason, refused publishes, expiries while connected.
@@ -630,6 +678,9 @@ mod tests {
             ("ringgate_auth_failures_total", Counter),
             ("ringgate_auth_refused_publishes_total", Counter),
             ("ringgate_auth_token_expiries_total", Counter),
+            ("ringgate_rate_limited_messages_total", Counter),
+            ("ringgate_rate_limit_closes_total", Counter),
+            ("ringgate_address_refusals_total", Counter),
         ]
     }
 
@@ -705,6 +756,9 @@ mod tests {
         w1.http_refused(HttpRefusal::TooLarge);
         w0.http_refused(HttpRefusal::InvalidToken);
         w1.http_refused(HttpRefusal::InvalidToken);
+        w0.rate_limited(RateLimit::Messages, false);
+        w1.rate_limited(RateLimit::Messages, true);
+        w1.address_refused(AddressRefusal::TooManyConnections);
         workers
     }
 
@@ -755,6 +809,8 @@ mod tests {
         assert_eq!(count("ringgate_close_frames_sent_total"), CLOSE_CODE_SLOTS);
         assert_eq!(count("ringgate_http_requests_total"), HttpEndpoint::ALL.len() * STATUS_CLASSES);
         assert_eq!(count("ringgate_http_refusals_total"), HttpRefusal::ALL.len());
+        assert_eq!(count("ringgate_rate_limited_messages_total"), RateLimit::ALL.len());
+        assert_eq!(count("ringgate_address_refusals_total"), AddressRefusal::ALL.len());
         for family in exposition.families.values() {
             let mut seen = HashSet::new();
             for sample in family.iter_samples() {
@@ -806,6 +862,11 @@ mod tests {
         assert_eq!(v("ringgate_http_requests_total", &http("healthz", "2xx")), 0.0);
         assert_eq!(v("ringgate_http_refusals_total", &[("reason", "too_large")]), 1.0);
         assert_eq!(v("ringgate_http_refusals_total", &[("reason", "invalid_token")]), 2.0);
+        assert_eq!(v("ringgate_rate_limited_messages_total", &[("limit", "message_rate")]), 2.0);
+        assert_eq!(v("ringgate_rate_limited_messages_total", &[("limit", "byte_rate")]), 0.0);
+        assert_eq!(v("ringgate_rate_limit_closes_total", &[("limit", "message_rate")]), 1.0);
+        assert_eq!(v("ringgate_address_refusals_total", &[("reason", "conns_per_ip")]), 1.0);
+        assert_eq!(v("ringgate_address_refusals_total", &[("reason", "conn_rate_per_ip")]), 0.0);
         assert_eq!(v("ringgate_http_refusals_total", &[("reason", "forbidden_origin")]), 0.0);
         assert_eq!(v("ringgate_process_resident_memory_bytes", &[]), f64::from(12 << 20));
         assert_eq!(v("ringgate_process_start_time_seconds", &[]), 1_700_000_000.25);
@@ -850,6 +911,8 @@ mod tests {
             worker.auth_failed(crate::gateway::auth::AuthFailure::Missing);
             add(&worker.refused_publishes, 1);
             add(&worker.token_expiries, 1);
+            worker.rate_limited(RateLimit::Bytes, true);
+            worker.address_refused(AddressRefusal::TooManyNewConnections);
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
             worker.queue_bytes_sub(10);

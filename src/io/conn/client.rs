@@ -20,12 +20,13 @@ use std::net::IpAddr;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
+use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT, OverRate};
 use crate::gateway::auth::{AuthFailure, RefusedPublish, TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::http;
 use crate::gateway::proxy::UpstreamRequest;
 use crate::gateway::pubsub::{Subscriber, Subscription, split_frame};
+use crate::gateway::rate_limit::MessageBudget;
 use crate::gateway::router::Route;
 use crate::gateway::{Outbox, echo};
 use crate::io::buffers::process_after_tail;
@@ -112,6 +113,17 @@ enum Session {
     Proxy(Box<UpstreamRequest>),
 }
 
+impl Session {
+    /// The route whose counters a received message goes to, while messages are taken.
+    fn route_label(&self) -> Option<RouteLabel> {
+        match self {
+            Session::Echo => Some(RouteLabel::Echo),
+            Session::PubSub(_) => Some(RouteLabel::PubSub),
+            Session::None | Session::Proxy(_) => None,
+        }
+    }
+}
+
 /// One send carries at most this many bytes of queued frames (a single larger frame goes alone).
 const COALESCE_LIMIT: usize = 64 * 1024;
 /// Queued frames totalling at most this many bytes are copied behind our own frames into one
@@ -182,6 +194,15 @@ fn compress_each(
     (!staged.is_empty()).then(|| Outgoing::staged(staged))
 }
 
+/// Charges a message or control frame of `cost` payload bytes to a client's rates, while it is
+/// open and a rate is configured (otherwise everything passes without a look at the budget).
+fn charge_open(budget: &mut MessageBudget, phase: Phase, cost: usize, cx: &Cx<'_>) -> Result<(), OverRate> {
+    if phase != Phase::Open || !cx.ctx.rates.is_enabled() {
+        return Ok(());
+    }
+    super::charge(budget, cost, cx)
+}
+
 /// What a relay takes over from a client whose request routed to a proxy.
 pub struct Handoff {
     /// The upstream request, copied out of the client's.
@@ -206,13 +227,18 @@ pub struct Client {
     /// The client keeps its compression context and this connection holds a decompressor for it
     /// (counted in the worker's `compression.inflaters` gauge).
     inflater_counted: bool,
-    /// How much of `tail` has been searched for the end of the request headers.
-    header_scanned: u32,
+    /// How much of `tail` has been searched for the end of the request headers (2 bytes: a
+    /// header section is refused past `max_header_bytes`, 8 KiB; a longer buffer would only be
+    /// searched again from 64 KiB, which is correct, and cannot happen before the refusal).
+    header_scanned: u16,
     /// Bytes handed to the backend and not yet reported sent.
     in_flight_bytes: u32,
     last_activity: Millis,
     /// The deadline outside the `Open` phase (in it, idleness decides).
     deadline: Millis,
+    /// What the client may still send this second (`--max-message-rate`, `--max-byte-rate`),
+    /// refilled on each read from the time since `last_activity`.
+    budget: MessageBudget,
     session: Session,
     /// permessage-deflate, when agreed: how messages to this client are compressed.
     deflate: Option<ConnDeflate>,
@@ -237,6 +263,7 @@ impl Client {
             in_flight_bytes: 0,
             last_activity: cx.now,
             deadline: cx.now.after(cx.ctx.handshake_timeout),
+            budget: MessageBudget::full(&cx.ctx.rates),
             session: Session::None,
             deflate: None,
             assembler: Assembler::new(Role::Server, cx.ctx.limits),
@@ -245,23 +272,23 @@ impl Client {
         }
     }
 
-    /// A connection over `--max-conns`: a 503, then FIN, without reading its request.
-    pub fn over_capacity(cx: &Cx<'_>) -> Client {
+    /// A connection refused at accept (over `--max-conns`, or its address's limits): `status`
+    /// with `Retry-After: 1`, then FIN, without reading its request.
+    pub fn refused(status: u16, body: &str, cx: &Cx<'_>) -> Client {
         let mut client = Client::new(cx);
         client.phase = Phase::Flushing;
         client.deadline = cx.now.after(LINGER_TIMEOUT);
-        write_error_response(
-            &mut client.out.staging,
-            503,
-            &[("Retry-After", "1")],
-            "the gateway is at its connection limit; retry shortly\n",
-        );
+        write_error_response(&mut client.out.staging, status, &[("Retry-After", "1")], body);
         client
     }
 
     /// Bytes arrived.
     pub fn handle_data(&mut self, data: &mut [u8], cx: &Cx<'_>) {
         add(&cx.ctx.stats.bytes_in, data.len() as u64);
+        if self.phase == Phase::Open && cx.ctx.rates.is_enabled() {
+            let elapsed = self.last_activity.until(cx.now).as_millis() as u32;
+            self.budget.refill(elapsed, &cx.ctx.rates);
+        }
         self.last_activity = cx.now;
         self.ping_sent = false;
         if self.phase == Phase::Done {
@@ -542,8 +569,8 @@ impl Client {
     fn process_request(&mut self, buf: &[u8], cx: &Cx<'_>) -> usize {
         let ctx = cx.ctx;
         let max = ctx.max_header_bytes;
-        let Some(head_end) = find_header_end(buf, self.header_scanned as usize) else {
-            self.header_scanned = buf.len().min(u32::MAX as usize) as u32;
+        let Some(head_end) = find_header_end(buf, usize::from(self.header_scanned)) else {
+            self.header_scanned = buf.len().min(usize::from(u16::MAX)) as u16;
             if buf.len() >= max {
                 self.refuse_handshake(HandshakeError::HeadersTooLarge, cx);
                 return buf.len();
@@ -718,6 +745,15 @@ impl Client {
             match event {
                 Event::Message { kind, payload } => {
                     let inflated = payload.len();
+                    if let Some(route) = self.session.route_label()
+                        && let Err(over) = charge_open(&mut self.budget, self.phase, inflated, cx)
+                    {
+                        // Received all the same: counted as such, then dropped (or closed on).
+                        let wire = self.assembler.compressed_len().unwrap_or(inflated);
+                        stats.messages_in(route, 1, wire as u64);
+                        self.over_rate(over, cx);
+                        continue;
+                    }
                     let route = match &self.session {
                         Session::Echo => {
                             match self.deflate.as_mut() {
@@ -757,12 +793,16 @@ impl Client {
                     };
                     stats.messages_in(route, 1, wire as u64);
                 }
-                Event::Ping(payload) => {
-                    if self.phase == Phase::Open {
-                        self.out.control(OpCode::Pong, payload);
+                Event::Ping(payload) => match charge_open(&mut self.budget, self.phase, payload.len(), cx) {
+                    Ok(()) if self.phase == Phase::Open => self.out.control(OpCode::Pong, payload),
+                    Ok(()) => {}
+                    Err(over) => self.over_rate(over, cx),
+                },
+                Event::Pong(payload) => {
+                    if let Err(over) = charge_open(&mut self.budget, self.phase, payload.len(), cx) {
+                        self.over_rate(over, cx);
                     }
                 }
-                Event::Pong(_) => {}
                 Event::Close(frame) => {
                     let code = frame.map(|f| f.code);
                     if let Some(code) = code {
@@ -786,6 +826,14 @@ impl Client {
         }
         super::count_inflater(&self.assembler, &mut self.inflater_counted, cx);
         if matches!(self.phase, Phase::Open | Phase::Closing) { at } else { buf.len() }
+    }
+
+    /// The client went over a rate: with `--rate-limit-action close` the connection closes (1008);
+    /// with `drop` the message is discarded, and nothing more happens.
+    fn over_rate(&mut self, over: OverRate, cx: &Cx<'_>) {
+        if over == OverRate::Close {
+            self.start_closing(CloseCode::POLICY_VIOLATION, "rate limit exceeded", cx);
+        }
     }
 
     fn send_close(&mut self, code: CloseCode, reason: &str, cx: &Cx<'_>) {
@@ -854,8 +902,10 @@ mod tests {
     /// `Vec`), the unfinished-bytes tail and the staging buffer (empty `Vec`s: no allocation while
     /// idle), the session (a subscription is two `Rc`s), the permessage-deflate send agreement (16
     /// bytes: a null pointer unless dedicated mode compressed for it, the window and the mode),
-    /// two 4-byte clocks, two 4-byte counts, the token's expiry (4 bytes of Unix seconds: with the
-    /// publish-permission flag it took the struct from 208 to 216) and six flags.
+    /// two 4-byte clocks, a 4-byte and a 2-byte count, the token's expiry (4 bytes of Unix seconds:
+    /// with the publish-permission flag it took the struct from 208 to 216), six flags, and the
+    /// rate-limit budget (8 bytes: two `f32` buckets; narrowing the header-search offset from 4
+    /// bytes to 2 let it fit in the alignment padding, so the struct stayed at 216).
     #[test]
     fn a_client_fits_the_idle_memory_budget() {
         let size = std::mem::size_of::<Client>();

@@ -26,6 +26,8 @@ use super::clock::Millis;
 use super::context::WorkerContext;
 use super::outgoing::Outgoing;
 use super::token::Side;
+use crate::gateway::address_limits::AddressRefusal;
+use crate::gateway::rate_limit::{MessageBudget, RateLimitAction};
 
 /// How long we wait for the peer's Close after sending ours.
 pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -47,6 +49,27 @@ fn count_inflater(assembler: &crate::proto::message::Assembler, counted: &mut bo
 fn token_deadline(expires: u64, cx: &Cx<'_>) -> Millis {
     let left = expires.saturating_sub(crate::gateway::auth::unix_now()).min(86_400);
     cx.now.after(std::time::Duration::from_secs(left))
+}
+
+/// What a client over one of its rates gets (`--rate-limit-action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OverRate {
+    /// The message is discarded.
+    Drop,
+    /// The connection closes with 1008.
+    Close,
+}
+
+/// Charges a client's message or control frame of `cost` payload bytes to its `budget`; one
+/// over a rate is counted, and the caller drops it or closes as the answer says.
+fn charge(budget: &mut MessageBudget, cost: usize, cx: &Cx<'_>) -> Result<(), OverRate> {
+    let rates = &cx.ctx.rates;
+    let Err(limit) = budget.spend(cost, rates) else {
+        return Ok(());
+    };
+    let close = rates.action == RateLimitAction::Close;
+    cx.ctx.stats.rate_limited(limit, close);
+    Err(if close { OverRate::Close } else { OverRate::Drop })
 }
 
 /// What a machine is lent for one call.
@@ -82,7 +105,18 @@ impl Machine {
 
     /// A connection over `--max-conns`: answered 503 without reading its request.
     pub fn over_capacity(cx: &Cx<'_>) -> Machine {
-        Machine::Client(Client::over_capacity(cx))
+        let body = "the gateway is at its connection limit; retry shortly\n";
+        Machine::Client(Client::refused(503, body, cx))
+    }
+
+    /// A connection over its address's limits: answered 429 (RFC 6585) without reading its
+    /// request.
+    pub fn over_address_limit(refusal: AddressRefusal, cx: &Cx<'_>) -> Machine {
+        let body = match refusal {
+            AddressRefusal::TooManyConnections => "too many connections from this address\n",
+            AddressRefusal::TooManyNewConnections => "too many new connections from this address\n",
+        };
+        Machine::Client(Client::refused(429, body, cx))
     }
 
     /// Bytes arrived on `side`, in a buffer the backend lends: processed in place.

@@ -19,10 +19,11 @@ use std::sync::OnceLock;
 use tracing::debug;
 
 use super::client::Handoff;
-use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT};
+use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT, OverRate};
 use crate::gateway::auth::{TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
 use crate::gateway::proxy::{ProxyRoute, UpstreamRequest};
+use crate::gateway::rate_limit::MessageBudget;
 use crate::io::buffers::process_after_tail;
 use crate::io::clock::Millis;
 use crate::io::outgoing::Outgoing;
@@ -217,6 +218,10 @@ pub struct Relay {
     client_error: Option<(CloseCode, &'static str)>,
     /// When the client's token expires (Unix seconds; 0: no token): both hops close then.
     token_expires: u64,
+    /// What the client may still send this second (`--max-message-rate`, `--max-byte-rate`).
+    budget: MessageBudget,
+    /// When `budget` was last refilled.
+    refilled: Millis,
 }
 
 impl Relay {
@@ -233,6 +238,8 @@ impl Relay {
             ping_sent: false,
             client_error: None,
             token_expires: request.token_expires,
+            budget: MessageBudget::full(&cx.ctx.rates),
+            refilled: cx.now,
         };
         relay.hops[CLIENT].tail = early;
         let Some(pool_route) = cx.ctx.proxies.route(route) else {
@@ -771,15 +778,25 @@ impl Relay {
 
     /// Feeds a hop's frames to its assembler: messages go to the other hop, pings are answered here.
     fn process_frames(&mut self, side: usize, buf: &mut [u8], cx: &Cx<'_>) -> usize {
+        if side == CLIENT && cx.ctx.rates.is_enabled() {
+            let elapsed = self.refilled.until(cx.now).as_millis() as u32;
+            self.budget.refill(elapsed, &cx.ctx.rates);
+            self.refilled = cx.now;
+        }
         let mut at = 0;
         let (me, other) = {
             let [client, upstream] = &mut self.hops;
             if side == CLIENT { (client, upstream) } else { (upstream, client) }
         };
         let rng = &mut self.rng;
+        let rates = &cx.ctx.rates;
+        // The client's messages are charged to its rates; the upstream's are not limited.
+        let mut budget = (side == CLIENT && rates.is_enabled()).then_some(&mut self.budget);
         // A Close received, copied out of the assembler: code and reason (or none).
         let mut close: Option<Option<(CloseCode, [u8; 125], usize)>> = None;
-        let mut protocol_error = None;
+        // The peer broke the protocol, or the client went over a rate: the code and reason it
+        // gets, and the reason the other side is told.
+        let mut fault: Option<(CloseCode, &'static str, &'static str)> = None;
         let mut relayed = false;
         // Messages (and payload bytes) of this read, for the proxy route's counters.
         let (mut messages, mut payload_bytes) = (0u64, 0u64);
@@ -787,7 +804,10 @@ impl Relay {
             let progress = match me.assembler.feed(&mut buf[at..]) {
                 Ok(progress) => progress,
                 Err(error) => {
-                    protocol_error = Some(error);
+                    debug!(side, %error, "relay protocol error");
+                    let told =
+                        if side == CLIENT { "client protocol error" } else { "upstream protocol error" };
+                    fault = Some((error.close_code(), error.reason(), told));
                     at = buf.len();
                     break;
                 }
@@ -799,9 +819,47 @@ impl Relay {
                 }
                 continue;
             };
+            let control = match &event {
+                Event::Ping(payload) | Event::Pong(payload) => Some(payload.len()),
+                _ => None,
+            };
+            if let Some(cost) = control
+                && me.phase == HopPhase::Open
+                && let Some(budget) = budget.as_deref_mut()
+                && let Err(over) = super::charge(budget, cost, cx)
+            {
+                if over == OverRate::Close {
+                    fault = Some((
+                        CloseCode::POLICY_VIOLATION,
+                        "rate limit exceeded",
+                        "client rate limit exceeded",
+                    ));
+                    at = buf.len();
+                    break;
+                }
+                continue;
+            }
             match event {
                 Event::Message { kind, payload } => {
                     let inflated = payload.len();
+                    if me.phase == HopPhase::Open
+                        && let Some(budget) = budget.as_deref_mut()
+                        && let Err(over) = super::charge(budget, inflated, cx)
+                    {
+                        // Received all the same (counted as such), and not relayed.
+                        messages += 1;
+                        payload_bytes += me.assembler.compressed_len().unwrap_or(inflated) as u64;
+                        if over == OverRate::Close {
+                            fault = Some((
+                                CloseCode::POLICY_VIOLATION,
+                                "rate limit exceeded",
+                                "client rate limit exceeded",
+                            ));
+                            at = buf.len();
+                            break;
+                        }
+                        continue;
+                    }
                     if other.takes_messages() {
                         let sent = other.push_message(rng, &cx.ctx.compressor, kind, payload);
                         relayed = true;
@@ -850,27 +908,26 @@ impl Relay {
                 stats.messages_out(RouteLabel::Proxy, messages, payload_bytes);
             }
         }
-        if let Some(error) = protocol_error {
-            debug!(side, %error, "relay protocol error");
+        if let Some((code, reason, told)) = fault {
             if side == CLIENT && self.hops[UPSTREAM].takes_messages() {
-                self.client_error = Some((error.close_code(), error.reason()));
-                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, "client protocol error", cx);
+                self.client_error = Some((code, reason));
+                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, told, cx);
                 return buf.len();
             }
             let me = &mut self.hops[side];
             let rng = &mut self.rng;
             if !me.close_sent {
-                push_close(&mut me.out, me.role, rng, Some((error.close_code(), error.reason())));
+                push_close(&mut me.out, me.role, rng, Some((code, reason)));
                 me.close_sent = true;
                 if side == CLIENT {
-                    cx.ctx.stats.close_sent(error.close_code());
+                    cx.ctx.stats.close_sent(code);
                 }
             }
             self.start_flushing(side, cx);
             if side == CLIENT {
-                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, "client protocol error", cx);
+                self.start_closing(UPSTREAM, CloseCode::GOING_AWAY, told, cx);
             } else {
-                self.start_closing(CLIENT, CloseCode::BAD_GATEWAY, "upstream protocol error", cx);
+                self.start_closing(CLIENT, CloseCode::BAD_GATEWAY, told, cx);
             }
             return buf.len();
         }
