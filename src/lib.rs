@@ -13,3 +13,4 @@ pub mod gateway;
 pub mod io;
 pub mod metrics;
 pub mod proto;
+pub mod tls;

@@ -892,10 +892,115 @@ fn every_rate_limit_trip_and_address_refusal_counts_once() {
     drop(held);
 }
 
+/// A stream that counts the bytes that cross it, to know exactly what TLS put on the wire.
+struct Counting {
+    inner: TcpStream,
+    read: usize,
+    written: usize,
+}
+
+impl Read for Counting {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n;
+        Ok(n)
+    }
+}
+
+impl Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn every_tls_handshake_failure_and_record_byte_counts_once() {
+    let dir = common::tls::temp_dir("audit-tls");
+    let ca = common::tls::TestCa::new("audit CA");
+    let leaf = ca.leaf(&dir, "localhost", &["localhost"]);
+    let tls_port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let file = dir.join("audit.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:{tls_port}\"\n\
+             tls_cert = [\"{}\"]\ntls_key = [\"{}\"]\n",
+            leaf.cert_path.display(),
+            leaf.key_path.display()
+        ),
+    )
+    .expect("write the configuration");
+    // The meter scrapes the plain listener (the first); the TLS one is the second.
+    let server = Server::start_configured(&[], |command| {
+        let args: Vec<std::ffi::OsString> = command.get_args().map(|a| a.to_os_string()).collect();
+        let mut fresh = std::process::Command::new(command.get_program());
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "--listen" {
+                args.next();
+            } else {
+                fresh.arg(arg);
+            }
+        }
+        fresh.arg("--config").arg(&file);
+        *command = fresh;
+    });
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let mut meter = Meter::new(&server);
+
+    // One request over TLS 1.3: one handshake, and the record bytes the client saw, both ways.
+    let tcp = TcpStream::connect(tls_addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(ca.client_config(&[]), name).expect("client");
+    let mut stream = rustls::StreamOwned::new(conn, Counting { inner: tcp, read: 0, written: 0 });
+    let answer =
+        common::tls::exchange(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(answer.status, 200);
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest); // close_notify, then EOF
+    let (read, written) = (stream.sock.read as f64, stream.sock.written as f64);
+    drop(stream);
+    meter.expect(
+        "a request over TLS",
+        &[
+            ("ringgate_connections_accepted_total", &[], 1.0),
+            ("ringgate_tls_handshakes_total", &[("version", "1.3")], 1.0),
+            ("ringgate_tls_bytes_total", &[("direction", "in")], written),
+            ("ringgate_tls_bytes_total", &[("direction", "out")], read),
+            ("ringgate_http_requests_total", &[("endpoint", "healthz"), ("status", "2xx")], 1.0),
+        ],
+    );
+
+    // Plaintext on the TLS port: refused as not TLS, with rustls' alert, then closed.
+    let mut plain = TcpStream::connect(tls_addr).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    plain.write_all(request).expect("send");
+    let mut alert = Vec::new();
+    let _ = plain.read_to_end(&mut alert);
+    meter.expect(
+        "plaintext on a TLS port",
+        &[
+            ("ringgate_connections_accepted_total", &[], 1.0),
+            ("ringgate_tls_handshake_failures_total", &[("reason", "not_tls")], 1.0),
+            ("ringgate_tls_bytes_total", &[("direction", "in")], request.len() as f64),
+            ("ringgate_tls_bytes_total", &[("direction", "out")], alert.len() as f64),
+            ("ringgate_handshake_failures_total", &[("reason", "disconnected")], 1.0),
+        ],
+    );
+}
+
 #[test]
 fn every_counter_family_is_audited_here() {
     // A new counter family must get its step in this file: the list below is what is audited.
-    const AUDITED: [&str; 36] = [
+    const AUDITED: [&str; 39] = [
         "ringgate_connections_accepted_total",
         "ringgate_connections_rejected_total",
         "ringgate_handshakes_completed_total",
@@ -932,6 +1037,9 @@ fn every_counter_family_is_audited_here() {
         "ringgate_rate_limited_messages_total",
         "ringgate_rate_limit_closes_total",
         "ringgate_address_refusals_total",
+        "ringgate_tls_handshakes_total",
+        "ringgate_tls_handshake_failures_total",
+        "ringgate_tls_bytes_total",
     ];
     let (server, _upstream) = gateway();
     let exposition = prom::scrape(&mut HttpConn::connect(server.addr()), "/metrics");

@@ -20,6 +20,7 @@ use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
 use crate::gateway::rate_limit::RateLimitAction;
+use crate::tls::certs::CertKeyPaths;
 
 /// The whole file. Sections mirror `--help`'s groups.
 #[derive(Debug, Default, Deserialize)]
@@ -43,8 +44,32 @@ pub struct FileConfig {
     auth: AuthSection,
     #[serde(default)]
     http: HttpSection,
+    #[serde(default)]
+    tls: TlsSection,
+    /// `[[listener]]` tables: one per listening address, each with its own TLS (or none).
+    listener: Option<Vec<ListenerSection>>,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
+}
+
+/// Certificates shared by every `[server] listen` address (the file's --tls-cert/--tls-key).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: Option<Vec<PathBuf>>,
+    key: Option<Vec<PathBuf>>,
+}
+
+/// One listener with its own certificates: `tls_cert` and `tls_key` pair up in order; none
+/// makes it plain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    address: SocketAddr,
+    #[serde(default)]
+    tls_cert: Vec<PathBuf>,
+    #[serde(default)]
+    tls_key: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,7 +240,23 @@ enum NumberOrText {
 impl FileConfig {
     /// Parses the file's text; errors name the key and the line.
     pub fn parse(text: &str) -> Result<FileConfig, String> {
-        toml::from_str(text).map_err(|error| error.to_string())
+        let file: FileConfig = toml::from_str(text).map_err(|error| error.to_string())?;
+        for listener in file.listener.iter().flatten() {
+            if listener.tls_cert.len() != listener.tls_key.len() {
+                return Err(format!(
+                    "[[listener]] {}: tls_cert and tls_key come in pairs ({} certificates, {} keys)",
+                    listener.address,
+                    listener.tls_cert.len(),
+                    listener.tls_key.len()
+                ));
+            }
+        }
+        if file.listener.is_some() && file.server.listen.is_some() {
+            return Err(
+                "give the listening addresses either as [server] listen or as [[listener]] tables".into()
+            );
+        }
+        Ok(file)
     }
 
     /// Copies every value the file sets into `config`, except those whose flag was given on the
@@ -231,6 +272,8 @@ impl FileConfig {
             compression,
             auth,
             http,
+            tls,
+            listener,
             proxy,
         } = self;
         macro_rules! take {
@@ -243,6 +286,25 @@ impl FileConfig {
             };
         }
         take!("listen", server.listen, config.listen);
+        take!("tls_certs", tls.cert, config.tls_certs);
+        take!("tls_keys", tls.key, config.tls_keys);
+        if let Some(listeners) = listener
+            && !from_command_line("listen")
+        {
+            config.listen = listeners.iter().map(|l| l.address).collect();
+            config.listener_tls = Some(
+                listeners
+                    .into_iter()
+                    .map(|l| {
+                        l.tls_cert
+                            .into_iter()
+                            .zip(l.tls_key)
+                            .map(|(cert, key)| CertKeyPaths { cert, key })
+                            .collect()
+                    })
+                    .collect(),
+            );
+        }
         take!("workers", server.workers.map(Some), config.workers);
         take!("io", server.io, config.io);
         take!("coalesce_wait", server.coalesce_wait.map(|d| d.0), config.coalesce_wait);

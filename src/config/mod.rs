@@ -10,6 +10,7 @@ mod file;
 pub use file::FileConfig;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -23,6 +24,7 @@ use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::SlowConsumerPolicy;
 use crate::gateway::rate_limit::{MessageRates, RateLimitAction};
 use crate::gateway::router::Router;
+use crate::tls::certs::CertKeyPaths;
 
 /// ringgate: an io_uring WebSocket gateway.
 ///
@@ -46,6 +48,21 @@ pub struct Config {
     /// Address to listen on; repeat for several. Port 0 picks a free port (printed at start).
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: Vec<SocketAddr>,
+
+    /// PEM certificate chain, leaf first (repeatable, paired in order with --tls-key): makes every
+    /// --listen address TLS (wss://, https://). With several, the client's SNI picks the first
+    /// that covers the name it asks for; the first is the default. Reloaded on SIGHUP.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub tls_certs: Vec<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the --tls-cert at the same position.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub tls_keys: Vec<PathBuf>,
+
+    /// Per listener, from the file's `[[listener]]` tables: its own certificates (none: plain).
+    /// `None` when the listeners are the --listen addresses, all sharing --tls-cert.
+    #[arg(skip)]
+    pub listener_tls: Option<Vec<Vec<CertKeyPaths>>>,
 
     /// Worker threads, each with its own io_uring and listener [default: number of cores].
     #[arg(long, value_name = "N")]
@@ -373,6 +390,27 @@ impl Config {
         }
     }
 
+    /// Every listener and its certificates (empty: plain), in `listen` order.
+    pub fn listeners(&self) -> Vec<(SocketAddr, Vec<CertKeyPaths>)> {
+        let shared: Vec<CertKeyPaths> = self
+            .tls_certs
+            .iter()
+            .zip(&self.tls_keys)
+            .map(|(cert, key)| CertKeyPaths { cert: cert.clone(), key: key.clone() })
+            .collect();
+        self.listen
+            .iter()
+            .enumerate()
+            .map(|(index, &addr)| {
+                let tls = match &self.listener_tls {
+                    Some(per_listener) => per_listener.get(index).cloned().unwrap_or_default(),
+                    None => shared.clone(),
+                };
+                (addr, tls)
+            })
+            .collect()
+    }
+
     /// The per-connection rates every worker enforces.
     pub fn message_rates(&self) -> MessageRates {
         MessageRates {
@@ -430,6 +468,13 @@ impl Config {
         }
         if self.max_conns == 0 {
             return fail("--max-conns must be at least 1".into());
+        }
+        if self.tls_certs.len() != self.tls_keys.len() {
+            return fail(format!(
+                "--tls-cert and --tls-key come in pairs: {} certificates, {} keys",
+                self.tls_certs.len(),
+                self.tls_keys.len()
+            ));
         }
         if self.coalesce_wait > Duration::from_millis(10) {
             return fail(format!(

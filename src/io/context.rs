@@ -24,6 +24,7 @@ use crate::metrics::{
 };
 use crate::proto::handshake::StaticPolicy;
 use crate::proto::message::{Limits, MessageKind};
+use crate::tls::TlsTerminator;
 
 /// A worker's shared state.
 pub struct WorkerContext {
@@ -81,6 +82,8 @@ pub struct WorkerContext {
     /// Per-address connection counts, shared by every worker; `None` when no per-address limit
     /// is configured.
     pub address_limits: Option<Arc<AddressLimits>>,
+    /// Each listener's TLS (`None`: plain), by listener index.
+    pub listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
 }
 
 impl Endpoints for WorkerContext {
@@ -165,6 +168,7 @@ impl WorkerContext {
             subject_header: Arc::from("X-Ringgate-Sub"),
             rates: MessageRates::default(),
             address_limits: None,
+            listener_tls: Arc::from(Vec::new()),
         }
     }
 }

@@ -20,6 +20,7 @@ mod outgoing;
 mod process;
 pub mod sockopt;
 pub mod stamp;
+mod tls;
 mod token;
 mod wake;
 mod worker;
@@ -47,6 +48,8 @@ use crate::gateway::pubsub::{Broker, BrokerSettings, Hub};
 use crate::metrics::{WorkerStats, totals};
 use crate::proto::handshake::{DEFAULT_MAX_HEADER_BYTES, StaticPolicy};
 use crate::proto::message::Limits;
+use crate::tls::TlsTerminator;
+use crate::tls::certs::CertError;
 use context::WorkerContext;
 use worker::WorkerSetup;
 
@@ -70,6 +73,8 @@ pub enum StartError {
     Thread(io::Error),
     /// A JWT key file could not be used.
     Keys(KeyError),
+    /// A TLS certificate or key could not be used.
+    Tls(CertError),
 }
 
 impl fmt::Display for StartError {
@@ -103,6 +108,7 @@ impl fmt::Display for StartError {
             }
             StartError::Thread(error) => write!(f, "cannot start a worker thread: {error}"),
             StartError::Keys(error) => write!(f, "cannot use a JWT key: {error}"),
+            StartError::Tls(error) => write!(f, "cannot use a TLS certificate or key: {error}"),
         }
     }
 }
@@ -202,6 +208,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let kind = choose_backend(config.io, config.coalesce_wait)?;
     let (listeners, bound) = bind_listeners(config, workers)?;
     let auth = Arc::new(Authenticator::load(config.auth_settings()).map_err(StartError::Keys)?);
+    let listener_tls = load_listener_tls(config)?;
 
     process::block_shutdown_signals().map_err(StartError::Thread)?;
     let drain = Arc::new(AtomicBool::new(false));
@@ -224,6 +231,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             hub: Arc::clone(&hub),
             proxies: Arc::clone(&proxies),
             address_limits: address_limits.clone(),
+            listener_tls: Arc::clone(&listener_tls),
         };
         let context = context_builder(config, index, shared);
         let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
@@ -248,6 +256,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             break signal;
         }
         reload_keys(&auth);
+        reload_certificates(&listener_tls);
     };
     info!(signal, drain_timeout = ?config.drain_timeout, "draining: closing every connection with 1001");
     drain.store(true, Ordering::Release);
@@ -262,6 +271,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
                 break signal;
             }
             reload_keys(&auth);
+            reload_certificates(&listener_tls);
         };
         eprintln!("ringgate: second signal ({signal}), exiting without waiting for connections");
         std::process::exit(128 + signal);
@@ -387,6 +397,40 @@ fn reload_keys(auth: &Authenticator) {
     }
 }
 
+/// Each listener's TLS (`None`: plain), in `--listen` order; says in the log which listeners
+/// are TLS and whether the kernel could take the record layer.
+fn load_listener_tls(config: &Config) -> Result<Arc<[Option<Arc<TlsTerminator>>]>, StartError> {
+    let mut all = Vec::new();
+    for (addr, pairs) in config.listeners() {
+        if pairs.is_empty() {
+            all.push(None);
+            continue;
+        }
+        let terminator = TlsTerminator::load(pairs).map_err(StartError::Tls)?;
+        info!(%addr, "TLS listener (TLS 1.2 and 1.3, ALPN http/1.1)");
+        all.push(Some(Arc::new(terminator)));
+    }
+    if all.iter().any(Option::is_some) {
+        if crate::tls::kernel_tls_available() {
+            info!("kernel TLS (the tls ULP) is available, but this version keeps the record layer in rustls");
+        } else {
+            info!("kernel TLS is not available here (no tls ULP): the record layer runs in rustls");
+        }
+    }
+    Ok(all.into())
+}
+
+/// SIGHUP: reads every TLS listener's certificates and keys again; a bad file keeps the ones in
+/// force (and the log says which file).
+fn reload_certificates(listener_tls: &[Option<Arc<TlsTerminator>>]) {
+    for terminator in listener_tls.iter().flatten() {
+        match terminator.reload() {
+            Ok(certificates) => info!(certificates, "SIGHUP: TLS certificates reloaded"),
+            Err(error) => warn!(%error, "SIGHUP: keeping the TLS certificates in force"),
+        }
+    }
+}
+
 /// What all workers share, handed to each worker's context.
 struct Shared {
     auth: Arc<Authenticator>,
@@ -395,6 +439,7 @@ struct Shared {
     hub: Arc<Hub>,
     proxies: Arc<ProxyPool>,
     address_limits: Option<Arc<AddressLimits>>,
+    listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
 }
 
 fn context_builder(
@@ -461,6 +506,7 @@ fn context_builder(
             subject_header,
             rates,
             address_limits: shared.address_limits,
+            listener_tls: shared.listener_tls,
         }
     })
 }

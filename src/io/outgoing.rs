@@ -140,6 +140,19 @@ impl Outgoing {
         }
     }
 
+    /// Calls `each` with every run of bytes still to be written, in order (TLS encrypts them).
+    pub fn for_each_remaining(&self, mut each: impl FnMut(&[u8])) {
+        match &self.payload {
+            Payload::Frames(vectored) => {
+                for (i, frame) in vectored.frames[vectored.first..].iter().enumerate() {
+                    let skip = if i == 0 { self.written.min(frame.len()) } else { 0 };
+                    each(&frame[skip..]);
+                }
+            }
+            _ => each(self.remaining()),
+        }
+    }
+
     /// How many bytes are still to be written.
     pub fn len(&self) -> usize {
         match &self.payload {

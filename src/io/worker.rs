@@ -33,11 +33,13 @@ use super::context::WorkerContext;
 use super::driver::slab::Slab;
 use super::driver::timer::{self, Wheel};
 use super::outgoing::Outgoing;
+use super::tls::{self, TlsSession};
 use super::token::{Op, Side, Token};
 use super::wake::WakeFd;
 use crate::gateway::address_limits::AddressTicket;
 use crate::gateway::pubsub::Delivery;
 use crate::metrics::add;
+use crate::tls::TlsFailure;
 
 /// How long to wait before accepting again after running out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -131,11 +133,21 @@ struct UpstreamIo {
     addr: SockAddr,
 }
 
+/// What only some connections have, boxed together so that a plain connection pays one null
+/// pointer for all of it: a proxied connection's upstream socket, a TLS client's record layer.
+/// The box also keeps the upstream's address where it is while a connect reads it.
+#[derive(Default)]
+struct Extra {
+    upstream: Option<UpstreamIo>,
+    tls: Option<TlsSession>,
+}
+
 /// One slot of the slab: a connection's machine and its sockets.
 struct Entry {
     machine: Machine,
     client: SocketIo,
-    upstream: Option<Box<UpstreamIo>>,
+    /// The upstream and the TLS session, when the connection has either (8 bytes, null if not).
+    extra: Option<Box<Extra>>,
     /// The deadline the timer wheel holds an entry for.
     scheduled: Option<Millis>,
     /// The connection's claim on its address's slot (`--max-conns-per-ip`), given back when it
@@ -144,10 +156,33 @@ struct Entry {
 }
 
 impl Entry {
+    fn upstream(&self) -> Option<&UpstreamIo> {
+        self.extra.as_deref()?.upstream.as_ref()
+    }
+
+    fn upstream_mut(&mut self) -> Option<&mut UpstreamIo> {
+        self.extra.as_deref_mut()?.upstream.as_mut()
+    }
+
+    /// Puts in (or takes out) the upstream socket; the box goes when nothing is left in it.
+    fn set_upstream(&mut self, upstream: Option<UpstreamIo>) {
+        match upstream {
+            Some(upstream) => self.extra.get_or_insert_with(Box::default).upstream = Some(upstream),
+            None => {
+                if let Some(extra) = self.extra.as_deref_mut() {
+                    extra.upstream = None;
+                    if extra.tls.is_none() {
+                        self.extra = None;
+                    }
+                }
+            }
+        }
+    }
+
     fn socket(&mut self, side: Side) -> Option<&mut SocketIo> {
         match side {
             Side::Client => Some(&mut self.client),
-            Side::Upstream => self.upstream.as_deref_mut().map(|u| &mut u.io),
+            Side::Upstream => self.upstream_mut().map(|u| &mut u.io),
         }
     }
 }
@@ -179,8 +214,11 @@ struct State {
     wheel: Wheel,
     /// Entries touched this turn, to be turned into operations.
     dirty: Vec<(u32, u32)>,
-    /// Sockets accepted this turn, to be admitted.
-    accepted: Vec<RawFd>,
+    /// TLS: the plaintext of one read, or of one turn's sends, gathered for a call (lent, never
+    /// kept by a connection).
+    plaintext: Vec<u8>,
+    /// Sockets accepted this turn, with their listener's index, to be admitted.
+    accepted: Vec<(RawFd, usize)>,
     listeners: Vec<TcpListener>,
     /// Per listener: when to start accepting again (after an error), if it is stopped.
     accept_restart: Vec<Option<Millis>>,
@@ -276,6 +314,7 @@ impl State {
             rearms: 0,
             sends: Sends::default(),
             starved: std::collections::VecDeque::new(),
+            plaintext: Vec::new(),
         }
     }
 
@@ -369,11 +408,34 @@ impl State {
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(&self.ctx, self.now, token, &peer);
-        match received {
-            Received::Data(data) => entry.machine.handle_data(side, data, &cx),
-            Received::Eof => entry.machine.handle_eof(side, &cx),
-            Received::Stopped => {}
-            Received::Error(error) => entry.machine.handle_error(side, &error, &cx),
+        let tls = match side {
+            Side::Client => entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut()),
+            Side::Upstream => None,
+        };
+        match (received, tls) {
+            (Received::Data(data), Some(tls)) => {
+                tls_receive(tls, data, &mut entry.machine, &mut self.plaintext, &cx);
+            }
+            (Received::Data(data), None) => entry.machine.handle_data(side, data, &cx),
+            (Received::Eof, tls) => {
+                if let Some(tls) = tls
+                    && !tls.is_established()
+                    && tls.mark_failed()
+                {
+                    self.ctx.stats.tls_failed(TlsFailure::Disconnected);
+                }
+                entry.machine.handle_eof(side, &cx);
+            }
+            (Received::Stopped, _) => {}
+            (Received::Error(error), tls) => {
+                if let Some(tls) = tls
+                    && !tls.is_established()
+                    && tls.mark_failed()
+                {
+                    self.ctx.stats.tls_failed(TlsFailure::Disconnected);
+                }
+                entry.machine.handle_error(side, &error, &cx);
+            }
         }
         self.dirty.push((slot, generation));
     }
@@ -389,7 +451,16 @@ impl State {
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(&self.ctx, self.now, token, &peer);
-        if let Some(rest) = entry.machine.handle_sent(side, result, out, &cx) {
+        let tls = match side {
+            Side::Client => entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut()),
+            Side::Upstream => None,
+        };
+        let rest = match tls {
+            // Ciphertext: the machine hears about its plaintext once all of it is written.
+            Some(tls) => tls_sent(tls, result, out, &mut entry.machine, &cx),
+            None => entry.machine.handle_sent(side, result, out, &cx),
+        };
+        if let Some(rest) = rest {
             let index = self.sends.put(rest);
             if let Some(io) = entry.socket(side) {
                 io.sending = index;
@@ -401,7 +472,7 @@ impl State {
     fn on_connected(&mut self, token: Token, result: io::Result<()>) {
         let (slot, generation) = (token.slot(), token.generation());
         let Some(entry) = self.slab.get_mut(slot, generation) else { return };
-        let Some(upstream) = entry.upstream.as_deref_mut() else { return };
+        let Some(upstream) = entry.upstream_mut() else { return };
         upstream.io.flags &= !CONNECTING;
         if result.is_err() {
             // A failed socket cannot be connected again: it goes, and a retry gets a new one.
@@ -416,7 +487,7 @@ impl State {
 
     fn on_accepted(&mut self, listener: usize, result: io::Result<RawFd>, more: bool) {
         match result {
-            Ok(fd) => self.accepted.push(fd),
+            Ok(fd) => self.accepted.push((fd, listener)),
             Err(error) => {
                 let exhausted = matches!(
                     error.raw_os_error(),
@@ -458,7 +529,7 @@ impl State {
 
     /// Starts serving the sockets accepted this turn, or refusing them when the gateway is full.
     fn admit_accepted<B: Backend>(&mut self, backend: &mut B) {
-        for fd in std::mem::take(&mut self.accepted) {
+        for (fd, listener) in std::mem::take(&mut self.accepted) {
             let ctx = &self.ctx;
             if self.drain_seen {
                 backend.close(fd); // accepted in the last instant: we are draining
@@ -472,27 +543,45 @@ impl State {
             let peer = || None;
             let cx = Self::cx(ctx, self.now, Token(0), &peer);
             let mut address = None;
-            let machine = if open_before >= ctx.max_conns {
+            let tls = ctx.listener_tls.get(listener).and_then(Option::as_ref);
+            let (machine, refused) = if open_before >= ctx.max_conns {
                 add(&ctx.stats.connections_rejected, 1);
-                Machine::over_capacity(&cx)
+                (Machine::over_capacity(&cx), true)
             } else if let Some(limits) = &ctx.address_limits
                 && let Some(ip) = peer_ip(fd)
             {
                 match limits.admit(ip, limits.now_ms()) {
                     Ok(ticket) => {
                         address = ticket;
-                        Machine::accepted(&cx)
+                        (Machine::accepted(&cx), false)
                     }
                     Err(refusal) => {
                         ctx.stats.address_refused(refusal);
-                        Machine::over_address_limit(refusal, &cx)
+                        (Machine::over_address_limit(refusal, &cx), true)
                     }
                 }
             } else {
-                Machine::accepted(&cx)
+                (Machine::accepted(&cx), false)
             };
-            let entry =
-                Entry { machine, client: SocketIo::new(fd), upstream: None, scheduled: None, address };
+            let extra = match tls {
+                // A refusal on a TLS listener is a close: answering it would cost a handshake.
+                Some(_) if refused => {
+                    backend.close(fd);
+                    self.forget_connection(address);
+                    continue;
+                }
+                Some(terminator) => match TlsSession::new(terminator.config()) {
+                    Ok(session) => Some(Box::new(Extra { upstream: None, tls: Some(session) })),
+                    Err(error) => {
+                        warn!(%error, "cannot start a TLS session");
+                        backend.close(fd);
+                        self.forget_connection(address);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let entry = Entry { machine, client: SocketIo::new(fd), extra, scheduled: None, address };
             let (slot, generation) = self.slab.insert(entry);
             if let Err(error) = backend.attach(fd, owner_token(slot, generation)) {
                 warn!(%error, "cannot watch an accepted socket");
@@ -648,16 +737,16 @@ impl State {
 
         // An upstream to connect: a failed socket goes first, then a fresh one is connected.
         for _ in 0..3 {
-            if let Some(upstream) = &entry.upstream
+            if let Some(upstream) = entry.upstream()
                 && upstream.io.has(SHUT)
                 && !upstream.io.busy()
             {
                 if !upstream.io.has(CLOSED) {
                     backend.close(upstream.io.fd);
                 }
-                entry.upstream = None;
+                entry.set_upstream(None);
             }
-            if entry.upstream.is_some() {
+            if entry.upstream().is_some() {
                 break;
             }
             let Some(addr) = entry.machine.poll_connect(&cx) else { break };
@@ -675,11 +764,13 @@ impl State {
             });
             match socket {
                 Ok(up_fd) => {
-                    let mut upstream =
-                        Box::new(UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) });
+                    let mut upstream = UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) };
                     upstream.io.flags |= CONNECTING;
-                    backend.connect(up_fd, up_token, &upstream.addr);
-                    entry.upstream = Some(upstream);
+                    entry.set_upstream(Some(upstream));
+                    // The address is read where it now stays: in the entry's box.
+                    if let Some(upstream) = entry.upstream() {
+                        backend.connect(up_fd, up_token, &upstream.addr);
+                    }
                 }
                 Err(error) => entry.machine.handle_connected(Err(error), &cx),
             }
@@ -701,6 +792,25 @@ impl State {
                     {
                         backend.send(io.fd, sock_token, out);
                         io.flags |= SEND_SUBMITTED;
+                    }
+                } else if side == Side::Client
+                    && let Some(tls) = entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut())
+                {
+                    match tls_transmit(tls, &mut entry.machine, &mut self.plaintext, &cx) {
+                        TlsNext::Send(cipher) => {
+                            let index = self.sends.put(cipher);
+                            if let Some(out) = self.sends.get_mut(index) {
+                                backend.send(entry.client.fd, sock_token, out);
+                            }
+                            entry.client.sending = index;
+                            entry.client.flags |= SEND_SUBMITTED;
+                        }
+                        TlsNext::Fin => shutdown(entry.client.fd, libc::SHUT_WR),
+                        TlsNext::Fail => {
+                            let error = io::Error::new(io::ErrorKind::InvalidData, "TLS session failed");
+                            entry.machine.handle_error(Side::Client, &error, &cx);
+                        }
+                        TlsNext::Idle => {}
                     }
                 } else if let Some(out) = entry.machine.poll_transmit(side, &cx) {
                     let index = self.sends.put(out);
@@ -747,9 +857,17 @@ impl State {
             }
         }
 
-        let upstream_closed = entry.upstream.as_ref().is_none_or(|u| u.io.has(CLOSED));
+        let upstream_closed = entry.upstream().is_none_or(|u| u.io.has(CLOSED));
         if entry.machine.is_done() && entry.client.has(CLOSED) && upstream_closed {
             entry.machine.finish(&cx);
+            if let Some(tls) = entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut())
+                && !tls.is_established()
+                && tls.mark_failed()
+            {
+                // Closed before the handshake finished, with no error or disconnect seen: the
+                // handshake timeout closed it (or draining did).
+                ctx.stats.tls_failed(TlsFailure::Timeout);
+            }
             let address = self.slab.remove(slot, generation).and_then(|entry| entry.address);
             self.forget_connection(address);
             return;
@@ -758,6 +876,148 @@ impl State {
         if entry.scheduled.is_none_or(|at| !at.is_at_or_before(deadline)) {
             entry.scheduled = Some(deadline);
             self.wheel.schedule((slot, generation), deadline);
+        }
+    }
+}
+
+/// The scratch buffer is kept up to this size between calls (a 16 KiB record and change).
+const PLAINTEXT_KEPT: usize = 64 * 1024;
+
+/// Ciphertext arrived on a TLS client socket: decrypted, its plaintext handed to the machine.
+fn tls_receive(
+    tls: &mut TlsSession,
+    data: &mut [u8],
+    machine: &mut Machine,
+    plaintext: &mut Vec<u8>,
+    cx: &Cx<'_>,
+) {
+    let stats = &cx.ctx.stats;
+    add(&stats.tls_bytes_in, data.len() as u64);
+    if tls.closing_on_error {
+        return;
+    }
+    match tls.receive(data, plaintext) {
+        Ok((received, established_now)) => {
+            if established_now && let Some((_, suite)) = tls.negotiated() {
+                stats.tls_established(crate::tls::suite_slot(suite));
+            }
+            if !plaintext.is_empty() {
+                machine.handle_data(Side::Client, plaintext, cx);
+            }
+            if received == tls::Received::PeerClosed {
+                machine.handle_eof(Side::Client, cx);
+            }
+        }
+        Err(error) => {
+            debug!(%error, "TLS error");
+            if !tls.is_established() && tls.mark_failed() {
+                stats.tls_failed(TlsFailure::of(&error));
+            }
+            // The alert goes out first (`tls_transmit`), then the connection closes.
+            tls.closing_on_error = true;
+        }
+    }
+    if plaintext.capacity() > PLAINTEXT_KEPT {
+        *plaintext = Vec::new();
+    }
+}
+
+/// What a TLS client socket does next.
+enum TlsNext {
+    /// Send this ciphertext.
+    Send(Outgoing),
+    /// close_notify is written: send the FIN.
+    Fin,
+    /// The session failed and its alert is written: close the connection.
+    Fail,
+    /// Nothing for now.
+    Idle,
+}
+
+/// What a TLS client socket does next: ciphertext already queued (handshake, alerts) goes first,
+/// else the machine's next send, encrypted in one go; then the FIN after close_notify, or the
+/// close after a failure's alert.
+fn tls_transmit(
+    tls: &mut TlsSession,
+    machine: &mut Machine,
+    plaintext: &mut Vec<u8>,
+    cx: &Cx<'_>,
+) -> TlsNext {
+    if tls.closing_on_error {
+        return match tls.take_outgoing() {
+            Some(alert) => TlsNext::Send(Outgoing::staged(alert)),
+            None => TlsNext::Fail,
+        };
+    }
+    if tls.in_flight.is_none() && !tls.has_outgoing() && tls.is_established() && !tls.fin_pending {
+        if let Some(out) = machine.poll_transmit(Side::Client, cx) {
+            let contiguous = out.remaining();
+            let encrypted = if contiguous.len() == out.len() {
+                tls.encrypt(contiguous)
+            } else {
+                plaintext.clear();
+                out.for_each_remaining(|bytes| plaintext.extend_from_slice(bytes));
+                tls.encrypt(plaintext)
+            };
+            match encrypted {
+                Ok(()) => tls.in_flight = Some(out),
+                Err(error) => {
+                    debug!(%error, "TLS encryption failed");
+                    // Not written: the machine hears so, as of a failed send.
+                    let _ = machine.handle_sent(Side::Client, Err(io::Error::other(error)), out, cx);
+                }
+            }
+            if plaintext.capacity() > PLAINTEXT_KEPT {
+                *plaintext = Vec::new();
+            }
+        } else if machine.poll_fin(Side::Client, cx) {
+            if tls.close_notify().is_err() {
+                return TlsNext::Fin;
+            }
+            tls.fin_pending = true;
+        }
+    }
+    if let Some(cipher) = tls.take_outgoing() {
+        return TlsNext::Send(Outgoing::staged(cipher));
+    }
+    if tls.fin_pending && tls.in_flight.is_none() {
+        tls.fin_pending = false;
+        return TlsNext::Fin;
+    }
+    TlsNext::Idle
+}
+
+/// A send of ciphertext finished: its rest goes first; once all of it is written, the machine is
+/// told its plaintext was sent (or that the send failed).
+fn tls_sent(
+    tls: &mut TlsSession,
+    result: io::Result<usize>,
+    mut cipher: Outgoing,
+    machine: &mut Machine,
+    cx: &Cx<'_>,
+) -> Option<Outgoing> {
+    match result {
+        Ok(written) => {
+            add(&cx.ctx.stats.tls_bytes_out, written as u64);
+            cipher.advance(written);
+            if !cipher.is_empty() {
+                return Some(cipher);
+            }
+            if let Some(plain) = tls.in_flight.take() {
+                let len = plain.len();
+                // All of it was written: the machine has no rest to give back.
+                let _ = machine.handle_sent(Side::Client, Ok(len), plain, cx);
+            }
+            None
+        }
+        Err(error) => {
+            match tls.in_flight.take() {
+                Some(plain) => {
+                    let _ = machine.handle_sent(Side::Client, Err(error), plain, cx);
+                }
+                None => machine.handle_error(Side::Client, &error, cx),
+            }
+            None
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::gateway::auth::AuthFailure;
 use crate::gateway::rate_limit::RateLimit;
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::HandshakeError;
+use crate::tls::TlsFailure;
 
 /// Why a connection never became a WebSocket. Labels for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -346,7 +347,20 @@ pub struct WorkerStats {
     rate_limit_closes: [AtomicU64; RATE_LIMITS],
     /// Connections refused (429) for their address, by reason (`AddressRefusal` order).
     address_refusals: [AtomicU64; ADDRESS_REFUSALS],
+    /// TLS handshakes completed, by the suite agreed (its slot in `tls::cipher_suites`; the slot
+    /// after the last: any other).
+    tls_handshakes: [AtomicU64; TLS_SUITE_SLOTS],
+    /// TLS handshakes that failed, by reason (`TlsFailure` order).
+    tls_failures: [AtomicU64; TLS_FAILURES],
+    /// Ciphertext read from TLS sockets (the `socket_*` counters count their plaintext).
+    pub tls_bytes_in: AtomicU64,
+    /// Ciphertext written to TLS sockets.
+    pub tls_bytes_out: AtomicU64,
 }
+
+/// Room for rustls' default suites and "other" (a test checks that they fit).
+pub const TLS_SUITE_SLOTS: usize = 16;
+const TLS_FAILURES: usize = TlsFailure::ALL.len();
 
 const RATE_LIMITS: usize = RateLimit::ALL.len();
 const ADDRESS_REFUSALS: usize = AddressRefusal::ALL.len();
@@ -527,6 +541,16 @@ impl WorkerStats {
         if closed {
             add(&self.rate_limit_closes[limit.index()], 1);
         }
+    }
+
+    /// Counts a TLS handshake completed with the suite in `slot`.
+    pub fn tls_established(&self, slot: usize) {
+        add(&self.tls_handshakes[slot.min(TLS_SUITE_SLOTS - 1)], 1);
+    }
+
+    /// Counts a TLS handshake that failed.
+    pub fn tls_failed(&self, why: TlsFailure) {
+        add(&self.tls_failures[why.index()], 1);
     }
 
     /// Counts a connection refused (429) for its address.

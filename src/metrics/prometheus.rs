@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::{
     ALL_HANDSHAKE_FAILURES, AddressRefusal, CLOSE_CODE_SLOTS, HttpEndpoint, HttpRefusal, RateLimit,
-    RouteLabel, STATUS_CLASSES, WorkerStats, close_code_label, status_class_label,
+    RouteLabel, STATUS_CLASSES, TLS_SUITE_SLOTS, WorkerStats, close_code_label, status_class_label,
 };
 
 /// The `Content-Type` of a response carrying [`render_prometheus`] output; scrapers pick their
@@ -282,6 +282,44 @@ pub fn render_prometheus(out: &mut String, workers: &[Arc<WorkerStats>], process
     render_compression(out, workers);
     render_auth(out, workers);
     render_rate_limits(out, workers);
+    render_tls(out, workers);
+}
+
+/// The TLS families: handshakes by version and suite, failures by reason.
+fn render_tls(out: &mut String, workers: &[Arc<WorkerStats>]) {
+    use Kind::Counter;
+    let sum = |pick: &dyn Fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| load(pick(w))).sum::<u64>();
+    let mut handshakes = family(
+        out,
+        "ringgate_tls_handshakes_total",
+        Counter,
+        "TLS handshakes completed, by protocol version and cipher suite agreed.",
+    );
+    for slot in 0..=crate::tls::cipher_suites().len().min(TLS_SUITE_SLOTS - 1) {
+        let (version, suite) = crate::tls::suite_labels(slot);
+        handshakes
+            .sample(&[("version", version), ("cipher_suite", suite)], sum(&|w| &w.tls_handshakes[slot]));
+    }
+    let mut failures = family(
+        out,
+        "ringgate_tls_handshake_failures_total",
+        Counter,
+        "TLS handshakes that failed: not_tls (plaintext or garbage on a TLS port), incompatible (no \
+         version, suite or ALPN protocol in common), alert_received (the client refused our \
+         certificate), disconnected, timeout (--handshake-timeout), other.",
+    );
+    for why in crate::tls::TlsFailure::ALL {
+        failures.sample(&[("reason", why.label())], sum(&|w| &w.tls_failures[why.index()]));
+    }
+    let mut bytes = family(
+        out,
+        "ringgate_tls_bytes_total",
+        Counter,
+        "Bytes of TLS records read from and written to sockets (ringgate_socket_*_bytes_total count \
+         what they carried: HTTP and WebSocket bytes).",
+    );
+    bytes.sample(&[("direction", "in")], sum(&|w| &w.tls_bytes_in));
+    bytes.sample(&[("direction", "out")], sum(&|w| &w.tls_bytes_out));
 }
 
 /// The rate-limit families: messages over a connection's rates, the closes they caused, and
@@ -681,6 +719,9 @@ mod tests {
             ("ringgate_rate_limited_messages_total", Counter),
             ("ringgate_rate_limit_closes_total", Counter),
             ("ringgate_address_refusals_total", Counter),
+            ("ringgate_tls_handshakes_total", Counter),
+            ("ringgate_tls_handshake_failures_total", Counter),
+            ("ringgate_tls_bytes_total", Counter),
         ]
     }
 
@@ -913,6 +954,9 @@ mod tests {
             add(&worker.token_expiries, 1);
             worker.rate_limited(RateLimit::Bytes, true);
             worker.address_refused(AddressRefusal::TooManyNewConnections);
+            worker.tls_established(1);
+            worker.tls_failed(crate::tls::TlsFailure::NotTls);
+            add(&worker.tls_bytes_in, 1);
             // Gauges may go down, counters must not notice.
             worker.topic_closed();
             worker.queue_bytes_sub(10);

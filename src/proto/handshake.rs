@@ -227,6 +227,26 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// Whether `buf`, the start of a request still incomplete, can begin an HTTP request: after any
+/// empty lines (RFC 9112 section 2.2), a method made of token characters up to its space. Looked
+/// at while the header section is incomplete, so that what cannot become a request (a TLS
+/// ClientHello on a plain port, binary garbage) is refused at once instead of waiting out the
+/// handshake timeout.
+pub fn could_start_request(buf: &[u8]) -> bool {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
+    let line = &buf[start..];
+    let method_len = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    if method_len == 0 && !line.is_empty() {
+        return false;
+    }
+    line[..method_len].iter().all(|&b| is_token_char(b))
+}
+
+/// RFC 9110 section 5.6.2: `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Finds the end of an HTTP header section (just past the blank line), looking only at bytes after
 /// `scanned`, the length already searched in an earlier call.
 ///
@@ -678,5 +698,23 @@ impl ClientHandshake {
             return Err(ClientHandshakeError::BadAcceptKey);
         }
         Ok(ServerResponse::Upgraded { subprotocol, len, deflate })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_cannot_start_a_request_is_told_apart_from_a_partial_one() {
+        for partial in
+            [&b""[..], b"G", b"GET", b"GET ", b"GET /echo HT", b"\r\nGET /", b"M-SEARCH * HTTP/1.1"]
+        {
+            assert!(could_start_request(partial), "{:?}", String::from_utf8_lossy(partial));
+        }
+        // A TLS ClientHello's record header, an SSLv2 hello, a space first, a control character.
+        for garbage in [&[0x16u8, 0x03, 0x01, 0x02, 0x00][..], &[0x80, 0x2e, 0x01], b" GET /", b"GE\x01T /"] {
+            assert!(!could_start_request(garbage), "{garbage:?}");
+        }
     }
 }

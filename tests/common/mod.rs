@@ -8,4 +8,5 @@
 
 pub mod prom;
 pub mod server;
+pub mod tls;
 pub mod wire;

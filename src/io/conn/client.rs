@@ -37,8 +37,8 @@ use crate::proto::close::{CloseCode, write_close_body};
 use crate::proto::deflate::Agreement;
 use crate::proto::frame::{Decoded, FrameHeader, OpCode, write_frame};
 use crate::proto::handshake::{
-    DEFAULT_MAX_HEADERS, HandshakeError, Parsed, accept, find_header_end, parse_request, request_target,
-    write_error_response,
+    DEFAULT_MAX_HEADERS, HandshakeError, Parsed, accept, could_start_request, find_header_end, parse_request,
+    request_target, write_error_response,
 };
 use crate::proto::message::{Assembler, Event, MessageKind, Role};
 
@@ -573,6 +573,10 @@ impl Client {
             self.header_scanned = buf.len().min(usize::from(u16::MAX)) as u16;
             if buf.len() >= max {
                 self.refuse_handshake(HandshakeError::HeadersTooLarge, cx);
+                return buf.len();
+            }
+            if !could_start_request(buf) {
+                self.refuse_handshake(HandshakeError::Malformed, cx);
                 return buf.len();
             }
             return 0;

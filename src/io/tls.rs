@@ -1,0 +1,304 @@
+//! One TLS connection's record layer between the socket and the connection's machine: ciphertext
+//! in, plaintext out to the machine; the machine's plaintext in, ciphertext out to the socket.
+//! No I/O: the worker lends the received bytes and takes what is to be sent.
+//!
+//! rustls' unbuffered API: records are processed in the buffer the ring filled (no copy of the
+//! ciphertext into a rustls buffer); only an unfinished record is kept between reads. rustls
+//! 0.23 still hands application data out as an owned chunk per record, and the machine unmasks
+//! in place, so the plaintext of one read is gathered into one buffer of the worker's, borrowed
+//! for the call: one copy, and no plaintext buffer lives in the connection between reads.
+//! Ciphertext to send is written into a buffer from the worker's staging pool and goes to the
+//! socket as one send per loop turn: everything the machine had to send that turn is encrypted
+//! in one call, into as few records as its size allows (16 KiB each).
+
+use std::sync::Arc;
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::{ProtocolVersion, ServerConfig, SupportedCipherSuite};
+
+use super::buffers::process_after_tail;
+use super::outgoing::{Outgoing, staging_buffer};
+
+/// Bytes a record adds to its plaintext at most (header, explicit nonce of TLS 1.2, tag, content
+/// type of TLS 1.3, with room to spare), for sizing the ciphertext buffer before encrypting.
+const RECORD_OVERHEAD: usize = 64;
+/// The most plaintext one record carries.
+const RECORD_PLAINTEXT: usize = 16 * 1024;
+
+/// What a batch of received bytes came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Processed (plaintext, if any, was handed on); more may follow.
+    Open,
+    /// The peer sent close_notify: nothing more will come.
+    PeerClosed,
+}
+
+/// A TLS server connection's state.
+pub struct TlsSession {
+    conn: UnbufferedServerConnection,
+    /// An unfinished record, kept until the rest of it arrives.
+    tail: Vec<u8>,
+    /// Ciphertext waiting to be sent (handshake records, alerts, encrypted application data).
+    outgoing: Vec<u8>,
+    /// The handshake finished (counted once).
+    established: bool,
+    /// close_notify was encrypted into `outgoing`.
+    close_notify_queued: bool,
+    /// The session ended in an error (counted once, with its reason).
+    failed: bool,
+    /// The machine's plaintext whose ciphertext is being sent: handed back to the machine once
+    /// all of it is written, so that the machine's view of its sends is the same as on a plain
+    /// socket (what it has in flight, backpressure, when it may finish).
+    pub(super) in_flight: Option<Outgoing>,
+    /// close_notify is queued: the FIN follows once it is written.
+    pub(super) fin_pending: bool,
+    /// The session failed: the alert rustls has for the peer goes out, then the connection
+    /// closes; anything the peer sends meanwhile is ignored.
+    pub(super) closing_on_error: bool,
+}
+
+impl TlsSession {
+    /// A session for a freshly accepted connection.
+    pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
+        Ok(TlsSession {
+            conn: UnbufferedServerConnection::new(config)?,
+            tail: Vec::new(),
+            outgoing: Vec::new(),
+            established: false,
+            close_notify_queued: false,
+            failed: false,
+            in_flight: None,
+            fin_pending: false,
+            closing_on_error: false,
+        })
+    }
+
+    /// Whether application data may flow (the handshake is complete).
+    pub fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// The version and suite agreed, once established.
+    pub fn negotiated(&self) -> Option<(ProtocolVersion, SupportedCipherSuite)> {
+        Some((self.conn.protocol_version()?, self.conn.negotiated_cipher_suite()?))
+    }
+
+    /// Marks the session failed; returns whether it was not yet (so a failure is counted once).
+    pub fn mark_failed(&mut self) -> bool {
+        !std::mem::replace(&mut self.failed, true)
+    }
+
+    /// Ciphertext arrived: processes it in place. The plaintext of the complete records is
+    /// gathered into `plaintext` (cleared first) for the caller to hand to the machine. Handshake
+    /// records to answer with are queued for [`TlsSession::take_outgoing`]. Returns whether the
+    /// handshake completed during this call too. On an error, the alert rustls has for the peer
+    /// is queued to be sent.
+    pub fn receive(
+        &mut self,
+        data: &mut [u8],
+        plaintext: &mut Vec<u8>,
+    ) -> Result<(Received, bool), rustls::Error> {
+        plaintext.clear();
+        let was_established = self.established;
+        let mut outcome = Ok(Received::Open);
+        let mut tail = std::mem::take(&mut self.tail);
+        process_after_tail(&mut tail, data, |buf| {
+            let (used, result) = self.process(buf, plaintext);
+            outcome = result;
+            used
+        });
+        self.tail = tail;
+        if outcome.is_err() {
+            self.tail = Vec::new();
+            self.queue_alerts();
+        }
+        outcome.map(|received| (received, self.established && !was_established))
+    }
+
+    /// Runs the records in `buf` through rustls until it needs more bytes: how much of `buf` is
+    /// used, and what happened.
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        plaintext: &mut Vec<u8>,
+    ) -> (usize, Result<Received, rustls::Error>) {
+        let mut at = 0;
+        let mut received = Received::Open;
+        loop {
+            let status = self.conn.process_tls_records(&mut buf[at..]);
+            let mut discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(error) => return (at + discard, Err(error)),
+            };
+            match state {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                plaintext.extend_from_slice(record.payload);
+                            }
+                            Err(error) => return (at + discard, Err(error)),
+                        }
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    if let Err(error) = encode_into(&mut self.outgoing, |out| encode.encode(out)) {
+                        return (at + discard, Err(error));
+                    }
+                }
+                // Queued in `outgoing`, which the worker sends in order before anything newer.
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::PeerClosed => received = Received::PeerClosed,
+                ConnectionState::WriteTraffic(_) => {
+                    self.established = true;
+                    return (at + discard, Ok(received));
+                }
+                ConnectionState::BlockedHandshake | ConnectionState::Closed => {
+                    return (at + discard, Ok(received));
+                }
+                // Early data is not enabled (`max_early_data_size` is 0), and future states are
+                // not ours to guess at.
+                _ => return (at + discard, Err(rustls::Error::General("unexpected TLS state".into()))),
+            }
+            at += discard;
+        }
+    }
+
+    /// Encrypts `plaintext` (everything the machine has to send this turn) for sending.
+    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), rustls::Error> {
+        self.with_write_traffic(|outgoing, traffic| {
+            encrypt_into(outgoing, plaintext.len(), |out| traffic.encrypt(plaintext, out))
+        })
+    }
+
+    /// Queues close_notify (once): the machine finished sending, its FIN follows.
+    pub fn close_notify(&mut self) -> Result<(), rustls::Error> {
+        if std::mem::replace(&mut self.close_notify_queued, true) {
+            return Ok(());
+        }
+        self.with_write_traffic(|outgoing, traffic| {
+            encrypt_into(outgoing, 0, |out| traffic.queue_close_notify(out))
+        })
+    }
+
+    /// Runs `write` with the session in its write state, after queueing any handshake records
+    /// rustls has pending (TLS 1.3 session tickets follow the handshake this way).
+    fn with_write_traffic(
+        &mut self,
+        write: impl FnOnce(
+            &mut Vec<u8>,
+            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+        ) -> Result<(), rustls::Error>,
+    ) -> Result<(), rustls::Error> {
+        let mut write = Some(write);
+        loop {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state? {
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.outgoing, |out| encode.encode(out))?
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let Some(write) = write.take() else { return Ok(()) };
+                    return write(&mut self.outgoing, &mut traffic);
+                }
+                // Unread application data cannot be pending (`receive` drains it), and before the
+                // handshake there is nothing to write with.
+                _ => return Err(rustls::Error::General("TLS session not ready to write".into())),
+            }
+        }
+    }
+
+    /// After an error: queues the alert rustls prepared for the peer, if any.
+    fn queue_alerts(&mut self) {
+        for _ in 0..4 {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    if encode_into(&mut self.outgoing, |out| encode.encode(out)).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// The ciphertext to send next, if any (taken: the caller sends it before asking again).
+    pub fn take_outgoing(&mut self) -> Option<Vec<u8>> {
+        (!self.outgoing.is_empty()).then(|| std::mem::take(&mut self.outgoing))
+    }
+
+    /// Whether ciphertext waits to be sent.
+    pub fn has_outgoing(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+}
+
+/// Appends what `encode` writes to `outgoing`, growing it to the size rustls asks for.
+fn encode_into(
+    outgoing: &mut Vec<u8>,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+) -> Result<(), rustls::Error> {
+    let mut room = 512;
+    loop {
+        let start = reserve(outgoing, room);
+        match encode(&mut outgoing[start..]) {
+            Ok(written) => {
+                outgoing.truncate(start + written);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.truncate(start);
+                room = required_size;
+            }
+            Err(error) => {
+                outgoing.truncate(start);
+                return Err(rustls::Error::General(error.to_string()));
+            }
+        }
+    }
+}
+
+/// Appends what `encrypt` writes for `plaintext_len` bytes to `outgoing`.
+fn encrypt_into(
+    outgoing: &mut Vec<u8>,
+    plaintext_len: usize,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), rustls::Error> {
+    let records = plaintext_len.div_ceil(RECORD_PLAINTEXT).max(1);
+    let mut room = plaintext_len + records * RECORD_OVERHEAD;
+    loop {
+        let start = reserve(outgoing, room);
+        match encrypt(&mut outgoing[start..]) {
+            Ok(written) => {
+                outgoing.truncate(start + written);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.truncate(start);
+                room = required_size;
+            }
+            Err(error) => {
+                outgoing.truncate(start);
+                return Err(rustls::Error::General(error.to_string()));
+            }
+        }
+    }
+}
+
+/// Grows `outgoing` by `room` zeroed bytes (from the pool when it was empty); returns where they
+/// start.
+fn reserve(outgoing: &mut Vec<u8>, room: usize) -> usize {
+    if outgoing.capacity() == 0 {
+        *outgoing = staging_buffer();
+    }
+    let start = outgoing.len();
+    outgoing.resize(start + room, 0);
+    start
+}
