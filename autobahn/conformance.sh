@@ -7,6 +7,8 @@
 # RINGGATE_AUTOBAHN_CASES / RINGGATE_AUTOBAHN_EXCLUDE (JSON arrays, as run.sh takes them) run a
 # selection, judged against the matching part of expected.json. RINGGATE_AUTOBAHN_SHARDS=N runs N
 # wstest processes side by side on case groups dealt round-robin, and merges their reports.
+# With RINGGATE_AUTOBAHN_TLS=1 the server listens on TLS (a self-signed ECDSA P-256 certificate for
+# 127.0.0.1, made here with openssl) and wstest connects to wss://: the results must be the same.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -15,8 +17,17 @@ out=${2:-$here/../target/autobahn}
 mkdir -p "$out.server"
 "$here/install.sh" >/dev/null
 
+scheme=ws
+tls_flags=()
+if [ "${RINGGATE_AUTOBAHN_TLS:-0}" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$out.server/key.pem" -out "$out.server/cert.pem" 2>/dev/null
+  tls_flags=(--tls-cert "$out.server/cert.pem" --tls-key "$out.server/key.pem")
+  scheme=wss
+fi
+
 # Autobahn's 9.* cases send messages of up to 16 MiB.
-"$binary" --listen 127.0.0.1:0 --max-message-size 16MiB >"$out.server/stdout" 2>"$out.server/stderr" &
+"$binary" --listen 127.0.0.1:0 --max-message-size 16MiB "${tls_flags[@]}" >"$out.server/stdout" 2>"$out.server/stderr" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 
@@ -33,7 +44,7 @@ for _ in $(seq 100); do
 done
 [ -n "$addr" ] || { echo "conformance.sh: ringgate did not start listening" >&2; exit 1; }
 
-url="ws://$addr/echo"
+url="$scheme://$addr/echo"
 if [ "${RINGGATE_AUTOBAHN_VIA_PROXY:-0}" = 1 ]; then
   "$binary" --listen 127.0.0.1:0 --max-message-size 16MiB --route "/ab=ws://$addr/echo" \
     >"$out.server/proxy-stdout" 2>"$out.server/proxy-stderr" &

@@ -12,22 +12,38 @@ use std::process::Command;
 
 #[test]
 fn autobahn_testsuite_matches_expected_results() {
-    run_conformance("autobahn-debug", false);
+    run_conformance("autobahn-debug", Mode::Direct);
+}
+
+/// The same suite over TLS (wss://, a self-signed certificate): the record layer between the
+/// socket and the machine must change nothing the suite can see.
+#[test]
+fn autobahn_over_tls_matches_expected_results() {
+    run_conformance("autobahn-tls-debug", Mode::Tls);
 }
 
 /// The same suite through a proxy route in front of a second ringgate's `/echo`: a relay that
 /// validates and re-encodes every message must give exactly the direct results.
 #[test]
 fn autobahn_through_a_proxy_route_matches_expected_results() {
-    run_conformance("autobahn-proxy-debug", true);
+    run_conformance("autobahn-proxy-debug", Mode::ViaProxy);
 }
 
-fn run_conformance(dir: &str, via_proxy: bool) {
+/// How wstest reaches the gateway.
+#[derive(PartialEq)]
+enum Mode {
+    Direct,
+    ViaProxy,
+    Tls,
+}
+
+fn run_conformance(dir: &str, mode: Mode) {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = format!("{root}/target/{dir}");
     let exclude = std::env::var("RINGGATE_AUTOBAHN_EXCLUDE").unwrap_or_else(|_| r#"["12.*","13.*"]"#.into());
     let output = Command::new(format!("{root}/autobahn/conformance.sh"))
-        .env("RINGGATE_AUTOBAHN_VIA_PROXY", if via_proxy { "1" } else { "0" })
+        .env("RINGGATE_AUTOBAHN_VIA_PROXY", if mode == Mode::ViaProxy { "1" } else { "0" })
+        .env("RINGGATE_AUTOBAHN_TLS", if mode == Mode::Tls { "1" } else { "0" })
         .env("RINGGATE_AUTOBAHN_EXCLUDE", exclude)
         .arg(env!("CARGO_BIN_EXE_ringgate"))
         .arg(&out)

@@ -22,6 +22,10 @@ use common::server::Server;
 use common::wire::HttpConn;
 use tungstenite::Message;
 
+/// The CA the TLS test's clients trust (given to every client as RINGGATE_TEST_CA once set; the
+/// plain tests' clients ignore it).
+static TEST_CA: OnceLock<PathBuf> = OnceLock::new();
+
 /// Where `scripts/install-clients.sh` put the interpreters' packages.
 struct Clients {
     python: String,
@@ -77,6 +81,9 @@ impl Library {
             }
         };
         command.args(args);
+        if let Some(ca) = TEST_CA.get() {
+            command.env("RINGGATE_TEST_CA", ca);
+        }
         command
     }
 
@@ -124,6 +131,25 @@ fn echo_with_every_client(url: &str, compression_on: bool) {
         let out = run(library, &["echo", url, "--no-compression"]);
         assert!(out.contains("extensions: none\n") && out.contains("echo ok"), "{library:?}: {out}");
     }
+}
+
+/// Both libraries over TLS (Python's `ssl`, Node's `tls`), trusting the test's CA and checking
+/// the host name: echo up to 1 MiB with and without compression, and a TLS handshake each.
+#[test]
+fn python_and_node_echo_over_tls() {
+    let dir = common::tls::temp_dir("real-clients-tls");
+    let ca = common::tls::TestCa::new("ringgate real clients CA");
+    let leaf = ca.leaf(&dir, "localhost", &["localhost"]);
+    let ca_file = ca.write_pem(&dir);
+    let server = Server::start(&[
+        "--tls-cert",
+        leaf.cert_path.to_str().expect("path"),
+        "--tls-key",
+        leaf.key_path.to_str().expect("path"),
+    ]);
+    let _ = TEST_CA.set(ca_file);
+    let url = format!("wss://localhost:{}/echo", server.addr().port());
+    echo_with_every_client(&url, true);
 }
 
 #[test]

@@ -301,3 +301,52 @@ fn one_process_serves_plain_and_tls_listeners_from_the_file() {
     let answer = tls::exchange(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(answer.status, 200);
 }
+
+#[test]
+fn sighup_reloads_certificates_while_a_thousand_connections_stay_open() {
+    let dir = tls::temp_dir("tls-reload");
+    let old_ca = TestCa::new("old CA");
+    let new_ca = TestCa::new("new CA");
+    let live = old_ca.leaf(&dir, "live", &["localhost"]);
+    let server = Server::start(&[
+        "--tls-cert",
+        live.cert_path.to_str().expect("path"),
+        "--tls-key",
+        live.key_path.to_str().expect("path"),
+    ]);
+    let mut open: Vec<TlsWebSocket> = (0..1000).map(|_| wss(&server, &old_ca, "/echo")).collect();
+
+    // New files in place of the old ones, then SIGHUP: new handshakes get the new certificate.
+    let replacement = new_ca.leaf(&dir, "replacement", &["localhost"]);
+    std::fs::copy(&replacement.cert_path, &live.cert_path).expect("replace the certificate");
+    std::fs::copy(&replacement.key_path, &live.key_path).expect("replace the key");
+    server.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tls::connect(server.addr(), "localhost", new_ca.client_config(&[])).is_err() {
+        assert!(Instant::now() < deadline, "the new certificate was not served after SIGHUP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let error =
+        tls::connect(server.addr(), "localhost", old_ca.client_config(&[])).expect_err("the old CA's");
+    assert!(matches!(error, rustls::Error::InvalidCertificate(_)), "{error:?}");
+
+    // Every connection opened before the reload is still there and still works.
+    for (n, ws) in open.iter_mut().enumerate() {
+        ws.send(Message::text(format!("{n}"))).expect("send on an old connection");
+    }
+    for (n, ws) in open.iter_mut().enumerate() {
+        assert_eq!(ws.read().expect("echo on an old connection"), Message::text(format!("{n}")));
+    }
+
+    // A broken file on the next reload keeps the certificate in force, and the log says why.
+    std::fs::write(&live.key_path, "not a key").expect("break the key");
+    server.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.stderr().contains("keeping the TLS certificates in force") {
+        assert!(Instant::now() < deadline, "no log line for the failed reload:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tls::connect(server.addr(), "localhost", new_ca.client_config(&[])).expect("still the new certificate");
+    let stderr = server.stderr();
+    assert!(stderr.contains(&live.key_path.display().to_string()), "the log names the file:\n{stderr}");
+}

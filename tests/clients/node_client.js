@@ -26,7 +26,9 @@ function fail(message) {
   process.exit(1);
 }
 
-const ws = new WebSocket(url, { perMessageDeflate, maxPayload: 2 << 20 });
+// wss://: Node's TLS verifies the server against the tests' CA (RINGGATE_TEST_CA).
+const ca = url.startsWith('wss://') ? require('fs').readFileSync(process.env.RINGGATE_TEST_CA) : undefined;
+const ws = new WebSocket(url, { perMessageDeflate, maxPayload: 2 << 20, ca });
 ws.on('error', (e) => fail(String(e)));
 setTimeout(() => fail('timed out'), 30000).unref();
 

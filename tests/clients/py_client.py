@@ -8,9 +8,12 @@ Usage:
 
 websockets offers permessage-deflate by default (client_max_window_bits); --no-compression
 offers nothing. The first line printed is always `extensions: <names>` once connected.
+For wss:// URLs, Python's ssl module verifies the server against the CA in the file named by
+RINGGATE_TEST_CA (the tests' own CA).
 """
 import asyncio
 import os
+import ssl
 import sys
 
 import websockets
@@ -20,13 +23,20 @@ def compression(args):
     return None if "--no-compression" in args else "deflate"
 
 
+def tls(url):
+    """The TLS context for a wss:// URL: the tests' CA, hostname checked (Python's defaults)."""
+    if not url.startswith("wss://"):
+        return None
+    return ssl.create_default_context(cafile=os.environ["RINGGATE_TEST_CA"])
+
+
 def json_text(size, seed):
     item = '{"seq":%d,"user":"u%d","event":"tick","price":1234.5},' % (seed, seed % 7)
     return (item * (size // len(item) + 1))[:size]
 
 
 async def echo(url, args):
-    async with websockets.connect(url, max_size=2**21, compression=compression(args)) as ws:
+    async with websockets.connect(url, max_size=2**21, compression=compression(args), ssl=tls(url)) as ws:
         names = [type(e).__name__ for e in ws.protocol.extensions]
         print("extensions:", ",".join(names) or "none", flush=True)
         for i, size in enumerate([0, 1, 125, 126, 200, 4096, 65535, 65536, 300000, 1 << 20]):
@@ -42,7 +52,7 @@ async def echo(url, args):
 
 
 async def subscribe(url, count, args):
-    async with websockets.connect(url, max_size=2**21, compression=compression(args)) as ws:
+    async with websockets.connect(url, max_size=2**21, compression=compression(args), ssl=tls(url)) as ws:
         names = [type(e).__name__ for e in ws.protocol.extensions]
         print("extensions:", ",".join(names) or "none", flush=True)
         print("ready", flush=True)
