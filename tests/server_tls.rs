@@ -180,9 +180,16 @@ fn plaintext_http_on_a_tls_port_is_closed_at_once() {
     }
     assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
     assert!(!answer.starts_with(b"HTTP/"), "no plaintext answer on a TLS port");
+    let scraped = metrics(&server, &ca);
+    let failures: Vec<_> = scraped
+        .samples("ringgate_tls_handshake_failures_total")
+        .map(|s| (s.label("reason").map(str::to_string), s.value))
+        .collect();
     assert_eq!(
-        metrics(&server, &ca).sum_where("ringgate_tls_handshake_failures_total", "reason", "not_tls"),
-        1.0
+        scraped.sum_where("ringgate_tls_handshake_failures_total", "reason", "not_tls"),
+        1.0,
+        "{failures:?}\n{}",
+        server.stderr()
     );
 }
 
@@ -349,4 +356,71 @@ fn sighup_reloads_certificates_while_a_thousand_connections_stay_open() {
     tls::connect(server.addr(), "localhost", new_ca.client_config(&[])).expect("still the new certificate");
     let stderr = server.stderr();
     assert!(stderr.contains(&live.key_path.display().to_string()), "the log names the file:\n{stderr}");
+}
+
+#[test]
+fn a_proxy_route_to_a_wss_upstream_verifies_it_and_relays_both_ways() {
+    let dir = tls::temp_dir("tls-upstream");
+    let ca = TestCa::new("upstream CA");
+    let leaf = ca.leaf(&dir, "backend", &["localhost"]);
+    let backend = Server::start(&[
+        "--tls-cert",
+        leaf.cert_path.to_str().expect("path"),
+        "--tls-key",
+        leaf.key_path.to_str().expect("path"),
+    ]);
+    let ca_file = ca.write_pem(&dir);
+    let route = format!("/app=wss://localhost:{}/echo", backend.addr().port());
+    let gateway = Server::start(&["--route", &route, "--upstream-ca", ca_file.to_str().expect("path")]);
+    let mut client = wire::Client::connect(gateway.addr(), "/app");
+    client.send(wire::TEXT, b"through TLS upstream");
+    client.expect_frame(wire::TEXT, b"through TLS upstream");
+    let large = vec![3u8; 200_000];
+    client.send(wire::BINARY, &large);
+    client.expect_frame(wire::BINARY, &large);
+    client.send(wire::CLOSE, &wire::close_body(1000, b"bye"));
+    client.expect_close(1000);
+    let backend_handshakes = metrics(&backend, &ca).sum("ringgate_tls_handshakes_total");
+    assert!(backend_handshakes >= 2.0, "the relay's and the scrape's: {backend_handshakes}");
+
+    // Without the CA, the upstream's certificate is not trusted: no upgrade, 502.
+    let untrusting = Server::start(&["--route", &route]);
+    let (response, _) = wire::upgrade_with(untrusting.addr(), "/app", "");
+    assert_eq!(response.status, 502, "{response:?}");
+}
+
+/// Whatever arrives on a TLS port, rustls must never panic on it (a panic would be caught and end
+/// the session, but is a bug all the same): random bytes, a ClientHello cut anywhere and then
+/// garbage, a ClientHello followed by a flood of random records.
+#[test]
+fn garbage_on_a_tls_port_is_refused_without_a_panic() {
+    let (server, ca) = tls_gateway("tls-garbage", &[]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut client = rustls::ClientConnection::new(ca.client_config(&[]), name).expect("client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("a ClientHello");
+    let mut rng = wire::Rng::new(0x7157);
+    for round in 0..60 {
+        let (len, cut) = (rng.range(1, 4000), rng.range(1, hello.len()));
+        let mut bytes = match round % 3 {
+            0 => rng.bytes(len),
+            1 => hello[..cut].to_vec(),
+            _ => hello.clone(),
+        };
+        if round % 3 != 0 {
+            let garbage = rng.bytes(len);
+            bytes.extend_from_slice(&garbage);
+        }
+        let mut stream = TcpStream::connect(server.addr()).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let _ = stream.write_all(&bytes);
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+    let stderr = server.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The gateway still serves.
+    let mut ws = wss(&server, &ca, "/echo");
+    ws.send(Message::text("still here")).expect("send");
+    assert_eq!(ws.read().expect("echo"), Message::text("still here"));
 }

@@ -58,6 +58,7 @@ pub struct FileConfig {
 struct TlsSection {
     cert: Option<Vec<PathBuf>>,
     key: Option<Vec<PathBuf>>,
+    upstream_ca: Option<Vec<PathBuf>>,
 }
 
 /// One listener with its own certificates: `tls_cert` and `tls_key` pair up in order; none
@@ -288,6 +289,7 @@ impl FileConfig {
         take!("listen", server.listen, config.listen);
         take!("tls_certs", tls.cert, config.tls_certs);
         take!("tls_keys", tls.key, config.tls_keys);
+        take!("upstream_cas", tls.upstream_ca, config.upstream_cas);
         if let Some(listeners) = listener
             && !from_command_line("listen")
         {

@@ -164,7 +164,7 @@ pub struct Config {
     pub healthz_path: RoutePath,
 
     /// Proxy route (repeatable): WebSocket clients whose path starts with PREFIX (at a segment
-    /// boundary) are relayed to one of the ws:// upstreams, round-robin over the healthy ones; the
+    /// boundary) are relayed to one of the ws:// or wss:// upstreams, round-robin over the healthy ones; the
     /// rest of the path and the query go upstream. Built-in routes win over proxy routes; the
     /// longest matching prefix wins. Example: `--route /app=ws://10.0.0.5:9000,ws://10.0.0.6:9000`.
     #[arg(long = "route", value_name = "PREFIX=URL[,URL...]", value_parser = parse_proxy_route)]
@@ -173,6 +173,11 @@ pub struct Config {
     /// Time an upstream gets to accept the connection and to answer the upgrade (else 504).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
+
+    /// PEM file of CA certificates trusted for wss:// upstreams, besides the system's roots
+    /// (repeatable). A wss:// upstream's certificate must cover the URL's host (sent as SNI).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
 
     /// permessage-deflate (RFC 7692): `shared` agrees it with clients that offer it (every browser
     /// does) using one compressor per worker, reset after each message, so a connection holds no
@@ -585,31 +590,35 @@ pub fn parse_proxy_prefix(text: &str) -> Result<String, String> {
 /// Parses an upstream URL, `ws://host[:port][/path]`, resolving the host once, now.
 pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
     use std::net::ToSocketAddrs;
-    if text.starts_with("wss://") {
-        return Err(format!("'{text}': wss:// upstreams are not supported (no TLS); use ws://"));
-    }
-    let rest = text
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("'{text}' is not an upstream URL like ws://10.0.0.5:9000"))?;
+    let shape =
+        || format!("'{text}' is not an upstream URL like ws://10.0.0.5:9000 or wss://backend.internal");
+    let (rest, tls, default_port) = if let Some(rest) = text.strip_prefix("wss://") {
+        (rest, true, 443)
+    } else if let Some(rest) = text.strip_prefix("ws://") {
+        (rest, false, 80)
+    } else {
+        return Err(shape());
+    };
     let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
     if authority.is_empty() || authority.contains(['@', ' ', '?', '#']) || path.contains(['?', '#', ' ']) {
-        return Err(format!("'{text}' is not an upstream URL like ws://10.0.0.5:9000"));
+        return Err(shape());
     }
-    let with_port = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
-    } else {
-        authority.to_string()
-    };
+    let has_port = !authority.ends_with(']') && authority.contains(':');
+    let with_port = if has_port { authority.to_string() } else { format!("{authority}:{default_port}") };
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| format!("upstream '{text}': cannot resolve {authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("upstream '{text}': {authority} resolves to no address"))?;
+    let host =
+        if has_port { authority.rsplit_once(':').map_or(authority, |(host, _)| host) } else { authority };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok(UpstreamUrl {
         url: text.to_string(),
         authority: authority.to_string(),
         addr,
         base_path: path.trim_end_matches('/').to_string(),
+        tls_name: tls.then(|| host.to_string()),
     })
 }
 
@@ -796,7 +805,12 @@ mod tests {
         assert!(parse_proxy_route("/app").is_err());
         assert!(parse_proxy_route("app=ws://127.0.0.1:1").is_err());
         assert!(parse_proxy_route("/app=http://127.0.0.1:1").is_err());
-        assert!(parse_proxy_route("/app=wss://127.0.0.1:1").is_err());
+        let wss = parse_proxy_route("/app=wss://localhost/base,wss://127.0.0.1:8443").expect("wss upstreams");
+        assert_eq!(wss.upstreams[0].addr.port(), 443);
+        assert_eq!(wss.upstreams[0].tls_name.as_deref(), Some("localhost"));
+        assert_eq!(wss.upstreams[0].authority, "localhost");
+        assert_eq!(wss.upstreams[1].tls_name.as_deref(), Some("127.0.0.1"));
+        assert_eq!(parse_proxy_route("/app=ws://[::1]:9").expect("v6").upstreams[0].tls_name, None);
         assert!(
             parse(&["--route", "/a=ws://127.0.0.1:1", "--route", "/a/=ws://127.0.0.1:2"]).validate().is_err()
         );

@@ -40,6 +40,9 @@ pub struct UpstreamUrl {
     pub addr: SocketAddr,
     /// The URL's path without a trailing slash (often empty); the client's rest is appended.
     pub base_path: String,
+    /// For a `wss://` upstream, the host its certificate must cover (and the SNI we send);
+    /// `None` for `ws://`.
+    pub tls_name: Option<String>,
 }
 
 /// One proxy route as configured: a path prefix and its upstreams.
@@ -275,6 +278,7 @@ mod tests {
             .map(|i| UpstreamUrl {
                 url: format!("ws://127.0.0.1:{}", 9000 + i),
                 authority: format!("127.0.0.1:{}", 9000 + i),
+                tls_name: None,
                 addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
                 base_path: String::new(),
             })

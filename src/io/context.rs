@@ -84,6 +84,8 @@ pub struct WorkerContext {
     pub address_limits: Option<Arc<AddressLimits>>,
     /// Each listener's TLS (`None`: plain), by listener index.
     pub listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
+    /// How to speak TLS to wss:// upstreams (`None` when no route has one).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Endpoints for WorkerContext {
@@ -169,6 +171,7 @@ impl WorkerContext {
             rates: MessageRates::default(),
             address_limits: None,
             listener_tls: Arc::from(Vec::new()),
+            upstream_tls: None,
         }
     }
 }

@@ -209,6 +209,12 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let (listeners, bound) = bind_listeners(config, workers)?;
     let auth = Arc::new(Authenticator::load(config.auth_settings()).map_err(StartError::Keys)?);
     let listener_tls = load_listener_tls(config)?;
+    let wss_upstreams = config.proxy_routes.iter().flat_map(|r| &r.upstreams).any(|u| u.tls_name.is_some());
+    let upstream_tls = if wss_upstreams {
+        Some(crate::tls::upstream_client_config(&config.upstream_cas).map_err(StartError::Tls)?)
+    } else {
+        None
+    };
 
     process::block_shutdown_signals().map_err(StartError::Thread)?;
     let drain = Arc::new(AtomicBool::new(false));
@@ -232,6 +238,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             proxies: Arc::clone(&proxies),
             address_limits: address_limits.clone(),
             listener_tls: Arc::clone(&listener_tls),
+            upstream_tls: upstream_tls.clone(),
         };
         let context = context_builder(config, index, shared);
         let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
@@ -440,6 +447,7 @@ struct Shared {
     proxies: Arc<ProxyPool>,
     address_limits: Option<Arc<AddressLimits>>,
     listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
+    upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn context_builder(
@@ -507,6 +515,7 @@ fn context_builder(
             rates,
             address_limits: shared.address_limits,
             listener_tls: shared.listener_tls,
+            upstream_tls: shared.upstream_tls,
         }
     })
 }

@@ -1,5 +1,6 @@
-//! One TLS connection's record layer between the socket and the connection's machine: ciphertext
+//! One TLS connection's record layer between a socket and the connection's machine: ciphertext
 //! in, plaintext out to the machine; the machine's plaintext in, ciphertext out to the socket.
+//! The server end terminates wss:// clients; the client end speaks to wss:// proxy upstreams.
 //! No I/O: the worker lends the received bytes and takes what is to be sent.
 //!
 //! rustls' unbuffered API: records are processed in the buffer the ring filled (no copy of the
@@ -13,9 +14,13 @@
 
 use std::sync::Arc;
 
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
-use rustls::{ProtocolVersion, ServerConfig, SupportedCipherSuite};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+use rustls::{ClientConfig, ProtocolVersion, ServerConfig, SupportedCipherSuite};
 
 use super::buffers::process_after_tail;
 use super::outgoing::{Outgoing, staging_buffer};
@@ -35,9 +40,43 @@ pub enum Received {
     PeerClosed,
 }
 
-/// A TLS server connection's state.
+/// rustls' two ends, whose record processing is the same state machine over different types.
+trait Records {
+    type Data;
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Records for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl Records for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+/// Which end of TLS this session is.
+enum End {
+    /// A wss:// client of ours.
+    Server(UnbufferedServerConnection),
+    /// Our connection to a wss:// upstream.
+    Client(UnbufferedClientConnection),
+}
+
+/// What to write while the session may send application data.
+enum Write<'a> {
+    Encrypt(&'a [u8]),
+    CloseNotify,
+}
+
+/// A TLS connection's state.
 pub struct TlsSession {
-    conn: UnbufferedServerConnection,
+    end: End,
     /// An unfinished record, kept until the rest of it arrives.
     tail: Vec<u8>,
     /// Ciphertext waiting to be sent (handshake records, alerts, encrypted application data).
@@ -62,8 +101,20 @@ pub struct TlsSession {
 impl TlsSession {
     /// A session for a freshly accepted connection.
     pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
-        Ok(TlsSession {
-            conn: UnbufferedServerConnection::new(config)?,
+        Ok(TlsSession::with(End::Server(UnbufferedServerConnection::new(config)?)))
+    }
+
+    /// A session to an upstream called `name` (its SNI and the name its certificate must cover),
+    /// with its ClientHello already queued to go once the socket is connected.
+    pub fn client(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<TlsSession, rustls::Error> {
+        let mut session = TlsSession::with(End::Client(UnbufferedClientConnection::new(config, name)?));
+        let (_, hello) = session.process(&mut [], &mut Vec::new());
+        hello.map(|_| session)
+    }
+
+    fn with(end: End) -> TlsSession {
+        TlsSession {
+            end,
             tail: Vec::new(),
             outgoing: Vec::new(),
             established: false,
@@ -72,7 +123,7 @@ impl TlsSession {
             in_flight: None,
             fin_pending: false,
             closing_on_error: false,
-        })
+        }
     }
 
     /// Whether application data may flow (the handshake is complete).
@@ -82,7 +133,10 @@ impl TlsSession {
 
     /// The version and suite agreed, once established.
     pub fn negotiated(&self) -> Option<(ProtocolVersion, SupportedCipherSuite)> {
-        Some((self.conn.protocol_version()?, self.conn.negotiated_cipher_suite()?))
+        match &self.end {
+            End::Server(conn) => Some((conn.protocol_version()?, conn.negotiated_cipher_suite()?)),
+            End::Client(conn) => Some((conn.protocol_version()?, conn.negotiated_cipher_suite()?)),
+        }
     }
 
     /// Marks the session failed; returns whether it was not yet (so a failure is counted once).
@@ -105,14 +159,19 @@ impl TlsSession {
         let mut outcome = Ok(Received::Open);
         let mut tail = std::mem::take(&mut self.tail);
         process_after_tail(&mut tail, data, |buf| {
-            let (used, result) = self.process(buf, plaintext);
+            // rustls works on bytes from the network here: a panic in it must end this session,
+            // not the worker and every other connection on it.
+            let processed =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(buf, plaintext)));
+            let (used, result) = processed.unwrap_or_else(|_| {
+                (buf.len(), Err(rustls::Error::General("the TLS library panicked on this input".into())))
+            });
             outcome = result;
             used
         });
         self.tail = tail;
         if outcome.is_err() {
             self.tail = Vec::new();
-            self.queue_alerts();
         }
         outcome.map(|received| (received, self.established && !was_established))
     }
@@ -124,55 +183,16 @@ impl TlsSession {
         buf: &mut [u8],
         plaintext: &mut Vec<u8>,
     ) -> (usize, Result<Received, rustls::Error>) {
-        let mut at = 0;
-        let mut received = Received::Open;
-        loop {
-            let status = self.conn.process_tls_records(&mut buf[at..]);
-            let mut discard = status.discard;
-            let state = match status.state {
-                Ok(state) => state,
-                Err(error) => return (at + discard, Err(error)),
-            };
-            match state {
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => {
-                                discard += record.discard;
-                                plaintext.extend_from_slice(record.payload);
-                            }
-                            Err(error) => return (at + discard, Err(error)),
-                        }
-                    }
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    if let Err(error) = encode_into(&mut self.outgoing, |out| encode.encode(out)) {
-                        return (at + discard, Err(error));
-                    }
-                }
-                // Queued in `outgoing`, which the worker sends in order before anything newer.
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::PeerClosed => received = Received::PeerClosed,
-                ConnectionState::WriteTraffic(_) => {
-                    self.established = true;
-                    return (at + discard, Ok(received));
-                }
-                ConnectionState::BlockedHandshake | ConnectionState::Closed => {
-                    return (at + discard, Ok(received));
-                }
-                // Early data is not enabled (`max_early_data_size` is 0), and future states are
-                // not ours to guess at.
-                _ => return (at + discard, Err(rustls::Error::General("unexpected TLS state".into()))),
-            }
-            at += discard;
+        let TlsSession { end, outgoing, established, .. } = self;
+        match end {
+            End::Server(conn) => process_records(conn, buf, plaintext, outgoing, established),
+            End::Client(conn) => process_records(conn, buf, plaintext, outgoing, established),
         }
     }
 
     /// Encrypts `plaintext` (everything the machine has to send this turn) for sending.
     pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), rustls::Error> {
-        self.with_write_traffic(|outgoing, traffic| {
-            encrypt_into(outgoing, plaintext.len(), |out| traffic.encrypt(plaintext, out))
-        })
+        self.write(Write::Encrypt(plaintext))
     }
 
     /// Queues close_notify (once): the machine finished sending, its FIN follows.
@@ -180,52 +200,14 @@ impl TlsSession {
         if std::mem::replace(&mut self.close_notify_queued, true) {
             return Ok(());
         }
-        self.with_write_traffic(|outgoing, traffic| {
-            encrypt_into(outgoing, 0, |out| traffic.queue_close_notify(out))
-        })
+        self.write(Write::CloseNotify)
     }
 
-    /// Runs `write` with the session in its write state, after queueing any handshake records
-    /// rustls has pending (TLS 1.3 session tickets follow the handshake this way).
-    fn with_write_traffic(
-        &mut self,
-        write: impl FnOnce(
-            &mut Vec<u8>,
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-        ) -> Result<(), rustls::Error>,
-    ) -> Result<(), rustls::Error> {
-        let mut write = Some(write);
-        loop {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state? {
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, |out| encode.encode(out))?
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    let Some(write) = write.take() else { return Ok(()) };
-                    return write(&mut self.outgoing, &mut traffic);
-                }
-                // Unread application data cannot be pending (`receive` drains it), and before the
-                // handshake there is nothing to write with.
-                _ => return Err(rustls::Error::General("TLS session not ready to write".into())),
-            }
-        }
-    }
-
-    /// After an error: queues the alert rustls prepared for the peer, if any.
-    fn queue_alerts(&mut self) {
-        for _ in 0..4 {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    if encode_into(&mut self.outgoing, |out| encode.encode(out)).is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
+    fn write(&mut self, what: Write<'_>) -> Result<(), rustls::Error> {
+        let TlsSession { end, outgoing, tail, .. } = self;
+        match end {
+            End::Server(conn) => write_records(conn, tail, outgoing, what),
+            End::Client(conn) => write_records(conn, tail, outgoing, what),
         }
     }
 
@@ -237,6 +219,126 @@ impl TlsSession {
     /// Whether ciphertext waits to be sent.
     pub fn has_outgoing(&self) -> bool {
         !self.outgoing.is_empty()
+    }
+}
+
+/// Runs the records in `buf` through `conn` until it needs more bytes: how much of `buf` is used,
+/// and what happened. Plaintext is gathered into `plaintext`, handshake records into `outgoing`.
+fn process_records<C: Records>(
+    conn: &mut C,
+    buf: &mut [u8],
+    plaintext: &mut Vec<u8>,
+    outgoing: &mut Vec<u8>,
+    established: &mut bool,
+) -> (usize, Result<Received, rustls::Error>) {
+    let mut at = 0;
+    let mut received = Received::Open;
+    loop {
+        let status = conn.records(&mut buf[at..]);
+        let mut discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(error) => {
+                let used = at + discard;
+                queue_alerts(conn, &mut buf[used..], &error, outgoing);
+                return (used, Err(error));
+            }
+        };
+        match state {
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            plaintext.extend_from_slice(record.payload);
+                        }
+                        Err(error) => return (at + discard, Err(error)),
+                    }
+                }
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                if let Err(error) = encode_into(outgoing, |out| encode.encode(out)) {
+                    return (at + discard, Err(error));
+                }
+            }
+            // Queued in `outgoing`, which the worker sends in order before anything newer.
+            ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+            ConnectionState::PeerClosed => received = Received::PeerClosed,
+            ConnectionState::WriteTraffic(_) => {
+                *established = true;
+                return (at + discard, Ok(received));
+            }
+            ConnectionState::BlockedHandshake | ConnectionState::Closed => {
+                return (at + discard, Ok(received));
+            }
+            // Early data is not enabled (`max_early_data_size` is 0), and future states are
+            // not ours to guess at.
+            _ => return (at + discard, Err(rustls::Error::General("unexpected TLS state".into()))),
+        }
+        at += discard;
+    }
+}
+
+/// Writes `what` once `conn` may send application data, after queueing any handshake records
+/// it has pending (TLS 1.3 session tickets follow the handshake this way). rustls is given the
+/// unfinished bytes kept from the last read (`tail`), never an empty buffer in their place: a
+/// handshake message it holds across records points into them.
+fn write_records<C: Records>(
+    conn: &mut C,
+    tail: &mut Vec<u8>,
+    outgoing: &mut Vec<u8>,
+    what: Write<'_>,
+) -> Result<(), rustls::Error> {
+    let mut at = 0;
+    let result = loop {
+        let status = conn.records(&mut tail[at..]);
+        at += status.discard;
+        match status.state {
+            Err(error) => break Err(error),
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                if let Err(error) = encode_into(outgoing, |out| encode.encode(out)) {
+                    break Err(error);
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                break match what {
+                    Write::Encrypt(plaintext) => {
+                        encrypt_into(outgoing, plaintext.len(), |out| traffic.encrypt(plaintext, out))
+                    }
+                    Write::CloseNotify => encrypt_into(outgoing, 0, |out| traffic.queue_close_notify(out)),
+                };
+            }
+            // Unread application data cannot be pending (`receive` drains it), and before the
+            // handshake there is nothing to write with.
+            Ok(_) => break Err(rustls::Error::General("TLS session not ready to write".into())),
+        }
+    };
+    tail.drain(..at.min(tail.len()));
+    result
+}
+
+/// After an error: queues what rustls still has for the peer (records of the flight it was
+/// sending, then its alert). rustls hands queued records out before it looks at input again;
+/// once they are out, the next call looks at the input, which is where it failed. So `rest` (what
+/// is left of the failed buffer: rustls may still point into it for a handshake message it holds)
+/// is given again only when the failure was not in the record layer itself; bytes that did not
+/// even frame as records would fail (and alert) a second time.
+fn queue_alerts<C: Records>(conn: &mut C, rest: &mut [u8], error: &rustls::Error, outgoing: &mut Vec<u8>) {
+    let rest = if matches!(error, rustls::Error::InvalidMessage(_)) { &mut [][..] } else { rest };
+    let (mut at, len) = (0, rest.len());
+    for _ in 0..8 {
+        let status = conn.records(&mut rest[at..]);
+        at = (at + status.discard).min(len);
+        match status.state {
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                if encode_into(outgoing, |out| encode.encode(out)).is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            _ => return,
+        }
     }
 }
 

@@ -127,10 +127,12 @@ impl Sends {
     }
 }
 
-/// A proxied connection's upstream socket, with the address its connect points to.
+/// A proxied connection's upstream socket, with the address its connect points to, and its TLS
+/// session for a wss:// upstream.
 struct UpstreamIo {
     io: SocketIo,
     addr: SockAddr,
+    tls: Option<TlsSession>,
 }
 
 /// What only some connections have, boxed together so that a plain connection pays one null
@@ -140,6 +142,16 @@ struct UpstreamIo {
 struct Extra {
     upstream: Option<UpstreamIo>,
     tls: Option<TlsSession>,
+}
+
+/// The TLS session on `side`, if that socket speaks TLS (field-level, so that the machine can be
+/// borrowed beside it).
+fn side_tls(extra: &mut Option<Box<Extra>>, side: Side) -> Option<&mut TlsSession> {
+    let extra = extra.as_deref_mut()?;
+    match side {
+        Side::Client => extra.tls.as_mut(),
+        Side::Upstream => extra.upstream.as_mut()?.tls.as_mut(),
+    }
 }
 
 /// One slot of the slab: a connection's machine and its sockets.
@@ -408,19 +420,17 @@ impl State {
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(&self.ctx, self.now, token, &peer);
-        let tls = match side {
-            Side::Client => entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut()),
-            Side::Upstream => None,
-        };
+        let tls = side_tls(&mut entry.extra, side);
         match (received, tls) {
             (Received::Data(data), Some(tls)) => {
-                tls_receive(tls, data, &mut entry.machine, &mut self.plaintext, &cx);
+                tls_receive(tls, side, data, &mut entry.machine, &mut self.plaintext, &cx);
             }
             (Received::Data(data), None) => entry.machine.handle_data(side, data, &cx),
             (Received::Eof, tls) => {
                 if let Some(tls) = tls
                     && !tls.is_established()
                     && tls.mark_failed()
+                    && side == Side::Client
                 {
                     self.ctx.stats.tls_failed(TlsFailure::Disconnected);
                 }
@@ -431,6 +441,7 @@ impl State {
                 if let Some(tls) = tls
                     && !tls.is_established()
                     && tls.mark_failed()
+                    && side == Side::Client
                 {
                     self.ctx.stats.tls_failed(TlsFailure::Disconnected);
                 }
@@ -451,13 +462,9 @@ impl State {
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
         let cx = Self::cx(&self.ctx, self.now, token, &peer);
-        let tls = match side {
-            Side::Client => entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut()),
-            Side::Upstream => None,
-        };
-        let rest = match tls {
+        let rest = match side_tls(&mut entry.extra, side) {
             // Ciphertext: the machine hears about its plaintext once all of it is written.
-            Some(tls) => tls_sent(tls, result, out, &mut entry.machine, &cx),
+            Some(tls) => tls_sent(tls, side, result, out, &mut entry.machine, &cx),
             None => entry.machine.handle_sent(side, result, out, &cx),
         };
         if let Some(rest) = rest {
@@ -749,7 +756,24 @@ impl State {
             if entry.upstream().is_some() {
                 break;
             }
-            let Some(addr) = entry.machine.poll_connect(&cx) else { break };
+            let Some((addr, tls_name)) = entry.machine.poll_connect(&cx) else { break };
+            // wss://: the session (and its ClientHello) is ready before the connect finishes.
+            let tls = match (tls_name, &ctx.upstream_tls) {
+                (None, _) => Ok(None),
+                (Some(name), Some(config)) => rustls::pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+                    .and_then(|name| {
+                        TlsSession::client(Arc::clone(config), name).map_err(io::Error::other).map(Some)
+                    }),
+                (Some(_), None) => Err(io::Error::other("no TLS client configuration for wss:// upstreams")),
+            };
+            let tls = match tls {
+                Ok(tls) => tls,
+                Err(error) => {
+                    entry.machine.handle_connected(Err(error), &cx);
+                    continue;
+                }
+            };
             let up_token = Token::new(slot, generation, Side::Upstream, Op::Connect);
             let socket = backend.upstream_socket(addr).and_then(|socket| {
                 use std::os::fd::IntoRawFd;
@@ -764,7 +788,8 @@ impl State {
             });
             match socket {
                 Ok(up_fd) => {
-                    let mut upstream = UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr) };
+                    let mut upstream =
+                        UpstreamIo { io: SocketIo::new(up_fd), addr: SockAddr::from(addr), tls };
                     upstream.io.flags |= CONNECTING;
                     entry.set_upstream(Some(upstream));
                     // The address is read where it now stays: in the entry's box.
@@ -793,22 +818,22 @@ impl State {
                         backend.send(io.fd, sock_token, out);
                         io.flags |= SEND_SUBMITTED;
                     }
-                } else if side == Side::Client
-                    && let Some(tls) = entry.extra.as_deref_mut().and_then(|extra| extra.tls.as_mut())
-                {
-                    match tls_transmit(tls, &mut entry.machine, &mut self.plaintext, &cx) {
+                } else if let Some(tls) = side_tls(&mut entry.extra, side) {
+                    let next = tls_transmit(tls, side, &mut entry.machine, &mut self.plaintext, &cx);
+                    let io = entry.socket(side).expect("the socket exists");
+                    match next {
                         TlsNext::Send(cipher) => {
                             let index = self.sends.put(cipher);
                             if let Some(out) = self.sends.get_mut(index) {
-                                backend.send(entry.client.fd, sock_token, out);
+                                backend.send(io.fd, sock_token, out);
                             }
-                            entry.client.sending = index;
-                            entry.client.flags |= SEND_SUBMITTED;
+                            io.sending = index;
+                            io.flags |= SEND_SUBMITTED;
                         }
-                        TlsNext::Fin => shutdown(entry.client.fd, libc::SHUT_WR),
+                        TlsNext::Fin => shutdown(io.fd, libc::SHUT_WR),
                         TlsNext::Fail => {
                             let error = io::Error::new(io::ErrorKind::InvalidData, "TLS session failed");
-                            entry.machine.handle_error(Side::Client, &error, &cx);
+                            entry.machine.handle_error(side, &error, &cx);
                         }
                         TlsNext::Idle => {}
                     }
@@ -883,34 +908,42 @@ impl State {
 /// The scratch buffer is kept up to this size between calls (a 16 KiB record and change).
 const PLAINTEXT_KEPT: usize = 64 * 1024;
 
-/// Ciphertext arrived on a TLS client socket: decrypted, its plaintext handed to the machine.
+/// Ciphertext arrived on a TLS socket: decrypted, its plaintext handed to the machine. The TLS
+/// counters are about clients (an upstream's TLS failing shows as that upstream failing).
 fn tls_receive(
     tls: &mut TlsSession,
+    side: Side,
     data: &mut [u8],
     machine: &mut Machine,
     plaintext: &mut Vec<u8>,
     cx: &Cx<'_>,
 ) {
     let stats = &cx.ctx.stats;
-    add(&stats.tls_bytes_in, data.len() as u64);
+    let clients = side == Side::Client;
+    if clients {
+        add(&stats.tls_bytes_in, data.len() as u64);
+    }
     if tls.closing_on_error {
         return;
     }
     match tls.receive(data, plaintext) {
         Ok((received, established_now)) => {
-            if established_now && let Some((_, suite)) = tls.negotiated() {
+            if clients
+                && established_now
+                && let Some((_, suite)) = tls.negotiated()
+            {
                 stats.tls_established(crate::tls::suite_slot(suite));
             }
             if !plaintext.is_empty() {
-                machine.handle_data(Side::Client, plaintext, cx);
+                machine.handle_data(side, plaintext, cx);
             }
             if received == tls::Received::PeerClosed {
-                machine.handle_eof(Side::Client, cx);
+                machine.handle_eof(side, cx);
             }
         }
         Err(error) => {
-            debug!(%error, "TLS error");
-            if !tls.is_established() && tls.mark_failed() {
+            debug!(%error, ?side, "TLS error");
+            if !tls.is_established() && tls.mark_failed() && clients {
                 stats.tls_failed(TlsFailure::of(&error));
             }
             // The alert goes out first (`tls_transmit`), then the connection closes.
@@ -934,11 +967,12 @@ enum TlsNext {
     Idle,
 }
 
-/// What a TLS client socket does next: ciphertext already queued (handshake, alerts) goes first,
-/// else the machine's next send, encrypted in one go; then the FIN after close_notify, or the
-/// close after a failure's alert.
+/// What a TLS socket does next: ciphertext already queued (handshake, alerts) goes first, else
+/// the machine's next send, encrypted in one go; then the FIN after close_notify, or the close
+/// after a failure's alert.
 fn tls_transmit(
     tls: &mut TlsSession,
+    side: Side,
     machine: &mut Machine,
     plaintext: &mut Vec<u8>,
     cx: &Cx<'_>,
@@ -950,7 +984,7 @@ fn tls_transmit(
         };
     }
     if tls.in_flight.is_none() && !tls.has_outgoing() && tls.is_established() && !tls.fin_pending {
-        if let Some(out) = machine.poll_transmit(Side::Client, cx) {
+        if let Some(out) = machine.poll_transmit(side, cx) {
             let contiguous = out.remaining();
             let encrypted = if contiguous.len() == out.len() {
                 tls.encrypt(contiguous)
@@ -964,13 +998,13 @@ fn tls_transmit(
                 Err(error) => {
                     debug!(%error, "TLS encryption failed");
                     // Not written: the machine hears so, as of a failed send.
-                    let _ = machine.handle_sent(Side::Client, Err(io::Error::other(error)), out, cx);
+                    let _ = machine.handle_sent(side, Err(io::Error::other(error)), out, cx);
                 }
             }
             if plaintext.capacity() > PLAINTEXT_KEPT {
                 *plaintext = Vec::new();
             }
-        } else if machine.poll_fin(Side::Client, cx) {
+        } else if machine.poll_fin(side, cx) {
             if tls.close_notify().is_err() {
                 return TlsNext::Fin;
             }
@@ -991,6 +1025,7 @@ fn tls_transmit(
 /// told its plaintext was sent (or that the send failed).
 fn tls_sent(
     tls: &mut TlsSession,
+    side: Side,
     result: io::Result<usize>,
     mut cipher: Outgoing,
     machine: &mut Machine,
@@ -998,7 +1033,9 @@ fn tls_sent(
 ) -> Option<Outgoing> {
     match result {
         Ok(written) => {
-            add(&cx.ctx.stats.tls_bytes_out, written as u64);
+            if side == Side::Client {
+                add(&cx.ctx.stats.tls_bytes_out, written as u64);
+            }
             cipher.advance(written);
             if !cipher.is_empty() {
                 return Some(cipher);
@@ -1006,16 +1043,16 @@ fn tls_sent(
             if let Some(plain) = tls.in_flight.take() {
                 let len = plain.len();
                 // All of it was written: the machine has no rest to give back.
-                let _ = machine.handle_sent(Side::Client, Ok(len), plain, cx);
+                let _ = machine.handle_sent(side, Ok(len), plain, cx);
             }
             None
         }
         Err(error) => {
             match tls.in_flight.take() {
                 Some(plain) => {
-                    let _ = machine.handle_sent(Side::Client, Err(error), plain, cx);
+                    let _ = machine.handle_sent(side, Err(error), plain, cx);
                 }
-                None => machine.handle_error(Side::Client, &error, cx),
+                None => machine.handle_error(side, &error, cx),
             }
             None
         }

@@ -12,7 +12,7 @@ pub mod certs;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::{ProtocolVersion, ServerConfig, SupportedCipherSuite};
+use rustls::{ClientConfig, ProtocolVersion, RootCertStore, ServerConfig, SupportedCipherSuite};
 
 use certs::{CertError, CertKeyPaths, CertResolver};
 
@@ -55,6 +55,42 @@ impl TlsTerminator {
     pub fn certificate_for(&self, server_name: Option<&str>) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.resolver.choose(server_name)
     }
+}
+
+/// The client configuration for wss:// upstreams: the system's roots plus the CA files in
+/// `extra_cas`, ALPN `http/1.1`. A system root store that cannot be read is logged and skipped
+/// (the operator's CAs may be all that is needed); an unreadable CA file is an error.
+pub fn upstream_client_config(extra_cas: &[std::path::PathBuf]) -> Result<Arc<ClientConfig>, CertError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::warn!(%error, "reading the system's root certificates");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, "system root certificates for wss:// upstreams");
+    for path in extra_cas {
+        let fail = |reason: String| CertError { path: path.clone(), reason };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| fail(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(fail("no CERTIFICATE block in the file".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| CertError { path: Default::default(), reason: e.to_string() })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The suites `/metrics` counts handshakes by: rustls' defaults on aws-lc-rs, in its order.

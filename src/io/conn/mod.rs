@@ -219,8 +219,8 @@ impl Machine {
         }
     }
 
-    /// The upstream to connect to, once.
-    pub fn poll_connect(&mut self, cx: &Cx<'_>) -> Option<SocketAddr> {
+    /// The upstream to connect to, once, and the name to speak TLS to it under (`wss://`).
+    pub fn poll_connect<'a>(&mut self, cx: &Cx<'a>) -> Option<(SocketAddr, Option<&'a str>)> {
         match self {
             Machine::Client(_) => None,
             Machine::Relay(relay) => relay.poll_connect(cx),

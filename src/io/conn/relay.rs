@@ -287,11 +287,11 @@ impl Relay {
     }
 
     /// The upstream to connect to, handed out once per attempt.
-    pub fn poll_connect(&mut self, _cx: &Cx<'_>) -> Option<SocketAddr> {
-        match &mut self.stage {
-            Stage::Connecting { addr, .. } => addr.take(),
-            _ => None,
-        }
+    pub fn poll_connect<'a>(&mut self, cx: &Cx<'a>) -> Option<(SocketAddr, Option<&'a str>)> {
+        let Stage::Connecting { addr, index, .. } = &mut self.stage else { return None };
+        let addr = addr.take()?;
+        let tls_name = cx.ctx.proxies.route(self.route)?.upstreams.get(*index)?.url.tls_name.as_deref();
+        Some((addr, tls_name))
     }
 
     /// The upstream connect finished.
