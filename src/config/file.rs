@@ -16,6 +16,7 @@ use super::{
     parse_upstream_url,
 };
 use crate::gateway::auth::{AuthMode, RefusedPublish};
+use crate::gateway::cluster::BrokerUrl;
 use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
@@ -40,6 +41,8 @@ pub struct FileConfig {
     auth: AuthSection,
     #[serde(default)]
     http: HttpSection,
+    #[serde(default)]
+    broker: BrokerSection,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
 }
@@ -108,6 +111,25 @@ struct WebSocketSection {
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     publish_key_file: Option<std::path::PathBuf>,
+}
+
+/// `[broker]`: cross-node pub/sub.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerSection {
+    url: Option<Broker>,
+    optional: Option<bool>,
+}
+
+/// A broker URL, `redis://HOST:PORT` or `nats://HOST:PORT`.
+#[derive(Debug, Clone)]
+struct Broker(BrokerUrl);
+
+impl<'de> Deserialize<'de> for Broker {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        BrokerUrl::parse(&text).map(Broker).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,7 +230,8 @@ impl FileConfig {
     /// Copies every value the file sets into `config`, except those whose flag was given on the
     /// command line (`from_command_line` says which, by clap argument id).
     pub fn apply(self, config: &mut Config, from_command_line: impl Fn(&str) -> bool) {
-        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, http, proxy } = self;
+        let FileConfig { server, limits, websocket, pubsub, routes, compression, auth, http, broker, proxy } =
+            self;
         macro_rules! take {
             ($id:literal, $value:expr, $field:expr) => {
                 if let Some(value) = $value
@@ -236,6 +259,8 @@ impl FileConfig {
         take!("publish_key_file", http.publish_key_file.map(Some), config.publish_key_file);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
+        take!("broker", broker.url.map(|b| Some(b.0)), config.broker);
+        take!("broker_optional", broker.optional, config.broker_optional);
         take!("compression", compression.mode, config.compression);
         take!("compression_level", compression.level, config.compression_level);
         take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);

@@ -5,6 +5,7 @@
 //! `crate::io`, block, or keep a borrowed payload beyond the call.
 
 pub mod auth;
+pub mod cluster;
 pub mod compression;
 pub mod cors;
 pub mod echo;

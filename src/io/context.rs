@@ -11,13 +11,16 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use crate::gateway::auth::{Authenticator, RefusedPublish, RouteAuth};
+use crate::gateway::cluster::Link;
 use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::publish_key::PublishKey;
 use crate::gateway::pubsub::Broker;
 use crate::gateway::router::Router;
-use crate::metrics::{ProcessInfo, WorkerStats, process_rss_bytes, render_prometheus, render_upstreams};
+use crate::metrics::{
+    ProcessInfo, WorkerStats, process_rss_bytes, render_broker, render_prometheus, render_upstreams,
+};
 use crate::proto::handshake::StaticPolicy;
 use crate::proto::message::{Limits, MessageKind};
 
@@ -72,6 +75,8 @@ pub struct WorkerContext {
     pub refused_publish: RefusedPublish,
     /// The header carrying a verified token's `sub` to proxy upstreams.
     pub subject_header: Arc<str>,
+    /// The cross-node broker link (`--broker`), for `/healthz` and `/metrics`.
+    pub cluster: Option<Arc<Link>>,
 }
 
 impl Endpoints for WorkerContext {
@@ -88,6 +93,13 @@ impl Endpoints for WorkerContext {
         };
         render_prometheus(out, &self.all_stats, &process);
         render_upstreams(out, &self.proxies.labels());
+        if let Some(link) = &self.cluster {
+            render_broker(out, link.stats(), link.engine());
+        }
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|link| link.is_degraded())
     }
 
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
@@ -151,6 +163,7 @@ impl WorkerContext {
             route_auth: RouteAuth::default(),
             refused_publish: RefusedPublish::Close,
             subject_header: Arc::from("X-Ringgate-Sub"),
+            cluster: None,
         }
     }
 }

@@ -40,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, IoChoice};
 use crate::gateway::auth::{Authenticator, KeyError, RouteAuth};
+use crate::gateway::cluster::{self, BrokerError, Link};
 use crate::gateway::compression::Compressor;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::{Broker, BrokerSettings, Hub};
@@ -69,6 +70,8 @@ pub enum StartError {
     Thread(io::Error),
     /// A JWT key file could not be used.
     Keys(KeyError),
+    /// The cross-node broker could not be reached (and `--broker-optional` was not given).
+    Broker(BrokerError),
 }
 
 impl fmt::Display for StartError {
@@ -102,6 +105,7 @@ impl fmt::Display for StartError {
             }
             StartError::Thread(error) => write!(f, "cannot start a worker thread: {error}"),
             StartError::Keys(error) => write!(f, "cannot use a JWT key: {error}"),
+            StartError::Broker(error) => write!(f, "{error}"),
         }
     }
 }
@@ -209,6 +213,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let (done_tx, done_rx) = mpsc::channel();
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
+    let cluster = start_broker(config, &hub)?;
     let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
     let mut wakes = Vec::with_capacity(workers);
     for ((index, listeners), deliveries) in listeners.into_iter().enumerate().zip(deliveries) {
@@ -221,6 +226,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             open_connections: Arc::clone(&open_connections),
             hub: Arc::clone(&hub),
             proxies: Arc::clone(&proxies),
+            cluster: cluster.clone(),
         };
         let context = context_builder(config, index, shared);
         let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
@@ -384,6 +390,17 @@ fn reload_keys(auth: &Authenticator) {
     }
 }
 
+/// Connects the node to its `--broker`, if one is configured: the hub hears of presence changes
+/// and local publishes from here on, and the broker thread runs until the process exits.
+fn start_broker(config: &Config, hub: &Arc<Hub>) -> Result<Option<Arc<Link>>, StartError> {
+    let Some(url) = &config.broker else { return Ok(None) };
+    let (link, outgoing) = Link::new(url.clone());
+    hub.set_cluster(Arc::clone(&link));
+    cluster::start(Arc::clone(&link), outgoing, Arc::clone(hub), config.broker_optional)
+        .map_err(StartError::Broker)?;
+    Ok(Some(link))
+}
+
 /// What all workers share, handed to each worker's context.
 struct Shared {
     auth: Arc<Authenticator>,
@@ -391,6 +408,7 @@ struct Shared {
     open_connections: Arc<AtomicUsize>,
     hub: Arc<Hub>,
     proxies: Arc<ProxyPool>,
+    cluster: Option<Arc<Link>>,
 }
 
 fn context_builder(
@@ -454,6 +472,7 @@ fn context_builder(
             route_auth,
             refused_publish,
             subject_header,
+            cluster: shared.cluster,
         }
     })
 }
