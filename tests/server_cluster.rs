@@ -166,6 +166,15 @@ fn every_message_reaches_every_subscriber_once_in_publisher_order(kind: Kind) {
         assert_eq!(health(server), (200, "ok\n".into()));
     }
 
+    // Something that is not a ringgate envelope on a topic's channel is counted, not delivered.
+    broker.publish_foreign("t", b"hello from another program");
+    for server in [&a, &b] {
+        wait_until("the foreign message is counted", || drops(server, "malformed") == 1.0);
+    }
+    for (who, client) in &mut subscribers {
+        expect_silence(client, who);
+    }
+
     // The last subscriber leaving a topic unsubscribes the node at the broker.
     drop(subscribers);
     drop((publisher_a, publisher_b));
@@ -263,6 +272,42 @@ fn redis_local_delivery_survives_the_broker_and_cross_node_delivery_comes_back()
 #[test]
 fn redis_unreachable_at_start_stops_the_start_unless_optional() {
     an_unreachable_broker_stops_the_start_unless_optional(Kind::Redis);
+}
+
+/// Every broker counter family is checked above with its exact change (queue_full and handoff
+/// drops, which need a node pushed past its bounds, in the unit tests of `gateway::cluster`).
+#[test]
+fn every_broker_counter_family_is_checked_here() {
+    if broker::skipped() {
+        return;
+    }
+    const CHECKED: [&str; 4] = [
+        "ringgate_broker_reconnects_total",
+        "ringgate_broker_published_total",
+        "ringgate_broker_received_total",
+        "ringgate_broker_drops_total",
+    ];
+    let broker = Broker::start(Kind::Redis);
+    let exposition = scrape(&node(&broker.url(), &[]));
+    let families: Vec<&str> = exposition
+        .families
+        .iter()
+        .filter(|f| f.name.starts_with("ringgate_broker_"))
+        .map(|f| f.name.as_str())
+        .collect();
+    for family in &exposition.families {
+        if family.name.starts_with("ringgate_broker_") && family.kind == "counter" {
+            assert!(CHECKED.contains(&family.name.as_str()), "{} is not checked here", family.name);
+        }
+    }
+    for name in CHECKED.iter().chain(&["ringgate_broker_connected", "ringgate_broker_subscribed_topics"]) {
+        assert!(families.contains(name), "{name} missing: {families:?}");
+    }
+    let reasons: Vec<&str> = exposition
+        .samples("ringgate_broker_drops_total")
+        .filter_map(|sample| sample.label("reason"))
+        .collect();
+    assert_eq!(reasons, ["queue_full", "disconnected", "handoff", "malformed"]);
 }
 
 #[test]

@@ -141,7 +141,8 @@ pub struct Config {
     #[arg(long, value_name = "PATH", default_value = "/metrics", value_parser = parse_route_path)]
     pub metrics_path: RoutePath,
 
-    /// Path of the health endpoint (`GET`: 200 while serving, 503 while draining); `off` disables it.
+    /// Path of the health endpoint (`GET`: 200 `ok` while serving, 200 `degraded` while the --broker
+    /// is unreachable, 503 while draining); `off` disables it.
     #[arg(long, value_name = "PATH", default_value = "/healthz", value_parser = parse_route_path)]
     pub healthz_path: RoutePath,
 

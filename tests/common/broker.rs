@@ -206,6 +206,43 @@ impl Broker {
         }
     }
 
+    /// Publishes `payload` on the broker channel of `topic` as a foreign client would (not a
+    /// ringgate envelope), with the broker's own protocol on a connection of its own.
+    pub fn publish_foreign(&self, topic: &str, payload: &[u8]) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut stream = TcpStream::connect_timeout(&addr, READY_TIMEOUT).expect("connect to the broker");
+        stream.set_read_timeout(Some(READY_TIMEOUT)).expect("timeout");
+        let mut request = Vec::new();
+        let expect: &[u8] = match self.kind {
+            Kind::Redis => {
+                let channel = format!("ringgate:{topic}");
+                let parts: [&[u8]; 3] = [b"PUBLISH", channel.as_bytes(), payload];
+                request.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+                for part in parts {
+                    request.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+                    request.extend_from_slice(part);
+                    request.extend_from_slice(b"\r\n");
+                }
+                b":"
+            }
+            Kind::Nats => {
+                request.extend_from_slice(b"CONNECT {\"verbose\":false}\r\n");
+                request.extend_from_slice(format!("PUB ringgate.{topic} {}\r\n", payload.len()).as_bytes());
+                request.extend_from_slice(payload);
+                request.extend_from_slice(b"\r\nPING\r\n");
+                b"PONG"
+            }
+        };
+        stream.write_all(&request).expect("publish");
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !answer.windows(expect.len()).any(|w| w == expect) {
+            let n = stream.read(&mut chunk).expect("the broker's answer");
+            assert!(n > 0, "the broker closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
