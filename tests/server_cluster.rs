@@ -311,6 +311,21 @@ fn every_broker_counter_family_is_checked_here() {
 }
 
 #[test]
+fn nats_every_message_reaches_every_subscriber_once_in_publisher_order() {
+    every_message_reaches_every_subscriber_once_in_publisher_order(Kind::Nats);
+}
+
+#[test]
+fn nats_local_delivery_survives_the_broker_and_cross_node_delivery_comes_back() {
+    local_delivery_survives_the_broker_and_cross_node_delivery_comes_back(Kind::Nats);
+}
+
+#[test]
+fn nats_unreachable_at_start_stops_the_start_unless_optional() {
+    an_unreachable_broker_stops_the_start_unless_optional(Kind::Nats);
+}
+
+#[test]
 fn a_node_without_a_broker_has_no_broker_metrics_and_is_simply_ok() {
     let server = Server::start(&[]);
     assert_eq!(health(&server), (200, "ok\n".into()));

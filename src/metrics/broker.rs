@@ -10,7 +10,9 @@ use super::add;
 /// Why a message did not cross the broker: the `reason` of `ringgate_broker_drops_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BrokerDrop {
-    /// A local publish found the queue to the broker's thread full (in messages or in bytes).
+    /// A queue between the node and the broker was full: the queue of local publishes to the
+    /// broker's thread (in messages or in bytes), or, with NATS, a subscription's queue in the
+    /// client (which then drops a message from the broker and reports a slow consumer).
     QueueFull,
     /// A local publish while the broker was disconnected, or queued when the connection was lost:
     /// delivered locally, not to other nodes.

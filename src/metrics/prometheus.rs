@@ -478,7 +478,7 @@ pub fn render_broker(out: &mut String, stats: &super::BrokerStats, engine: &'sta
         "ringgate_broker_drops_total",
         Counter,
         "Messages that did not cross the broker, by reason: queue_full (the queue to the broker \
-         thread), disconnected (published while the broker was away: delivered locally only), \
+         thread, or a NATS subscription's queue in the client), disconnected (published while the broker was away: delivered locally only), \
          handoff (a worker too far behind, per subscriber there), malformed (not a ringgate envelope).",
     );
     for why in super::BrokerDrop::ALL {
