@@ -343,6 +343,21 @@ impl Node {
         }
     }
 
+    /// The connection is up and subscribed to every present topic: publishes go to the broker from
+    /// here on. The first time, start-up hears of it (through `first`); later, it is a reconnect.
+    fn connected(&self, first: &mut Option<mpsc::Sender<Result<(), String>>>, shown: &str) {
+        self.link.stats.set_connected(true);
+        match first.take() {
+            Some(first) => {
+                let _ = first.send(Ok(()));
+            }
+            None => {
+                add(&self.link.stats.reconnects, 1);
+                tracing::info!(broker = %shown, "reconnected to the broker; subscribed again");
+            }
+        }
+    }
+
     /// The connection is lost: later publishes stay local, and those still queued are dropped
     /// (counted) rather than sent late after a reconnect.
     fn disconnected(&self, outgoing: &mut Outgoing) {

@@ -82,13 +82,7 @@ pub(super) async fn run(
         }
         tokio::time::sleep(backoff.next_wait()).await;
     };
-    match first.take() {
-        Some(first) => {
-            let _ = first.send(Ok(()));
-        }
-        None => add(&node.link.stats.reconnects, 1),
-    }
-    serve(client, &node, &mut outgoing, &lost, &back, &shown).await;
+    serve(client, &node, &mut outgoing, &lost, &back, &mut first, &shown).await;
 }
 
 async fn connect(url: &str, node: &Node, lost: &Arc<Notify>, back: &Arc<Notify>) -> Result<Client, String> {
@@ -145,11 +139,12 @@ async fn serve(
     outgoing: &mut Outgoing,
     lost: &Notify,
     back: &Notify,
+    first: &mut Option<mpsc::Sender<Result<(), String>>>,
     shown: &str,
 ) {
     let mut readers = Readers::default();
     reconcile(&client, node, &mut readers, true).await;
-    node.link.stats.set_connected(true);
+    node.connected(first, shown);
     let mut batch: Vec<Outbound> = Vec::with_capacity(BATCH);
     let mut envelope = Vec::new();
     loop {
@@ -167,10 +162,8 @@ async fn serve(
                 // loss is a reconnect. The client has sent our subscriptions again by now.
                 let up = client.connection_state() == async_nats::connection::State::Connected;
                 if up && !node.link.stats.is_connected() {
-                    add(&node.link.stats.reconnects, 1);
                     node.link.stats.set_subscribed_topics(readers.0.len());
-                    node.link.stats.set_connected(true);
-                    tracing::info!(broker = %shown, "reconnected to the broker");
+                    node.connected(first, shown);
                 }
             }
             () = node.link.wake.notified() => {}

@@ -84,16 +84,7 @@ pub(super) async fn run(
         match connect(&client, &node, &lost).await {
             Ok(connection) => {
                 backoff.reset();
-                match first.take() {
-                    Some(first) => {
-                        let _ = first.send(Ok(()));
-                    }
-                    None => {
-                        add(&node.link.stats.reconnects, 1);
-                        tracing::info!(broker = %shown, "reconnected to the broker; subscribing again");
-                    }
-                }
-                let why = serve(connection, &node, &mut outgoing, &lost).await;
+                let why = serve(connection, &node, &mut outgoing, &lost, &mut first, &shown).await;
                 node.disconnected(&mut outgoing);
                 tracing::warn!(
                     broker = %shown,
@@ -151,19 +142,21 @@ fn on_push(node: &Node, lost: &Notify, push: PushInfo) {
     }
 }
 
-/// Subscribes every present topic, then follows presence changes and sends local publishes until
+/// Subscribes every present topic (then the node counts as connected), then follows presence changes and sends local publishes until
 /// the connection fails; returns why.
 async fn serve(
     mut connection: MultiplexedConnection,
     node: &Node,
     outgoing: &mut Outgoing,
     lost: &Notify,
+    first: &mut Option<mpsc::Sender<Result<(), String>>>,
+    shown: &str,
 ) -> String {
     let mut subscribed = Subscribed::default();
     if let Err(error) = reconcile(&mut connection, node, &mut subscribed, true).await {
         return error.to_string();
     }
-    node.link.stats.set_connected(true);
+    node.connected(first, shown);
     let mut batch: Vec<Outbound> = Vec::with_capacity(BATCH);
     let mut envelope = Vec::new();
     loop {
