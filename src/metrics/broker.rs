@@ -14,8 +14,9 @@ pub enum BrokerDrop {
     /// broker's thread (in messages or in bytes), or, with NATS, a subscription's queue in the
     /// client (which then drops a message from the broker and reports a slow consumer).
     QueueFull,
-    /// A local publish while the broker was disconnected, or queued when the connection was lost:
-    /// delivered locally, not to other nodes.
+    /// A local publish while the broker was disconnected, or queued when the connection was lost,
+    /// or sent and not confirmed before it was lost: delivered locally, and not to other nodes
+    /// (except, for the unconfirmed, when the broker had forwarded it before it went away).
     Disconnected,
     /// A message from another node that a worker had no hand-off room for, once per subscriber
     /// there that missed it.
