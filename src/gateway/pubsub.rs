@@ -24,6 +24,11 @@
 //! and shared like the plain one; the others get the plain frame. A dedicated-mode subscriber gets
 //! the plain frame and its connection compresses it with its own compressor.
 //!
+//! Across nodes (`--broker`): the hub tells the node's [`Link`] when a topic gets its first
+//! subscriber on the node or loses its last, and every publish is also given to the link after
+//! local delivery (see `gateway::cluster`); messages from other nodes come back through the same
+//! bounded hand-off as a publish from another worker ([`Hub::deliver_remote`]).
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
