@@ -16,6 +16,7 @@ use super::{
     parse_upstream_url,
 };
 use crate::gateway::auth::{AuthMode, RefusedPublish};
+use crate::gateway::cluster::BrokerUrl;
 use crate::gateway::compression::CompressionMode;
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::pubsub::SlowConsumerPolicy;
@@ -48,6 +49,8 @@ pub struct FileConfig {
     tls: TlsSection,
     /// `[[listener]]` tables: one per listening address, each with its own TLS (or none).
     listener: Option<Vec<ListenerSection>>,
+    #[serde(default)]
+    broker: BrokerSection,
     /// `[[proxy]]` tables: one per proxy route.
     proxy: Option<Vec<ProxySection>>,
 }
@@ -147,6 +150,25 @@ struct WebSocketSection {
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     publish_key_file: Option<std::path::PathBuf>,
+}
+
+/// `[broker]`: cross-node pub/sub.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerSection {
+    url: Option<Broker>,
+    optional: Option<bool>,
+}
+
+/// A broker URL, `redis://HOST:PORT` or `nats://HOST:PORT`.
+#[derive(Debug, Clone)]
+struct Broker(BrokerUrl);
+
+impl<'de> Deserialize<'de> for Broker {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        BrokerUrl::parse(&text).map(Broker).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +297,7 @@ impl FileConfig {
             http,
             tls,
             listener,
+            broker,
             proxy,
         } = self;
         macro_rules! take {
@@ -329,6 +352,8 @@ impl FileConfig {
         take!("publish_key_file", http.publish_key_file.map(Some), config.publish_key_file);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
+        take!("broker", broker.url.map(|b| Some(b.0)), config.broker);
+        take!("broker_optional", broker.optional, config.broker_optional);
         take!("compression", compression.mode, config.compression);
         take!("compression_level", compression.level, config.compression_level);
         take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);

@@ -18,6 +18,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::gateway::address_limits::AddressLimitSettings;
 use crate::gateway::auth::{AuthMode, AuthSettings, RefusedPublish};
+use crate::gateway::cluster::BrokerUrl;
 use crate::gateway::compression::{CompressionMode, CompressionSettings};
 use crate::gateway::proxy::{ProxyRouteSpec, UpstreamUrl};
 use crate::gateway::publish_key::PublishKey;
@@ -159,7 +160,8 @@ pub struct Config {
     #[arg(long, value_name = "PATH", default_value = "/metrics", value_parser = parse_route_path)]
     pub metrics_path: RoutePath,
 
-    /// Path of the health endpoint (`GET`: 200 while serving, 503 while draining); `off` disables it.
+    /// Path of the health endpoint (`GET`: 200 `ok` while serving, 200 `degraded` while the --broker
+    /// is unreachable, 503 while draining); `off` disables it.
     #[arg(long, value_name = "PATH", default_value = "/healthz", value_parser = parse_route_path)]
     pub healthz_path: RoutePath,
 
@@ -284,6 +286,19 @@ pub struct Config {
     /// ones get 429. 0: unlimited.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_conn_rate_per_ip: u32,
+
+    /// Cross-node pub/sub: `redis://HOST:PORT` or `nats://HOST:PORT`. A node subscribes to a topic at
+    /// the broker while it has a subscriber on it; every publish goes to the broker once and reaches
+    /// the subscribers on every node (exactly once each, in each publisher's order). Local
+    /// delivery never waits for the broker and goes on without it. Unset: this process is the
+    /// whole broker.
+    #[arg(long, value_name = "URL", value_parser = BrokerUrl::parse)]
+    pub broker: Option<BrokerUrl>,
+
+    /// Start even if the --broker is unreachable (local delivery only, /healthz "degraded", and
+    /// reconnecting in the background); without it, an unreachable broker stops the start.
+    #[arg(long)]
+    pub broker_optional: bool,
 
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
@@ -557,6 +572,9 @@ impl Config {
         }
         if self.max_backpressure < 1024 {
             return fail("--max-backpressure must be at least 1KiB".into());
+        }
+        if self.broker_optional && self.broker.is_none() {
+            return fail("--broker-optional needs a --broker URL".into());
         }
         Ok(())
     }
@@ -869,6 +887,22 @@ mod tests {
         let missing = dir.join("nope.key").to_string_lossy().into_owned();
         let message = invalid(load(&["--publish-key-file", &missing], ""));
         assert!(message.contains("cannot read") && message.contains(&missing), "{message}");
+    }
+
+    #[test]
+    fn the_broker_comes_from_a_flag_or_the_file_and_is_checked() {
+        assert_eq!(parse(&[]).broker, None, "in-process by default");
+        let config = parse(&["--broker", "redis://127.0.0.1:6379", "--broker-optional"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.broker.as_ref().map(BrokerUrl::engine), Some("redis"));
+        assert!(Config::try_parse_from(["ringgate", "--broker", "127.0.0.1:6379"]).is_err());
+        assert!(parse(&["--broker-optional"]).validate().is_err(), "optional without a broker");
+        let file = "[broker]\nurl = \"redis://127.0.0.1:7000\"\noptional = true\n";
+        let config = load(&[], file).expect("valid");
+        assert_eq!(config.broker, BrokerUrl::parse("redis://127.0.0.1:7000").ok());
+        assert!(config.broker_optional);
+        let message = invalid(load(&[], "[broker]\n\nurl = \"kafka://127.0.0.1:1\"\n"));
+        assert!(message.contains("url") && message.contains("line 3"), "{message}");
     }
 
     #[test]

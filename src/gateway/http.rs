@@ -29,6 +29,13 @@ use crate::proto::message::MessageKind;
 pub trait Endpoints {
     /// Whether the gateway is draining (health turns 503 so load balancers stop sending traffic).
     fn is_draining(&self) -> bool;
+    /// Whether the node serves with a part missing: its `--broker` is unreachable, so it delivers
+    /// locally only. Health stays 200 (body `degraded`): the node still serves its clients, and
+    /// taking every node out of rotation when the shared broker fails would turn a partial outage
+    /// into a total one. Monitoring alerts on the body or on `ringgate_broker_connected`.
+    fn is_degraded(&self) -> bool {
+        false
+    }
     /// Appends the Prometheus text exposition of every metric.
     fn render_metrics(&self, out: &mut String);
     /// Publishes a message to a topic; returns the number of subscribers it reached.
@@ -340,7 +347,13 @@ pub fn answer(
     let mut text = String::new();
     let (status, content_type, response_body): (u16, &str, &[u8]) = match route {
         Route::Healthz if readable => {
-            let (status, words) = if endpoints.is_draining() { (503, "draining\n") } else { (200, "ok\n") };
+            let (status, words) = if endpoints.is_draining() {
+                (503, "draining\n")
+            } else if endpoints.is_degraded() {
+                (200, "degraded\n")
+            } else {
+                (200, "ok\n")
+            };
             (status, TEXT, words.as_bytes())
         }
         Route::Metrics if readable => {
@@ -440,6 +453,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         draining: bool,
+        degraded: bool,
         published: RefCell<Vec<(String, MessageKind, Vec<u8>)>>,
         origins: Vec<String>,
         key: Option<PublishKey>,
@@ -458,6 +472,9 @@ mod tests {
     impl Endpoints for Fake {
         fn is_draining(&self) -> bool {
             self.draining
+        }
+        fn is_degraded(&self) -> bool {
+            self.degraded
         }
         fn render_metrics(&self, out: &mut String) {
             out.push_str("# TYPE x counter\nx_total 1\n");
@@ -504,6 +521,17 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
         assert!(text.contains("Connection: close\r\n"));
         assert!(!keep);
+    }
+
+    #[test]
+    fn healthz_says_degraded_but_stays_200_without_the_broker() {
+        let degraded = Fake { degraded: true, ..Fake::default() };
+        let (text, keep) = respond("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Route::Healthz, &degraded);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\ndegraded\n"), "{text}");
+        assert!(keep);
+        let both = Fake { degraded: true, draining: true, ..Fake::default() };
+        let (text, _) = respond("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Route::Healthz, &both);
+        assert!(text.starts_with("HTTP/1.1 503 "), "draining wins: {text}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod address_limits;
 pub mod auth;
+pub mod cluster;
 pub mod compression;
 pub mod cors;
 pub mod echo;

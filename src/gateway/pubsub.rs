@@ -24,6 +24,11 @@
 //! and shared like the plain one; the others get the plain frame. A dedicated-mode subscriber gets
 //! the plain frame and its connection compresses it with its own compressor.
 //!
+//! Across nodes (`--broker`): the hub tells the node's [`Link`] when a topic gets its first
+//! subscriber on the node or loses its last, and every publish is also given to the link after
+//! local delivery (see `gateway::cluster`); messages from other nodes come back through the same
+//! bounded hand-off as a publish from another worker ([`Hub::deliver_remote`]).
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
@@ -37,6 +42,7 @@ use std::task::Waker;
 
 use bytes::{Bytes, BytesMut};
 
+use super::cluster::Link;
 use super::compression::Compressor;
 use crate::metrics::{WorkerStats, add};
 use crate::proto::deflate::{MAX_WINDOW_BITS, MIN_WINDOW_BITS};
@@ -77,6 +83,9 @@ pub struct Hub {
     handoff_limit: usize,
     /// Subscribers per worker, per topic; a topic is here while any worker has a subscriber on it.
     presence: RwLock<HashMap<Arc<str>, Box<[AtomicUsize]>>>,
+    /// The cross-node broker (`--broker`), told when a topic appears on or leaves this node and
+    /// given every local publish; unset: this process is the whole broker.
+    cluster: OnceLock<Arc<Link>>,
 }
 
 impl Hub {
@@ -97,6 +106,7 @@ impl Hub {
             handoff_bytes,
             handoff_limit: limit,
             presence: RwLock::default(),
+            cluster: OnceLock::new(),
         };
         (Arc::new(hub), receivers)
     }
@@ -105,6 +115,43 @@ impl Hub {
     /// its receiver). Set once; a worker without a waker is expected to poll.
     pub fn set_waker(&self, worker: usize, waker: Waker) {
         let _ = self.wakers[worker].set(waker);
+    }
+
+    /// Connects the hub to a cross-node broker: from here on it hears of every topic that appears on
+    /// or leaves this node, and of every local publish. Set once, before the workers start.
+    pub fn set_cluster(&self, link: Arc<Link>) {
+        let _ = self.cluster.set(link);
+    }
+
+    /// Whether any worker has a subscriber on `topic`.
+    pub fn is_present(&self, topic: &str) -> bool {
+        self.presence.read().is_ok_and(|map| map.contains_key(topic))
+    }
+
+    /// The topics with a subscriber on any worker (for the broker to subscribe to after a reconnect).
+    pub fn present_topics(&self) -> Vec<Arc<str>> {
+        self.presence.read().map_or_else(|_| Vec::new(), |map| map.keys().cloned().collect())
+    }
+
+    /// Hands a frame that came from another node to every worker with subscribers on `topic`, once
+    /// each, within each worker's hand-off bound. Returns the subscribers that missed it (on
+    /// workers without room).
+    pub fn deliver_remote(&self, topic: &str, frame: Bytes) -> usize {
+        let mut missed = 0;
+        if let Ok(presence) = self.presence.read()
+            && let Some((topic, counts)) = presence.get_key_value(topic)
+        {
+            for (worker, count) in counts.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone() };
+                    if !self.hand_off(worker, delivery) {
+                        missed += count;
+                    }
+                }
+            }
+        }
+        missed
     }
 
     /// Hands `delivery` to `worker` if its hand-off bound has room for the frame.
@@ -139,22 +186,39 @@ impl Hub {
         self.presence.read().map_or(0, |map| map.len())
     }
 
-    fn add_presence(&self, topic: &str, worker: usize) {
+    pub(super) fn add_presence(&self, topic: &str, worker: usize) {
         if let Ok(map) = self.presence.read()
             && let Some(counts) = map.get(topic)
         {
             counts[worker].fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Ok(mut map) = self.presence.write() {
-            let counts = map
-                .entry(Arc::from(topic))
-                .or_insert_with(|| self.workers.iter().map(|_| AtomicUsize::new(0)).collect());
-            counts[worker].fetch_add(1, Ordering::Relaxed);
+        let created = match self.presence.write() {
+            Ok(mut map) => match map.get(topic) {
+                Some(counts) => {
+                    counts[worker].fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                None => {
+                    // The topic's first subscriber on this node.
+                    let topic: Arc<str> = Arc::from(topic);
+                    let counts: Box<[AtomicUsize]> =
+                        self.workers.iter().map(|_| AtomicUsize::new(0)).collect();
+                    counts[worker].fetch_add(1, Ordering::Relaxed);
+                    map.insert(Arc::clone(&topic), counts);
+                    Some(topic)
+                }
+            },
+            Err(_) => None,
+        };
+        // Told after the lock is released: the broker reads the presence again, so the order of
+        // two such calls does not matter, only that one comes after the last change.
+        if let (Some(topic), Some(link)) = (created, self.cluster.get()) {
+            link.presence_changed(&topic);
         }
     }
 
-    fn remove_presence(&self, topic: &str, worker: usize) {
+    pub(super) fn remove_presence(&self, topic: &str, worker: usize) {
         let all_zero = |counts: &[AtomicUsize]| counts.iter().all(|c| c.load(Ordering::Relaxed) == 0);
         let mut now_empty = false;
         if let Ok(map) = self.presence.read()
@@ -163,11 +227,16 @@ impl Hub {
             counts[worker].fetch_sub(1, Ordering::Relaxed);
             now_empty = all_zero(counts);
         }
+        let mut removed = None;
         if now_empty && let Ok(mut map) = self.presence.write() {
             // Checked again under the write lock: another worker may have subscribed meanwhile.
             if map.get(topic).is_some_and(|counts| all_zero(counts)) {
-                map.remove(topic);
+                // The topic's last subscriber on this node left.
+                removed = map.remove_entry(topic).map(|(topic, _)| topic);
             }
+        }
+        if let (Some(topic), Some(link)) = (removed, self.cluster.get()) {
+            link.presence_changed(&topic);
         }
     }
 }
@@ -386,6 +455,10 @@ impl Broker {
                     }
                 }
             }
+        }
+        // Other nodes get it through the broker (its subscribers here have it already).
+        if let Some(link) = self.hub.cluster.get() {
+            link.publish(topic, &frame);
         }
         reached
     }

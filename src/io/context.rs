@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gateway::address_limits::AddressLimits;
 use crate::gateway::auth::{Authenticator, RefusedPublish, RouteAuth};
+use crate::gateway::cluster::Link;
 use crate::gateway::compression::Compressor;
 use crate::gateway::http::Endpoints;
 use crate::gateway::proxy::ProxyPool;
@@ -20,7 +21,8 @@ use crate::gateway::pubsub::Broker;
 use crate::gateway::rate_limit::MessageRates;
 use crate::gateway::router::Router;
 use crate::metrics::{
-    ProcessInfo, WorkerStats, process_rss_bytes, render_address_table, render_prometheus, render_upstreams,
+    ProcessInfo, WorkerStats, process_rss_bytes, render_address_table, render_broker, render_prometheus,
+    render_upstreams,
 };
 use crate::proto::handshake::StaticPolicy;
 use crate::proto::message::{Limits, MessageKind};
@@ -86,6 +88,8 @@ pub struct WorkerContext {
     pub listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
     /// How to speak TLS to wss:// upstreams (`None` when no route has one).
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The cross-node broker link (`--broker`), for `/healthz` and `/metrics`.
+    pub cluster: Option<Arc<Link>>,
 }
 
 impl Endpoints for WorkerContext {
@@ -105,6 +109,13 @@ impl Endpoints for WorkerContext {
         if let Some(limits) = &self.address_limits {
             render_address_table(out, limits.tracked_addresses());
         }
+        if let Some(link) = &self.cluster {
+            render_broker(out, link.stats(), link.engine());
+        }
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|link| link.is_degraded())
     }
 
     fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
@@ -172,6 +183,7 @@ impl WorkerContext {
             address_limits: None,
             listener_tls: Arc::from(Vec::new()),
             upstream_tls: None,
+            cluster: None,
         }
     }
 }

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::config::{Config, IoChoice};
 use crate::gateway::address_limits::AddressLimits;
 use crate::gateway::auth::{Authenticator, KeyError, RouteAuth};
+use crate::gateway::cluster::{self, BrokerError, Link};
 use crate::gateway::compression::Compressor;
 use crate::gateway::proxy::ProxyPool;
 use crate::gateway::pubsub::{Broker, BrokerSettings, Hub};
@@ -75,6 +76,8 @@ pub enum StartError {
     Keys(KeyError),
     /// A TLS certificate or key could not be used.
     Tls(CertError),
+    /// The cross-node broker could not be reached (and `--broker-optional` was not given).
+    Broker(BrokerError),
 }
 
 impl fmt::Display for StartError {
@@ -109,6 +112,7 @@ impl fmt::Display for StartError {
             StartError::Thread(error) => write!(f, "cannot start a worker thread: {error}"),
             StartError::Keys(error) => write!(f, "cannot use a JWT key: {error}"),
             StartError::Tls(error) => write!(f, "cannot use a TLS certificate or key: {error}"),
+            StartError::Broker(error) => write!(f, "{error}"),
         }
     }
 }
@@ -223,6 +227,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let (done_tx, done_rx) = mpsc::channel();
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
+    let cluster = start_broker(config, &hub)?;
     let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
     let address_limits = AddressLimits::new(config.address_limit_settings()).map(Arc::new);
     let mut wakes = Vec::with_capacity(workers);
@@ -239,6 +244,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
             address_limits: address_limits.clone(),
             listener_tls: Arc::clone(&listener_tls),
             upstream_tls: upstream_tls.clone(),
+            cluster: cluster.clone(),
         };
         let context = context_builder(config, index, shared);
         let setup = WorkerSetup { index, listeners, context, drain: Arc::clone(&drain), deliveries, wake };
@@ -438,6 +444,17 @@ fn reload_certificates(listener_tls: &[Option<Arc<TlsTerminator>>]) {
     }
 }
 
+/// Connects the node to its `--broker`, if one is configured: the hub hears of presence changes
+/// and local publishes from here on, and the broker thread runs until the process exits.
+fn start_broker(config: &Config, hub: &Arc<Hub>) -> Result<Option<Arc<Link>>, StartError> {
+    let Some(url) = &config.broker else { return Ok(None) };
+    let (link, outgoing) = Link::new(url.clone());
+    hub.set_cluster(Arc::clone(&link));
+    cluster::start(Arc::clone(&link), outgoing, Arc::clone(hub), config.broker_optional)
+        .map_err(StartError::Broker)?;
+    Ok(Some(link))
+}
+
 /// What all workers share, handed to each worker's context.
 struct Shared {
     auth: Arc<Authenticator>,
@@ -448,6 +465,7 @@ struct Shared {
     address_limits: Option<Arc<AddressLimits>>,
     listener_tls: Arc<[Option<Arc<TlsTerminator>>]>,
     upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    cluster: Option<Arc<Link>>,
 }
 
 fn context_builder(
@@ -516,6 +534,7 @@ fn context_builder(
             address_limits: shared.address_limits,
             listener_tls: shared.listener_tls,
             upstream_tls: shared.upstream_tls,
+            cluster: shared.cluster,
         }
     })
 }

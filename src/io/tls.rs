@@ -240,7 +240,7 @@ fn process_records<C: Records>(
             Ok(state) => state,
             Err(error) => {
                 let used = at + discard;
-                queue_alerts(conn, &mut buf[used..], &error, outgoing);
+                queue_alerts(conn, &mut buf[used..], outgoing);
                 return (used, Err(error));
             }
         };
@@ -318,26 +318,25 @@ fn write_records<C: Records>(
     result
 }
 
-/// After an error: queues what rustls still has for the peer (records of the flight it was
-/// sending, then its alert). rustls hands queued records out before it looks at input again;
-/// once they are out, the next call looks at the input, which is where it failed. So `rest` (what
-/// is left of the failed buffer: rustls may still point into it for a handshake message it holds)
-/// is given again only when the failure was not in the record layer itself; bytes that did not
-/// even frame as records would fail (and alert) a second time.
-fn queue_alerts<C: Records>(conn: &mut C, rest: &mut [u8], error: &rustls::Error, outgoing: &mut Vec<u8>) {
-    let rest = if matches!(error, rustls::Error::InvalidMessage(_)) { &mut [][..] } else { rest };
-    let (mut at, len) = (0, rest.len());
+/// After an error: queues what rustls still has for the peer: the rest of the flight it was
+/// sending, then its fatal alert, the last thing it queues. rustls hands queued records out
+/// before it looks at input again, and looking at the failed input again would fail again (a
+/// second fatal alert, which rustls asserts against), so this stops at the alert: the first
+/// record that is not a plaintext handshake or change-cipher-spec record (an alert is sent as
+/// content type 21 before encryption starts, 23 after). `rest` is what is left of the failed
+/// buffer: rustls may still point into it for a handshake message it holds, and an empty buffer
+/// in its place makes rustls panic.
+fn queue_alerts<C: Records>(conn: &mut C, rest: &mut [u8], outgoing: &mut Vec<u8>) {
+    const HANDSHAKE: u8 = 22;
+    const CHANGE_CIPHER_SPEC: u8 = 20;
     for _ in 0..8 {
-        let status = conn.records(&mut rest[at..]);
-        at = (at + status.discard).min(len);
-        match status.state {
-            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                if encode_into(outgoing, |out| encode.encode(out)).is_err() {
-                    return;
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => return,
+        let start = outgoing.len();
+        let Ok(ConnectionState::EncodeTlsData(mut encode)) = conn.records(rest).state else { return };
+        if encode_into(outgoing, |out| encode.encode(out)).is_err() {
+            return;
+        }
+        if !matches!(outgoing.get(start), Some(&(HANDSHAKE | CHANGE_CIPHER_SPEC))) {
+            return;
         }
     }
 }

@@ -8,14 +8,16 @@
 //! allocate on the hot path (an increment is one `fetch_add` on memory allocated at start); make a
 //! table's size depend on what peers send; count per message what could be counted per batch.
 
+mod broker;
 mod prometheus;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+pub use broker::{BrokerDrop, BrokerStats};
 pub use prometheus::{
-    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_address_table, render_prometheus,
-    render_upstreams,
+    CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_address_table, render_broker,
+    render_prometheus, render_upstreams,
 };
 
 use crate::gateway::address_limits::AddressRefusal;

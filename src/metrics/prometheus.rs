@@ -519,6 +519,59 @@ pub fn render_upstreams(out: &mut String, upstreams: &[UpstreamLabels<'_>]) {
     }
 }
 
+/// Renders the cross-node broker's families, for a node started with `--broker` (nothing without
+/// one: an in-process node has no broker to be connected to).
+pub fn render_broker(out: &mut String, stats: &super::BrokerStats, engine: &'static str) {
+    use Kind::{Counter, Gauge};
+    family(
+        out,
+        "ringgate_broker_connected",
+        Gauge,
+        "1 while the node is connected to its cross-node broker; 0 while it delivers locally only \
+         and reconnects (GET /healthz then answers \"degraded\").",
+    )
+    .sample(&[("engine", engine)], u64::from(stats.is_connected()));
+    family(
+        out,
+        "ringgate_broker_subscribed_topics",
+        Gauge,
+        "Topics this node is subscribed to at the broker (those with a local subscriber).",
+    )
+    .sample(&[], stats.subscribed_topics());
+    family(
+        out,
+        "ringgate_broker_reconnects_total",
+        Counter,
+        "Connections to the broker established again after one was lost (or the first attempt failed).",
+    )
+    .sample(&[], load(&stats.reconnects));
+    family(
+        out,
+        "ringgate_broker_published_total",
+        Counter,
+        "Messages this node sent to the broker, each once however many nodes receive it.",
+    )
+    .sample(&[], load(&stats.published));
+    family(
+        out,
+        "ringgate_broker_received_total",
+        Counter,
+        "Messages from other nodes received from the broker (this node's own are filtered, not counted).",
+    )
+    .sample(&[], load(&stats.received));
+    let mut drops = family(
+        out,
+        "ringgate_broker_drops_total",
+        Counter,
+        "Messages that did not cross the broker, by reason: queue_full (the queue to the broker \
+         thread, or a NATS subscription's queue in the client), disconnected (published while the broker was away: delivered locally only), \
+         handoff (a worker too far behind, per subscriber there), malformed (not a ringgate envelope).",
+    );
+    for why in super::BrokerDrop::ALL {
+        drops.sample(&[("reason", why.label())], stats.drops(why));
+    }
+}
+
 fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }

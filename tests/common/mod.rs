@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod prom;
 pub mod server;
 pub mod tls;

@@ -1,0 +1,257 @@
+//! Real brokers for the cluster tests: a `redis-server` (or `nats-server`) of the test's own, on a
+//! free loopback port, in a temporary directory, with no persistence; killed (SIGKILL) and its
+//! directory removed when the guard drops.
+//!
+//! The binaries come from `scripts/install-brokers.sh`, which installs Debian's packages when they
+//! are missing. When that fails the test fails, saying why; it is skipped only when the environment
+//! says so explicitly (`RINGGATE_SKIP_BROKER_TESTS=1`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a broker gets to answer after it is started.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Nats,
+}
+
+impl Kind {
+    /// The `--broker` URL scheme.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Kind::Redis => "redis",
+            Kind::Nats => "nats",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        self.scheme()
+    }
+}
+
+/// Whether broker tests are to be skipped (`RINGGATE_SKIP_BROKER_TESTS=1`); says so on stderr.
+pub fn skipped() -> bool {
+    let skip = std::env::var("RINGGATE_SKIP_BROKER_TESTS").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("RINGGATE_SKIP_BROKER_TESTS=1: broker test skipped");
+    }
+    skip
+}
+
+/// The server binary for `kind`, installed by `scripts/install-brokers.sh` if missing (once per
+/// test process).
+fn binary(kind: Kind) -> PathBuf {
+    static PATHS: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    let paths = PATHS.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-brokers.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(format!(
+                "{} failed ({}): {}{}\n(set RINGGATE_SKIP_BROKER_TESTS=1 to skip the broker tests)",
+                script.display(),
+                output.status,
+                stdout,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let find = |key: &str| {
+            stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("{} printed no {key} line: {stdout}", script.display()))
+        };
+        Ok((find("REDIS=")?, find("NATS=")?))
+    });
+    match (paths, kind) {
+        (Ok((redis, _)), Kind::Redis) => redis.clone(),
+        (Ok((_, nats)), Kind::Nats) => nats.clone(),
+        (Err(error), _) => panic!("no {} server for the broker tests: {error}", kind.name()),
+    }
+}
+
+/// A free loopback port (bound and released: a small race, acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A running broker, killed when dropped.
+pub struct Broker {
+    kind: Kind,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts a broker of `kind` on a free loopback port and waits until it answers.
+    pub fn start(kind: Kind) -> Broker {
+        Broker::start_on(kind, free_port())
+    }
+
+    /// Starts a broker of `kind` on `port` and waits until it answers.
+    pub fn start_on(kind: Kind, port: u16) -> Broker {
+        static DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ringgate-{}-{}-{n}", kind.name(), std::process::id()));
+        std::fs::create_dir_all(&dir).expect("broker temp dir");
+        let mut broker = Broker { kind, port, dir, child: None };
+        broker.restart();
+        broker
+    }
+
+    /// The `--broker` URL.
+    pub fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.kind.scheme(), self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills it (SIGKILL: as abrupt as a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again (after [`Broker::kill`]) on the same port, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        let mut command = Command::new(binary(self.kind));
+        match self.kind {
+            Kind::Redis => command.args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--loglevel",
+                "warning",
+            ]),
+            Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port]),
+        };
+        command.current_dir(&self.dir);
+        let log = std::fs::File::create(self.dir.join("server.log")).expect("broker log");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.kind.name()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.answers(addr) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("{} exited with {status}: {}", self.kind.name(), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer within {READY_TIMEOUT:?}: {}",
+                self.kind.name(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers its protocol's greeting (`PING` for Redis, `INFO` for NATS).
+    fn answers(&self, addr: SocketAddr) -> bool {
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut answer = [0u8; 64];
+        match self.kind {
+            Kind::Redis => {
+                stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read(&mut answer).is_ok_and(|n| answer[..n].starts_with(b"+PONG"))
+            }
+            Kind::Nats => stream.read(&mut answer).is_ok_and(|n| answer[..n].starts_with(b"INFO")),
+        }
+    }
+
+    /// Publishes `payload` on the broker channel of `topic` as a foreign client would (not a
+    /// ringgate envelope), with the broker's own protocol on a connection of its own.
+    pub fn publish_foreign(&self, topic: &str, payload: &[u8]) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut stream = TcpStream::connect_timeout(&addr, READY_TIMEOUT).expect("connect to the broker");
+        stream.set_read_timeout(Some(READY_TIMEOUT)).expect("timeout");
+        let mut request = Vec::new();
+        let expect: &[u8] = match self.kind {
+            Kind::Redis => {
+                let channel = format!("ringgate:{topic}");
+                let parts: [&[u8]; 3] = [b"PUBLISH", channel.as_bytes(), payload];
+                request.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+                for part in parts {
+                    request.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+                    request.extend_from_slice(part);
+                    request.extend_from_slice(b"\r\n");
+                }
+                b":"
+            }
+            Kind::Nats => {
+                request.extend_from_slice(b"CONNECT {\"verbose\":false}\r\n");
+                request.extend_from_slice(format!("PUB ringgate.{topic} {}\r\n", payload.len()).as_bytes());
+                request.extend_from_slice(payload);
+                request.extend_from_slice(b"\r\nPING\r\n");
+                b"PONG"
+            }
+        };
+        stream.write_all(&request).expect("publish");
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !answer.windows(expect.len()).any(|w| w == expect) {
+            let n = stream.read(&mut chunk).expect("the broker's answer");
+            assert!(n > 0, "the broker closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
