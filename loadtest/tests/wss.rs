@@ -1,7 +1,8 @@
 //! `wss://` end to end against the real gateway terminating TLS (`--tls-cert`/`--tls-key`), with
 //! certificates made here (rcgen, ECDSA P-256): echo and connect mode trusting a test CA with
 //! `--ca`, on both io backends; `--insecure` against a self-signed certificate; a CA that did not
-//! sign the server's certificate failing every handshake, counted by reason, in bounded time.
+//! sign the server's certificate, a certificate for another name and a plain port failing every
+//! handshake, counted by reason, in bounded time.
 
 mod support;
 
@@ -111,6 +112,10 @@ fn open_loop_with_a_large_payload_crosses_records() {
             "40960",
             "--duration",
             "1s",
+            // Every connection's schedule covers the measured window, however slow the TLS
+            // handshakes of a debug build on a busy machine.
+            "--warmup",
+            "500ms",
             "--quiet",
         ],
         LIMIT,
@@ -129,7 +134,17 @@ fn connect_mode_over_wss_counts_handshakes_with_tls_in_their_latency() {
     let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
     let run = run_loadtest(
         "wss-connect",
-        &[&base, "--ca", ca_pem.to_str().unwrap(), "--mode", "connect", "--conns", "50", "--duration", "1s"],
+        &[
+            &format!("{base}/echo"),
+            "--ca",
+            ca_pem.to_str().unwrap(),
+            "--mode",
+            "connect",
+            "--conns",
+            "50",
+            "--duration",
+            "1s",
+        ],
         LIMIT,
     );
     assert_clean_tls(&run, 50.0, "ca");
@@ -158,6 +173,8 @@ fn insecure_accepts_a_self_signed_certificate() {
             "20",
             "--duration",
             "1s",
+            "--warmup",
+            "500ms",
             "--quiet",
         ],
         LIMIT,
@@ -209,6 +226,38 @@ fn a_ca_that_did_not_sign_the_certificate_fails_every_handshake_in_bounded_time(
             run.stdout()
         );
     }
+}
+
+/// Runs 10 connections that must all fail their TLS handshake for `reason`, quickly.
+fn assert_all_fail(name: &str, url: &str, trust: &[&str], reason: &str) {
+    let mut args = vec![url, "--conns", "10", "--duration", "1s", "--quiet"];
+    args.extend_from_slice(trust);
+    let run = run_loadtest(name, &args, LIMIT);
+    let json = run.json();
+    assert_eq!(run.output.status.code(), Some(1), "stderr:\n{}", run.stderr());
+    assert!(run.elapsed < Duration::from_secs(10), "took {:?}", run.elapsed);
+    assert_eq!(run.num(&format!("/connections_failed_by_reason/tls_{reason}")), 10.0, "{json:#}");
+    assert_eq!(run.num(&format!("/tls/handshake_failures_by_reason/{reason}")), 10.0, "{json:#}");
+}
+
+#[test]
+fn handshake_failures_are_named_a_plain_port_and_a_wrong_name() {
+    // A plain port answers the ClientHello with an HTTP 400: not TLS.
+    let plain = Gateway::start(&[]);
+    let url = format!("{}/echo", plain.base.replacen("ws://", "wss://", 1));
+    assert_all_fail("wss-plain-port", &url, &["--insecure"], "not_tls");
+    // A certificate from the trusted CA, but for another name than the URL's host.
+    let dir = temp_dir("name");
+    let ca = TestCa::new("loadtest test CA");
+    let leaf = ca.leaf(&dir, "server", &["gateway.test"]);
+    let ca_pem = ca.write(&dir, "ca");
+    let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    assert_all_fail(
+        "wss-name",
+        &format!("{base}/echo"),
+        &["--ca", ca_pem.to_str().unwrap()],
+        "name_mismatch",
+    );
 }
 
 #[test]

@@ -403,7 +403,16 @@ impl Conn {
         if let Stage::Open(compression) = &mut self.stage {
             let traffic = self.traffic.as_mut()?;
             if self.out.is_none() {
+                // A TLS connection's `pending` goes back to the pool after each encryption; it
+                // borrows a pooled buffer to write into, and returns it if nothing was due.
+                let tls = self.tls.is_some();
+                if tls && self.pending.capacity() == 0 {
+                    self.pending = staging_buffer();
+                }
                 traffic.fill(env, &mut self.pending, compression);
+                if tls && self.pending.is_empty() {
+                    recycle(std::mem::take(&mut self.pending));
+                }
             }
             if traffic.finished(env) {
                 put_close(&mut self.pending);

@@ -212,25 +212,16 @@ impl TlsClient {
     }
 
     /// Fails the session and queues the alert rustls prepared for the server, if any (after
-    /// whatever was queued before). `rest` is what was left of the input after the error: rustls
-    /// must be given it, not an empty buffer, while handshake messages of the failed flight are
-    /// still pending in it (with an empty one, rustls 0.23.46 panics looking for them).
+    /// whatever was queued before). rustls puts the alert first in line, so one call returns it
+    /// without looking at the input again; any further call would (given `rest`, a second
+    /// deframing error sends a second alert, which rustls asserts against; given an empty buffer,
+    /// handshake messages of the failed flight still pending in the input are looked for and
+    /// not found, and rustls 0.23.46 panics). `rest` is what was left of the input after the
+    /// error, for the case with no alert.
     fn fail(&mut self, rest: &mut [u8]) {
         self.failed = true;
-        let mut at = 0;
-        for _ in 0..4 {
-            let status = self.conn.process_tls_records(&mut rest[at..]);
-            let discard = status.discard;
-            match status.state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    if encode_into(&mut self.outgoing, |out| encode.encode(out)).is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
-            at += discard;
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = self.conn.process_tls_records(rest).state {
+            let _ = encode_into(&mut self.outgoing, |out| encode.encode(out));
         }
     }
 
@@ -350,9 +341,17 @@ mod tests {
     use super::{Received, TlsClient};
     use crate::tls::{Trust, client_config, failure_reason};
 
-    /// A CA written to a file (for `--ca`) and a server configuration with a leaf it signed for
-    /// `localhost`.
+    /// A CA written to a file (for `--ca`) and a server configuration (TLS 1.3 and 1.2) with a
+    /// leaf it signed for `localhost`.
     fn ca_and_server(test: &str) -> (PathBuf, Arc<ServerConfig>) {
+        ca_and_server_of(test, &[&rustls::version::TLS13, &rustls::version::TLS12])
+    }
+
+    /// [`ca_and_server`], the server speaking only `versions`.
+    fn ca_and_server_of(
+        test: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (PathBuf, Arc<ServerConfig>) {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         // A name of its own: two CAs of one name would be one issuer with a wrong signature.
         ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("CA {test}"));
@@ -372,7 +371,7 @@ mod tests {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
         let config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone()], key)
@@ -463,6 +462,25 @@ mod tests {
             assert_eq!(got, big, "chunk {chunk}");
             assert_eq!(client.tail.capacity(), 0, "an empty tail keeps no allocation");
         }
+    }
+
+    #[test]
+    fn a_tls_12_server_is_spoken_to_in_tls_12() {
+        let (ca, config) = ca_and_server_of("tls12", &[&rustls::version::TLS12]);
+        let mut client = client(ca);
+        let mut server = ServerConnection::new(config).unwrap();
+        handshake(&mut client, &mut server, 100);
+        let (version, suite) = client.negotiated().unwrap();
+        assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
+        assert_eq!(crate::tls::version_label(version), "1.2");
+        assert!(crate::tls::suite_label(suite).starts_with("TLS_ECDHE_ECDSA_"), "{suite:?}");
+        client.encrypt(b"ping").unwrap();
+        to_server(&mut client, &mut server).unwrap();
+        let mut read = [0u8; 4];
+        server.reader().read_exact(&mut read).unwrap();
+        assert_eq!(&read, b"ping");
+        server.writer().write_all(b"pong").unwrap();
+        assert_eq!(to_client(&mut server, &mut client, 3).unwrap().0, b"pong");
     }
 
     #[test]
