@@ -745,7 +745,7 @@ fn tls_summary(trust: &Trust, stats: &ThreadStats) -> TlsSummary {
         .iter()
         .map(|(&(version, cipher_suite), &count)| TlsSessionCount { version, cipher_suite, count })
         .collect();
-    sessions.sort_by(|a, b| b.count.cmp(&a.count));
+    sessions.sort_by_key(|session| std::cmp::Reverse(session.count));
     TlsSummary {
         trust: match trust {
             Trust::Ca(_) => "ca",
