@@ -297,6 +297,11 @@ pub struct ClientCpu {
     pub sys_secs: f64,
     /// (user + sys) / every echo received (warmup included); 0 when none.
     pub us_per_message: f64,
+    /// Connect mode: (user + sys) / connections established; 0 when none or in the other modes.
+    /// Nearly all of a connect run's CPU is its handshakes: with `wss://` a full TLS handshake
+    /// costs the client more than the server (it verifies the server's signature, and with `--ca`
+    /// the certificate's, where the server signs once), so compare this with the server's.
+    pub us_per_handshake: f64,
 }
 
 /// What the run's end looked like: whether it was interrupted, and when (run clock).
@@ -366,6 +371,10 @@ impl Summary {
                 us_per_message: match counters.total_received {
                     0 => 0.0,
                     n => cpu.total().as_secs_f64() * 1e6 / n as f64,
+                },
+                us_per_handshake: match (plan.mode, counters.established) {
+                    (Mode::Connect, n) if n > 0 => cpu.total().as_secs_f64() * 1e6 / n as f64,
+                    _ => 0.0,
                 },
             },
             late_sends_percent,
@@ -490,6 +499,9 @@ impl Summary {
         if cpu.us_per_message > 0.0 {
             let what = if c.mode == "pubsub" { "delivery" } else { "echoed message" };
             let _ = write!(s, "{:.2} us per {what}, ", cpu.us_per_message);
+        }
+        if cpu.us_per_handshake > 0.0 {
+            let _ = write!(s, "{:.2} us per established connection, ", cpu.us_per_handshake);
         }
         let _ = writeln!(s, "{:.2}s user + {:.2}s sys over the whole run", cpu.user_secs, cpu.sys_secs);
         if c.mode != "connect" {

@@ -148,6 +148,9 @@ fn connect_mode_over_wss_counts_handshakes_with_tls_in_their_latency() {
         LIMIT,
     );
     assert_clean_tls(&run, 50.0, "ca");
+    // What a handshake cost the client, to set beside the server's.
+    assert!(run.num("/client_cpu/us_per_handshake") > 0.0, "{:#}", run.json());
+    assert!(run.stdout().contains(" us per established connection, "), "{}", run.stdout());
     let headline = run.stdout().lines().find(|l| l.starts_with("handshakes:")).map(str::to_string);
     assert!(
         headline.as_deref().is_some_and(|l| l.starts_with("handshakes:  50 established of 50")),
