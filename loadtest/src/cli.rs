@@ -16,6 +16,7 @@ use ringgate::config::IoChoice;
 
 use crate::payload::HEADER_LEN;
 use crate::target::Target;
+use crate::tls::Trust;
 
 /// Command-line arguments, exactly as typed. Converted into a [`Plan`] by [`Args::into_plan`].
 #[derive(Debug, Parser)]
@@ -29,13 +30,30 @@ use crate::target::Target;
         latency instead of being hidden. Closed loop (--rate 0): each connection sends the next \
         message when the previous echo returns (or, with --pipeline N, keeps N messages in flight); \
         latency is measured from the actual send time.\n\n\
-        Every echo is verified byte for byte; a mismatch is counted as an error."
+        Every echo is verified byte for byte; a mismatch is counted as an error.\n\n\
+        wss:// URLs speak TLS 1.3 or 1.2 (rustls on aws-lc-rs, the gateway's provider) and need \
+        --ca FILE or --insecure: there is no system trust store. Every connection makes a full \
+        handshake (no session resumption); the handshake latency runs from the TCP connect to the \
+        101 response, TLS included, and the summary counts the versions and suites agreed and the \
+        TLS handshakes that failed."
 )]
 pub struct Args {
-    /// WebSocket URL of an echo endpoint (ws:// only). In pubsub mode its path is the topic
-    /// prefix (see --topic-prefix).
+    /// WebSocket URL of an echo endpoint: ws://host[:port]/path, or wss:// for TLS (port 443 by
+    /// default; the certificate must be valid for the URL's host, which is sent as SNI unless it
+    /// is an IP address). In pubsub mode its path is the topic prefix (see --topic-prefix).
     #[arg(default_value = "ws://127.0.0.1:8080/echo")]
     pub url: String,
+
+    /// wss://: trust the CA certificates in this PEM file (and nothing else: there is no system
+    /// trust store). The server's certificate must chain to one and be valid for the URL's host.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+
+    /// wss://: accept any server certificate, for any name, as for a self-signed test
+    /// certificate. The handshake's signatures are still verified, so the server does the work a
+    /// real client makes it do. Never for a server you do not control.
+    #[arg(long)]
+    pub insecure: bool,
 
     /// Number of connections to open and hold [default: 100]. Not used in pubsub mode, where the
     /// connections are --publishers + --subscribers.
@@ -187,6 +205,8 @@ pub struct SourceIps(pub Vec<Ipv4Addr>);
 pub struct Plan {
     /// Where to connect and what to put in the request line and `Host` header.
     pub target: Target,
+    /// `wss://`: what to trust (`--ca` or `--insecure`); `None` for `ws://`.
+    pub trust: Option<Trust>,
     /// Connections to open.
     pub conns: u32,
     /// Connections started per second.
@@ -317,12 +337,24 @@ impl Args {
             target.path = format!("{}/t*", p.prefix);
             p
         });
+        let trust = match (&target.tls, self.ca, self.insecure) {
+            (Some(_), Some(ca), _) => Some(Trust::Ca(ca)),
+            (Some(_), None, true) => Some(Trust::Insecure),
+            (Some(_), None, false) => bail!(
+                "{} needs to know what to trust: pass --ca FILE (the PEM certificate of the CA that \
+                 signed the server's certificate) or, for a self-signed test certificate, --insecure",
+                target.url()
+            ),
+            (None, None, false) => None,
+            (None, ..) => bail!("--ca and --insecure are for wss:// URLs; {} is plain", target.url()),
+        };
         let source_ips = self.source_ips.map(|s| s.0).unwrap_or_default();
         if !source_ips.is_empty() && !matches!(target.addr, SocketAddr::V4(_)) {
             bail!("--source-ips are IPv4 addresses but {} is an IPv6 target", target.addr);
         }
         Ok(Plan {
             target,
+            trust,
             conns,
             connect_rate: self.connect_rate,
             rate: (self.rate > 0.0).then_some(self.rate),
@@ -514,6 +546,23 @@ mod tests {
     }
 
     #[test]
+    fn wss_needs_a_trust_choice_and_says_which() {
+        let plan = |args: &[&str]| {
+            let mut all = vec!["loadtest"];
+            all.extend_from_slice(args);
+            Args::parse_from(all).into_plan().map_err(|e| e.to_string())
+        };
+        let error = plan(&["wss://127.0.0.1:9443/echo"]).unwrap_err();
+        assert!(error.contains("--ca FILE") && error.contains("--insecure"), "{error}");
+        let insecure = plan(&["wss://127.0.0.1:9443/echo", "--insecure"]).unwrap();
+        assert_eq!(insecure.trust, Some(Trust::Insecure));
+        assert_eq!(insecure.target.addr.port(), 9443);
+        let ca = plan(&["wss://localhost/echo", "--ca", "ca.pem"]).unwrap();
+        assert_eq!(ca.trust, Some(Trust::Ca("ca.pem".into())));
+        assert_eq!(plan(&["ws://127.0.0.1:9/"]).unwrap().trust, None);
+    }
+
+    #[test]
     fn pubsub_prefix_from_flag_url_or_default() {
         let plan = |args: &[&str]| {
             let mut all = vec!["loadtest", "--mode", "pubsub"];
@@ -565,7 +614,10 @@ mod tests {
             &["loadtest", "--rate", "-1"],
             &["loadtest", "--connect-rate", "0"],
             &["loadtest", "--threads", "0"],
-            &["loadtest", "wss://example.com/"],
+            &["loadtest", "wss://127.0.0.1/"],
+            &["loadtest", "ws://127.0.0.1/", "--insecure"],
+            &["loadtest", "ws://127.0.0.1/", "--ca", "ca.pem"],
+            &["loadtest", "wss://127.0.0.1/", "--ca", "ca.pem", "--insecure"],
         ] {
             let parsed = Args::try_parse_from(args)
                 .map_err(|e| e.to_string())

@@ -26,6 +26,7 @@ mod report;
 mod schedule;
 mod stats;
 mod target;
+mod tls;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -86,10 +87,9 @@ fn run(args: Args) -> Result<ExitCode> {
             }
         };
         eprintln!(
-            "loadtest: {} connections to ws://{}{} ({}), {} B{}, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
+            "loadtest: {} connections to {} ({}), {} B{}, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
             plan.conns,
-            plan.target.host,
-            plan.target.path,
+            plan.target.url(),
             what,
             plan.size,
             if plan.deflate { " (permessage-deflate offered)" } else { "" },
@@ -99,6 +99,8 @@ fn run(args: Args) -> Result<ExitCode> {
             plan.threads,
         );
     }
+    // `--ca`'s file is read once, here, before any connection starts.
+    let tls = plan.trust.as_ref().map(tls::client_config).transpose()?;
     let (backend, fallback) = engine::choose_backend(plan.io)?;
     if let Some(cause) = fallback {
         eprintln!("loadtest: io_uring is not usable here, running on epoll: {cause}");
@@ -107,7 +109,7 @@ fn run(args: Args) -> Result<ExitCode> {
     let cpu_at_start = cpu::CpuTime::now();
     let (reports, received) = mpsc::channel();
     let pubsub = plan.pubsub.as_ref().map(|layout| Arc::new(engine::pubsub::Shared::new(layout)));
-    let threads = engine::start(Arc::clone(&plan), phases, backend, pubsub.clone(), reports)
+    let threads = engine::start(Arc::clone(&plan), phases, backend, pubsub.clone(), tls, reports)
         .context("starting client threads")?;
     let stats = progress::collect(&plan, &phases, received)?;
     for thread in threads {

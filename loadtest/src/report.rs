@@ -20,6 +20,7 @@ use crate::cli::{Mode, Plan};
 use crate::cpu::CpuTime;
 use crate::schedule::Phases;
 use crate::stats::{ErrorKind, ThreadLoad, ThreadStats, Volume};
+use crate::tls::Trust;
 
 /// Percentiles of one histogram, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -151,7 +152,7 @@ pub struct Summary {
     pub publish_window_secs: Option<f64>,
     /// Message latency (from the intended send time in open loop), microseconds.
     pub latency_us: Percentiles,
-    /// TCP connect start to 101 response, microseconds.
+    /// TCP connect start to 101 response, microseconds (TLS handshake included, for `wss://`).
     pub handshake_latency_us: Percentiles,
     /// Actual minus intended send time (open loop): how late the tool itself sent, microseconds.
     pub send_lag_us: Percentiles,
@@ -173,6 +174,39 @@ pub struct Summary {
     /// wire bytes each way. Absent without `--deflate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deflate: Option<DeflateSummary>,
+    /// `wss://`: the TLS handshakes, what they agreed, and why some failed. Absent for `ws://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSummary>,
+}
+
+/// What the TLS handshakes of a `wss://` run came to.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TlsSummary {
+    /// `ca` (`--ca`: the server's certificate was verified) or `insecure` (any certificate).
+    pub trust: &'static str,
+    /// Completed TLS handshakes (every one a full handshake: the client resumes no session).
+    pub handshakes: u64,
+    /// Completed handshakes by what they agreed, most used first.
+    pub sessions: Vec<TlsSessionCount>,
+    /// Failed TLS handshakes (each is also a failed connection, `tls_<reason>`).
+    pub handshake_failures: u64,
+    /// Failed TLS handshakes by reason (`unknown_issuer`, `name_mismatch`, `alert_*`,
+    /// `timed_out`, ...).
+    pub handshake_failures_by_reason: BTreeMap<String, u64>,
+    /// TCP connect start to the end of the TLS handshake, microseconds (the WebSocket upgrade
+    /// follows; `handshake_latency_us` runs to the 101).
+    pub tls_handshake_latency_us: Percentiles,
+}
+
+/// How many TLS handshakes agreed on one version and cipher suite.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsSessionCount {
+    /// `1.3` or `1.2`.
+    pub version: &'static str,
+    /// The suite's IANA name, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher_suite: &'static str,
+    /// Handshakes.
+    pub count: u64,
 }
 
 /// What permessage-deflate did over the whole run (warmup and drain included).
@@ -263,6 +297,11 @@ pub struct ClientCpu {
     pub sys_secs: f64,
     /// (user + sys) / every echo received (warmup included); 0 when none.
     pub us_per_message: f64,
+    /// Connect mode: (user + sys) / connections established; 0 when none or in the other modes.
+    /// Nearly all of a connect run's CPU is its handshakes: with `wss://` a full TLS handshake
+    /// costs the client more than the server (it verifies the server's signature, and with `--ca`
+    /// the certificate's, where the server signs once), so compare this with the server's.
+    pub us_per_handshake: f64,
 }
 
 /// What the run's end looked like: whether it was interrupted, and when (run clock).
@@ -333,6 +372,10 @@ impl Summary {
                     0 => 0.0,
                     n => cpu.total().as_secs_f64() * 1e6 / n as f64,
                 },
+                us_per_handshake: match (plan.mode, counters.established) {
+                    (Mode::Connect, n) if n > 0 => cpu.total().as_secs_f64() * 1e6 / n as f64,
+                    _ => 0.0,
+                },
             },
             late_sends_percent,
             client_kept_schedule,
@@ -343,6 +386,7 @@ impl Summary {
                 received: Flow::of(counters.received_bytes),
                 sent: Flow::of(counters.sent_bytes),
             }),
+            tls: plan.trust.as_ref().map(|trust| tls_summary(trust, stats)),
         }
     }
 
@@ -456,6 +500,9 @@ impl Summary {
             let what = if c.mode == "pubsub" { "delivery" } else { "echoed message" };
             let _ = write!(s, "{:.2} us per {what}, ", cpu.us_per_message);
         }
+        if cpu.us_per_handshake > 0.0 {
+            let _ = write!(s, "{:.2} us per established connection, ", cpu.us_per_handshake);
+        }
         let _ = writeln!(s, "{:.2}s user + {:.2}s sys over the whole run", cpu.user_secs, cpu.sys_secs);
         if c.mode != "connect" {
             let _ = writeln!(s, "schedule:    {}", self.schedule_verdict());
@@ -540,6 +587,7 @@ impl Summary {
             );
         }
         self.write_deflate(s);
+        self.write_tls(s);
         self.write_latency_table(s);
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
     }
@@ -566,6 +614,25 @@ impl Summary {
         );
     }
 
+    /// `wss://`: handshakes by version and suite, and the failures by reason.
+    fn write_tls(&self, s: &mut String) {
+        let Some(t) = &self.tls else { return };
+        let agreed: Vec<String> = t
+            .sessions
+            .iter()
+            .map(|session| format!("TLS {} {} {}", session.version, session.cipher_suite, session.count))
+            .collect();
+        let _ = writeln!(
+            s,
+            "tls:         {} handshakes{} ({}), {} failed{}",
+            t.handshakes,
+            if agreed.is_empty() { String::new() } else { format!(": {}", agreed.join(", ")) },
+            if t.trust == "ca" { "certificate verified with --ca" } else { "--insecure: any certificate" },
+            t.handshake_failures,
+            by_kind(&t.handshake_failures_by_reason)
+        );
+    }
+
     /// Every latency histogram's percentiles, one row each.
     fn write_latency_table(&self, s: &mut String) {
         let c = &self.config;
@@ -586,6 +653,9 @@ impl Summary {
         }
         if c.mode == "pubsub" {
             row("delivery", &self.latency_us);
+        }
+        if let Some(t) = &self.tls {
+            row("tls", &t.tls_handshake_latency_us);
         }
         row("handshake", &self.handshake_latency_us);
         if c.loop_kind == "open" && c.mode != "connect" {
@@ -660,7 +730,7 @@ pub fn in_flight(pipeline: u32) -> String {
 fn run_config(plan: &Plan) -> RunConfig {
     RunConfig {
         mode: plan.mode.name(),
-        url: format!("ws://{}{}", plan.target.host, plan.target.path),
+        url: plan.target.url(),
         conns: plan.conns,
         connect_rate: plan.connect_rate,
         rate: if plan.mode == Mode::Connect { 0.0 } else { plan.rate.unwrap_or(0.0) },
@@ -677,6 +747,27 @@ fn run_config(plan: &Plan) -> RunConfig {
         source_ips: plan.source_ips.len(),
         timer_slack_us: plan.timer_slack.as_secs_f64() * 1e6,
         deflate: plan.deflate,
+    }
+}
+
+/// What the TLS handshakes came to (see [`TlsSummary`]).
+fn tls_summary(trust: &Trust, stats: &ThreadStats) -> TlsSummary {
+    let mut sessions: Vec<TlsSessionCount> = stats
+        .tls_sessions
+        .iter()
+        .map(|(&(version, cipher_suite), &count)| TlsSessionCount { version, cipher_suite, count })
+        .collect();
+    sessions.sort_by_key(|session| std::cmp::Reverse(session.count));
+    TlsSummary {
+        trust: match trust {
+            Trust::Ca(_) => "ca",
+            Trust::Insecure => "insecure",
+        },
+        handshakes: sessions.iter().map(|session| session.count).sum(),
+        sessions,
+        handshake_failures: stats.tls_failures.values().sum(),
+        handshake_failures_by_reason: stats.tls_failures.clone(),
+        tls_handshake_latency_us: Percentiles::of(&stats.tls_handshake),
     }
 }
 

@@ -42,11 +42,14 @@ pub enum ErrorKind {
     /// connection was still behind schedule when the drain period ended. Counted, never skipped
     /// silently.
     NotSent,
+    /// `wss://`: the TLS session of an established connection failed (a record that does not
+    /// decrypt, an alert from the server).
+    TlsError,
 }
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::EchoMismatch,
         ErrorKind::EchoTimeout,
         ErrorKind::ProtocolError,
@@ -56,6 +59,7 @@ impl ErrorKind {
         ErrorKind::OutOfOrder,
         ErrorKind::BadMessage,
         ErrorKind::NotSent,
+        ErrorKind::TlsError,
     ];
 
     /// The name in reports and JSON.
@@ -70,6 +74,7 @@ impl ErrorKind {
             ErrorKind::OutOfOrder => "out_of_order",
             ErrorKind::BadMessage => "bad_message",
             ErrorKind::NotSent => "not_sent",
+            ErrorKind::TlsError => "tls_error",
         }
     }
 }
@@ -153,8 +158,14 @@ impl Counters {
 pub struct ThreadStats {
     /// Message latency (echo arrival minus intended send time), measured window only.
     pub latency: Histogram<u64>,
-    /// TCP connect start to the 101 response.
+    /// TCP connect start to the 101 response (TLS included, for `wss://`).
     pub handshake: Histogram<u64>,
+    /// `wss://`: TCP connect start to the end of the TLS handshake.
+    pub tls_handshake: Histogram<u64>,
+    /// `wss://`: completed TLS handshakes by protocol version and cipher suite.
+    pub tls_sessions: BTreeMap<(&'static str, &'static str), u64>,
+    /// `wss://`: failed TLS handshakes by reason (each is also a failed connection, `tls_<reason>`).
+    pub tls_failures: BTreeMap<String, u64>,
     /// Actual minus intended send time (open loop): the tool's own lateness.
     pub send_lag: Histogram<u64>,
     /// Message latencies since the last progress snapshot, warmup included.
@@ -206,6 +217,9 @@ impl Default for ThreadStats {
         ThreadStats {
             latency: new_histogram(),
             handshake: new_histogram(),
+            tls_handshake: new_histogram(),
+            tls_sessions: BTreeMap::new(),
+            tls_failures: BTreeMap::new(),
             send_lag: new_histogram(),
             interval: new_histogram(),
             counters: Counters::default(),
@@ -254,6 +268,26 @@ impl ThreadStats {
         *self.connect_failures.entry(reason).or_default() += 1;
     }
 
+    /// Counts a completed TLS handshake that agreed on `version` and `suite`.
+    pub fn tls_established(&mut self, version: &'static str, suite: &'static str) {
+        *self.tls_sessions.entry((version, suite)).or_default() += 1;
+    }
+
+    /// Records how long a TLS handshake took from the TCP connect's start.
+    pub fn tls_handshake(&mut self, latency_ns: u64) {
+        self.tls_handshake.saturating_record(latency_ns / 1_000);
+    }
+
+    /// Counts a failed TLS handshake, by reason.
+    pub fn tls_failed(&mut self, reason: &str) {
+        match self.tls_failures.get_mut(reason) {
+            Some(count) => *count += 1,
+            None => {
+                self.tls_failures.insert(reason.to_string(), 1);
+            }
+        }
+    }
+
     /// Records a completed handshake at `now` that took `latency_ns`.
     pub fn established(&mut self, now: u64, latency_ns: u64) {
         self.counters.established += 1;
@@ -277,6 +311,13 @@ impl ThreadStats {
         // The histograms share bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.handshake.add(&other.handshake);
+        let _ = self.tls_handshake.add(&other.tls_handshake);
+        for (key, count) in &other.tls_sessions {
+            *self.tls_sessions.entry(*key).or_default() += count;
+        }
+        for (reason, count) in &other.tls_failures {
+            *self.tls_failures.entry(reason.clone()).or_default() += count;
+        }
         let _ = self.send_lag.add(&other.send_lag);
         let _ = self.interval.add(&other.interval);
         self.counters.add(&other.counters);
@@ -327,7 +368,17 @@ mod tests {
         b.connect_failed("refused".into());
         a.established(5, 1_000);
         b.established(9, 2_000);
+        a.tls_established("1.3", "TLS13_AES_128_GCM_SHA256");
+        b.tls_established("1.3", "TLS13_AES_128_GCM_SHA256");
+        b.tls_established("1.2", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256");
+        a.tls_failed("unknown_issuer");
+        b.tls_failed("unknown_issuer");
+        b.tls_handshake(3_000);
         a.merge(&b);
+        assert_eq!(a.tls_sessions[&("1.3", "TLS13_AES_128_GCM_SHA256")], 2);
+        assert_eq!(a.tls_sessions.len(), 2);
+        assert_eq!(a.tls_failures["unknown_issuer"], 2);
+        assert_eq!(a.tls_handshake.len(), 1);
         assert_eq!(a.latency.len(), 2);
         assert_eq!(a.counters.errors, 4);
         assert_eq!(a.errors[ErrorKind::EchoTimeout as usize], 3);

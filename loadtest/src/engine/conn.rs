@@ -4,6 +4,15 @@
 //! connection now wants into backend operations: a send of what it has queued, a receive, or
 //! closing the socket.
 //!
+//! `wss://`: the connection's [`TlsClient`] sits between the socket and all of this. From the
+//! connect on, what the backend receives is ciphertext, turned into plaintext for the stages below
+//! in the thread's buffer; what the stages queue in `pending` is encrypted (once the TLS handshake
+//! is done: until then the upgrade request waits) into one ciphertext buffer that is the send in
+//! flight. `Upgrading` thus spans the TLS handshake too, and the handshake latency runs from the
+//! TCP connect to the 101, TLS included. A TLS handshake that fails is a failed connection
+//! (`tls_<reason>`): rustls' alert goes out, then the socket closes. A clean close sends
+//! close_notify before the socket is shut down.
+//!
 //! Stages: `Connecting` (TCP connect in flight) -> `Upgrading` (request sent, offering
 //! permessage-deflate with `--deflate`; reading the 101) -> `Open` (its [`Traffic`] runs, its
 //! messages compressed if the server agreed) -> `Closing` (our Close sent, waiting for the server's) ->
@@ -17,6 +26,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::Arc;
 
 use ringgate::io::{Backend, Outgoing, Received, Token, staging_buffer};
 use ringgate::proto::handshake::{ClientHandshake, ClientHandshakeError, ServerResponse};
@@ -24,10 +34,16 @@ use socket2::{SockAddr, Socket};
 
 use super::env::Env;
 use super::pubsub::Role;
+use super::tls::{self, TlsClient};
 use super::traffic::Traffic;
 use super::wire::{Compression, Drained, Receiver, put_close};
 use super::{CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::stats::{ErrorKind, Volume};
+use crate::tls::{failure_reason, suite_label, version_label};
+
+/// The thread's plaintext buffer is kept up to this size between reads (a 16 KiB record and
+/// change); a larger read's buffer is freed afterwards.
+const PLAINTEXT_KEPT: usize = 64 * 1024;
 
 /// Where a connection is.
 enum Stage {
@@ -74,6 +90,8 @@ pub struct Conn {
     /// A stop of the receive was asked for.
     recv_stopping: bool,
     traffic: Option<Traffic>,
+    /// `wss://`: the TLS session, from the connect on (boxed: plain connections pay 8 bytes).
+    tls: Option<Box<TlsClient>>,
 }
 
 impl Conn {
@@ -94,6 +112,7 @@ impl Conn {
             recv_on: false,
             recv_stopping: false,
             traffic: None,
+            tls: None,
         }
     }
 
@@ -148,6 +167,16 @@ impl Conn {
         if let Err(error) = result {
             return self.fail_connect(env, io_reason(&error));
         }
+        if let (Some(config), Some(name)) = (env.tls, &env.plan.target.tls) {
+            match TlsClient::new(Arc::clone(config), name.clone()) {
+                Ok(session) => self.tls = Some(Box::new(session)),
+                Err(error) => {
+                    let reason = failure_reason(&error);
+                    env.stats.tls_failed(&reason);
+                    return self.fail_connect(env, format!("tls_{reason}"));
+                }
+            }
+        }
         let mut handshake = ClientHandshake::new(fastrand::u128(..).to_ne_bytes());
         if env.plan.deflate {
             handshake = handshake.offering_deflate();
@@ -168,17 +197,80 @@ impl Conn {
             self.recv_on = false;
         }
         match received {
+            Received::Data(data) if self.tls.is_some() => self.on_ciphertext(env, data),
             Received::Data(data) => self.on_data(env, data),
             Received::Stopped => {}
-            Received::Eof | Received::Error(_) => match self.stage {
-                Stage::Upgrading(_) => self.fail_connect(env, "closed_during_handshake".into()),
-                Stage::Open(_) => {
-                    env.stats.error(ErrorKind::ConnectionLost);
-                    self.shut_down();
+            Received::Eof | Received::Error(_) => self.on_end_of_stream(env),
+        }
+    }
+
+    /// The server's side of the stream ended (EOF, an error, or TLS close_notify).
+    fn on_end_of_stream(&mut self, env: &mut Env<'_>) {
+        match self.stage {
+            Stage::Upgrading(_) => self.fail_connect(env, "closed_during_handshake".into()),
+            Stage::Open(_) => {
+                env.stats.error(ErrorKind::ConnectionLost);
+                self.shut_down();
+            }
+            Stage::Closing { .. } => self.shut_down(),
+            _ => {}
+        }
+    }
+
+    /// `wss://`: ciphertext arrived. Decrypted in place; its plaintext, gathered in the thread's
+    /// buffer, goes to the stage as a plain connection's bytes would.
+    fn on_ciphertext(&mut self, env: &mut Env<'_>, data: &mut [u8]) {
+        if !matches!(self.stage, Stage::Upgrading(_) | Stage::Open(_) | Stage::Closing { .. }) {
+            return;
+        }
+        let Some(session) = self.tls.as_deref_mut() else { return };
+        let mut plaintext = std::mem::take(env.plaintext);
+        match session.receive(data, &mut plaintext) {
+            Ok((received, established_now)) => {
+                if established_now {
+                    if let Some((version, suite)) = session.negotiated() {
+                        env.stats.tls_established(version_label(version), suite_label(suite));
+                    }
+                    env.stats.tls_handshake(env.now - self.started);
                 }
-                Stage::Closing { .. } => self.shut_down(),
-                _ => {}
-            },
+                if !plaintext.is_empty() {
+                    self.on_data(env, &mut plaintext);
+                }
+                if received == tls::Received::PeerClosed {
+                    self.on_end_of_stream(env);
+                }
+            }
+            Err(error) => self.tls_failed(env, &error),
+        }
+        plaintext.clear();
+        if plaintext.capacity() > PLAINTEXT_KEPT {
+            plaintext = Vec::new();
+        }
+        *env.plaintext = plaintext;
+    }
+
+    /// The TLS session failed. Before the WebSocket handshake completed this is a failed
+    /// connection (and, before the TLS handshake completed, a failed TLS handshake); rustls'
+    /// alert for the server goes out before the socket is shut down. After, an error.
+    fn tls_failed(&mut self, env: &mut Env<'_>, error: &rustls::Error) {
+        let reason = failure_reason(error);
+        match self.stage {
+            Stage::Upgrading(_) => {
+                if self.tls.as_deref().is_some_and(|session| !session.is_established()) {
+                    env.stats.tls_failed(&reason);
+                }
+                self.connect_failed(env, format!("tls_{reason}"));
+                // Nothing more of ours goes out but the alert: `sync` shuts the socket down once
+                // it is written, or at the deadline.
+                self.pending = Vec::new();
+                self.stage =
+                    Stage::Closing { by: env.now + CLOSE_TIMEOUT.as_nanos() as u64, peer_closed: true };
+            }
+            Stage::Open(_) => {
+                env.stats.error(ErrorKind::TlsError);
+                self.shut_down();
+            }
+            _ => self.shut_down(),
         }
     }
 
@@ -311,7 +403,16 @@ impl Conn {
         if let Stage::Open(compression) = &mut self.stage {
             let traffic = self.traffic.as_mut()?;
             if self.out.is_none() {
+                // A TLS connection's `pending` goes back to the pool after each encryption; it
+                // borrows a pooled buffer to write into, and returns it if nothing was due.
+                let tls = self.tls.is_some();
+                if tls && self.pending.capacity() == 0 {
+                    self.pending = staging_buffer();
+                }
                 traffic.fill(env, &mut self.pending, compression);
+                if tls && self.pending.is_empty() {
+                    recycle(std::mem::take(&mut self.pending));
+                }
             }
             if traffic.finished(env) {
                 put_close(&mut self.pending);
@@ -322,16 +423,29 @@ impl Conn {
         if let Stage::Closing { peer_closed: true, .. } = self.stage
             && self.out.is_none()
             && self.pending.is_empty()
+            && self.tls.as_deref().is_none_or(|session| !session.has_outgoing())
         {
-            self.shut_down();
+            match self.tls.as_deref_mut() {
+                // A clean end of a TLS connection: close_notify first, then the shutdown.
+                Some(session)
+                    if session.is_established()
+                        && !session.has_failed()
+                        && !session.close_notify_queued() =>
+                {
+                    if session.close_notify().is_err() {
+                        self.shut_down();
+                    }
+                }
+                _ => self.shut_down(),
+            }
+        }
+        if matches!(self.stage, Stage::Upgrading(_) | Stage::Open(_) | Stage::Closing { .. })
+            && self.out.is_none()
+        {
+            self.transmit(env, backend, token);
         }
         match self.stage {
             Stage::Upgrading(_) | Stage::Open(_) | Stage::Closing { .. } => {
-                if self.out.is_none() && !self.pending.is_empty() {
-                    let frames = std::mem::replace(&mut self.pending, staging_buffer());
-                    let out = self.out.insert(Outgoing::staged(frames));
-                    backend.send(self.fd, token, out);
-                }
                 if !self.recv_on {
                     self.recv_on = true;
                     backend.start_recv(self.fd, token);
@@ -356,6 +470,36 @@ impl Conn {
             Stage::Idle | Stage::Connecting | Stage::Done => {}
         }
         self.next_wake(env)
+    }
+
+    /// With no send in flight: starts the next one, of what `pending` holds (plain), or of the
+    /// ciphertext the TLS session has queued after encrypting what `pending` holds, all of it in
+    /// one call (`wss://`, once its handshake is done).
+    fn transmit<B: Backend>(&mut self, env: &mut Env<'_>, backend: &mut B, token: Token) {
+        let bytes = match self.tls.as_deref_mut() {
+            None if self.pending.is_empty() => return,
+            None => std::mem::replace(&mut self.pending, staging_buffer()),
+            Some(session) => {
+                if !self.pending.is_empty()
+                    && session.is_established()
+                    && !session.has_failed()
+                    && !session.close_notify_queued()
+                {
+                    if let Err(error) = session.encrypt(&self.pending) {
+                        return self.tls_failed(env, &error);
+                    }
+                    // The plaintext is in the records now: its buffer goes back to the pool, and
+                    // an idle connection keeps none.
+                    recycle(std::mem::take(&mut self.pending));
+                }
+                match session.take_outgoing() {
+                    Some(ciphertext) => ciphertext,
+                    None => return,
+                }
+            }
+        };
+        let out = self.out.insert(Outgoing::staged(bytes));
+        backend.send(self.fd, token, out);
     }
 
     fn next_wake(&self, env: &Env<'_>) -> Option<u64> {
@@ -391,12 +535,22 @@ impl Conn {
             env.stats.counters.open -= 1;
         }
         self.rx.tail = Vec::new();
+        // The TLS session (its keys, its unfinished record) goes with the socket.
+        self.tls = None;
         let finished = self.traffic.as_mut().is_none_or(|traffic| traffic.ended(env));
         self.stage = if finished { Stage::Done } else { Stage::Lingering };
     }
 
-    /// A connection attempt failed before the handshake completed.
-    fn fail_connect(&mut self, env: &mut Env<'_>, reason: String) {
+    /// A connection attempt failed before the handshake completed. During a TLS handshake, the
+    /// reason is `tls_<reason>` and it counts as a failed TLS handshake too (an interruption
+    /// aside: that failed nothing).
+    fn fail_connect(&mut self, env: &mut Env<'_>, mut reason: String) {
+        if self.tls.as_deref().is_some_and(|session| !session.is_established() && !session.has_failed())
+            && reason != "interrupted"
+        {
+            env.stats.tls_failed(&reason);
+            reason = format!("tls_{reason}");
+        }
         let connecting = matches!(self.stage, Stage::Connecting);
         self.connect_failed(env, reason);
         if connecting {
@@ -431,6 +585,11 @@ fn open_socket<B: Backend>(backend: &B, addr: &SockAddr, source: Option<Ipv4Addr
         socket.bind(&SockAddr::from(std::net::SocketAddrV4::new(ip, 0)))?;
     }
     Ok(socket)
+}
+
+/// Gives a buffer back to the thread's staging pool (which keeps small ones for the next send).
+fn recycle(buffer: Vec<u8>) {
+    drop(Outgoing::staged(buffer));
 }
 
 fn handshake_reason(error: ClientHandshakeError) -> String {
@@ -470,11 +629,23 @@ mod tests {
     /// (a pooled buffer each, on the heap only while they hold frames), the stage (the handshake's
     /// key while upgrading; once open, how its messages are compressed, which fits beside the key
     /// at no cost: `--deflate`'s own deflater, where the server lets the client keep its context,
-    /// is on the heap) and the traffic (an open loop's schedule and counters; a closed loop's
-    /// window keeps 8 B per message in flight on the heap). 10,000 connections: 3.3 MB of table.
+    /// is on the heap), the traffic (an open loop's schedule and counters; a closed loop's
+    /// window keeps 8 B per message in flight on the heap) and, for `wss://`, the TLS session
+    /// (8 B here: it is boxed, on the heap only for TLS connections). 10,000 connections: 3.4 MB
+    /// of table.
     #[test]
-    fn a_connection_costs_at_most_336_bytes_of_table() {
+    fn a_connection_costs_at_most_344_bytes_of_table() {
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 336, "a connection grew to {size} bytes; say where they go and move this bound");
+        assert!(size <= 344, "a connection grew to {size} bytes; say where they go and move this bound");
+    }
+
+    /// What a `wss://` connection adds on the heap beside the table, pinned: rustls' connection
+    /// state (about 1 KiB inline; its keys and record layer allocate beside it, more while a
+    /// handshake runs) and the session's tail and ciphertext buffers, both empty (no allocation)
+    /// between reads and sends.
+    #[test]
+    fn a_tls_session_costs_at_most_1040_bytes_beside_the_table() {
+        let size = std::mem::size_of::<super::TlsClient>();
+        assert!(size <= 1040, "a TLS session grew to {size} bytes; say where they go and move this bound");
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! Must never: be kept beyond one event (it borrows the thread's statistics mutably).
 
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+
 use crate::cli::Plan;
 use crate::schedule::Phases;
 use crate::stats::ThreadStats;
@@ -25,6 +29,11 @@ pub struct Env<'a> {
     pub scratch: &'a mut [u8],
     /// The thread's deflaters (`--deflate`) and the buffer messages are compressed into.
     pub compressors: &'a mut Compressors,
+    /// `wss://`: the client configuration every connection's TLS session starts from.
+    pub tls: Option<&'a Arc<ClientConfig>>,
+    /// `wss://`: the plaintext of one read, gathered from its records for the WebSocket receiver
+    /// (the thread's, so that no connection keeps a plaintext buffer between reads).
+    pub plaintext: &'a mut Vec<u8>,
     /// Now, on the run clock.
     pub now: u64,
 }

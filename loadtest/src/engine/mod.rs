@@ -10,6 +10,10 @@
 //! loadtest runs wherever the gateway does, on the same two backends, and the figures of both
 //! sides come from the same io code.
 //!
+//! `wss://`: each connection's TLS session ([`tls`], rustls' unbuffered API) sits between its
+//! socket and its WebSocket state machine, on either backend: the backends move ciphertext, the
+//! session turns it into the plaintext the machine reads, and the machine's frames into records.
+//!
 //! Must never: share mutable state between threads (each thread's statistics are its own until
 //! sent), or block a thread.
 
@@ -18,6 +22,7 @@ mod due;
 mod env;
 pub mod pubsub;
 mod thread;
+mod tls;
 mod traffic;
 mod wheel;
 mod window;
@@ -31,6 +36,7 @@ use std::time::Duration;
 
 use ringgate::config::IoChoice;
 use ringgate::io::{Backend, BackendKind, EpollBackend, UringBackend, WakeFd, select_backend};
+use rustls::ClientConfig;
 
 use crate::cli::Plan;
 use crate::schedule::Phases;
@@ -70,12 +76,14 @@ pub fn choose_backend(choice: IoChoice) -> io::Result<(BackendKind, Option<Strin
     }
 }
 
-/// Starts the client threads on backend `kind`. Each reports through `reports`.
+/// Starts the client threads on backend `kind`, their connections speaking TLS with `tls` when
+/// given (`wss://`). Each reports through `reports`.
 pub fn start(
     plan: Arc<Plan>,
     phases: Phases,
     kind: BackendKind,
     pubsub: Option<Arc<pubsub::Shared>>,
+    tls: Option<Arc<ClientConfig>>,
     reports: Sender<Report>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     (0..plan.threads)
@@ -83,9 +91,10 @@ pub fn start(
             let plan = Arc::clone(&plan);
             let reports = reports.clone();
             let pubsub = pubsub.clone();
+            let tls = tls.clone();
             std::thread::Builder::new()
                 .name(format!("loadtest-{index}"))
-                .spawn(move || run_thread(plan, phases, kind, pubsub, index, reports))
+                .spawn(move || run_thread(plan, phases, kind, pubsub, tls, index, reports))
         })
         .collect()
 }
@@ -95,10 +104,11 @@ fn run_thread(
     phases: Phases,
     kind: BackendKind,
     pubsub: Option<Arc<pubsub::Shared>>,
+    tls: Option<Arc<ClientConfig>>,
     index: usize,
     reports: Sender<Report>,
 ) {
-    let thread = ClientThread::new(index, plan, phases, pubsub);
+    let thread = ClientThread::new(index, plan, phases, pubsub, tls);
     let result = WakeFd::new().and_then(|wake| match kind {
         BackendKind::Uring(setup, _) => {
             let mut backend = UringBackend::new(setup, wake.fd())?;

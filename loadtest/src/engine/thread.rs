@@ -17,6 +17,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use ringgate::io::{Backend, Event, Op, Side, Token};
+use rustls::ClientConfig;
 use socket2::SockAddr;
 
 use super::conn::Conn;
@@ -46,6 +47,8 @@ macro_rules! thread_env {
             pubsub: $thread.pubsub.as_deref(),
             scratch: &mut $thread.scratch,
             compressors: &mut $thread.compressors,
+            tls: $thread.tls.as_ref(),
+            plaintext: &mut $thread.plaintext,
             now: $now,
         }
     };
@@ -70,6 +73,10 @@ pub struct ClientThread {
     stats: ThreadStats,
     scratch: Vec<u8>,
     compressors: Compressors,
+    /// `wss://`: the configuration the connections' TLS sessions share.
+    tls: Option<Arc<ClientConfig>>,
+    /// `wss://`: where one read's plaintext is gathered (see [`Env::plaintext`]).
+    plaintext: Vec<u8>,
     next_snapshot: u64,
     /// Thread CPU and run-clock time when the measured window began.
     load_from: Option<(u64, u64)>,
@@ -88,6 +95,7 @@ impl ClientThread {
         plan: Arc<Plan>,
         phases: Phases,
         pubsub: Option<Arc<pubsub::Shared>>,
+        tls: Option<Arc<ClientConfig>>,
     ) -> ClientThread {
         let max_message = plan.size.max(4096);
         let conns: Vec<Conn> = (index as u32..plan.conns)
@@ -107,6 +115,8 @@ impl ClientThread {
             stats: ThreadStats::default(),
             scratch: vec![0; plan.size],
             compressors: Compressors::default(),
+            tls,
+            plaintext: Vec::new(),
             next_snapshot: phases.begin + SNAPSHOT_INTERVAL.as_nanos() as u64,
             load_from: None,
             load_done: false,

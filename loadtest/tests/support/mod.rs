@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub mod gateway;
 pub mod pubsub;
+pub mod tls;
 
 use serde_json::Value;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
