@@ -110,7 +110,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
 fn address_limits(c: &mut Criterion) {
     let policy = StaticPolicy::default();
-    let both = AddressLimitSettings { max_conns_per_ip: 1_000_000, max_conn_rate_per_ip: 1_000_000 };
+    // Limits no benchmark reaches: the cost measured is the bookkeeping, not a refusal.
+    let both = AddressLimitSettings { max_conns_per_ip: u32::MAX, max_conn_rate_per_ip: u32::MAX };
     let mut group = c.benchmark_group("address_limits");
     group.throughput(Throughput::Elements(1));
     let mut response = Vec::with_capacity(256);
