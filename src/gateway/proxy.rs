@@ -198,13 +198,14 @@ pub struct UpstreamRequest {
 
 impl UpstreamRequest {
     /// Copies what goes upstream out of a validated client request. `client_ip` is appended to
-    /// `X-Forwarded-For`.
+    /// `X-Forwarded-For`; `secure` (the client came in over TLS) makes `X-Forwarded-Proto` https.
     pub fn new(
         route: usize,
         rest: &str,
         request: &Request<'_, '_>,
         client_accept: AcceptKey,
         client_ip: Option<std::net::IpAddr>,
+        secure: bool,
     ) -> UpstreamRequest {
         let mut forwarded_for: Vec<u8> = Vec::new();
         for value in request.header_values("X-Forwarded-For") {
@@ -223,7 +224,7 @@ impl UpstreamRequest {
         if !forwarded_for.is_empty() {
             headers.push(("X-Forwarded-For", forwarded_for));
         }
-        headers.push(("X-Forwarded-Proto", b"http".to_vec()));
+        headers.push(("X-Forwarded-Proto", if secure { b"https".to_vec() } else { b"http".to_vec() }));
         headers.push(("X-Forwarded-Host", request.host.as_bytes().to_vec()));
         for header in request.headers {
             if let Some(name) = FORWARDED_AS_IS.iter().find(|n| header.name.eq_ignore_ascii_case(n)) {
@@ -331,7 +332,9 @@ Origin: http://site\r\nX-Forwarded-For: 10.1.1.1\r\nUser-Agent: x\r\n\r\n";
         };
         let accept = AcceptKey::for_key(request.key);
         let ip = Some(std::net::IpAddr::from([127, 0, 0, 9]));
-        let up = UpstreamRequest::new(0, "/x?q=1", &request, accept, ip);
+        let up = UpstreamRequest::new(0, "/x?q=1", &request, accept, ip, false);
+        let over_tls = UpstreamRequest::new(0, "/x?q=1", &request, AcceptKey::for_key(request.key), ip, true);
+        assert!(over_tls.headers.iter().any(|(n, v)| *n == "X-Forwarded-Proto" && v == b"https"));
         let pool = pool(1);
         let url = &pool.route(0).expect("route").upstreams[0].url;
         let mut out = Vec::new();

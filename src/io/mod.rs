@@ -20,7 +20,7 @@ mod outgoing;
 mod process;
 pub mod sockopt;
 pub mod stamp;
-mod tls;
+pub mod tls;
 mod token;
 mod wake;
 mod worker;

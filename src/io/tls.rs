@@ -341,53 +341,54 @@ fn queue_alerts<C: Records>(conn: &mut C, rest: &mut [u8], outgoing: &mut Vec<u8
     }
 }
 
-/// Appends what `encode` writes to `outgoing`, growing it to the size rustls asks for.
-fn encode_into(
+/// Appends what `encode` writes (a handshake record or alert) to `outgoing`, growing it to the
+/// size rustls asks for. Shared with loadtest's TLS client.
+pub fn encode_into(
     outgoing: &mut Vec<u8>,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+    encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
 ) -> Result<(), rustls::Error> {
-    let mut room = 512;
-    loop {
-        let start = reserve(outgoing, room);
-        match encode(&mut outgoing[start..]) {
-            Ok(written) => {
-                outgoing.truncate(start + written);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                outgoing.truncate(start);
-                room = required_size;
-            }
-            Err(error) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(error.to_string()));
-            }
-        }
-    }
+    append_with(outgoing, 512, encode, |error| match error {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+        _ => None,
+    })
 }
 
-/// Appends what `encrypt` writes for `plaintext_len` bytes to `outgoing`.
-fn encrypt_into(
+/// Appends what `encrypt` writes for `plaintext_len` bytes of application data (or a
+/// close_notify) to `outgoing`, sized for the records they take. Shared with loadtest's TLS client.
+pub fn encrypt_into(
     outgoing: &mut Vec<u8>,
     plaintext_len: usize,
-    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+    encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
 ) -> Result<(), rustls::Error> {
     let records = plaintext_len.div_ceil(RECORD_PLAINTEXT).max(1);
-    let mut room = plaintext_len + records * RECORD_OVERHEAD;
+    let room = plaintext_len + records * RECORD_OVERHEAD;
+    append_with(outgoing, room, encrypt, |error| match error {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+        _ => None,
+    })
+}
+
+/// Appends what `write` puts into `room` bytes at the end of `outgoing`; when rustls says the
+/// room was too small (`required`), tries again with what it asked for.
+fn append_with<E: std::fmt::Display>(
+    outgoing: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> Result<(), rustls::Error> {
     loop {
         let start = reserve(outgoing, room);
-        match encrypt(&mut outgoing[start..]) {
+        match write(&mut outgoing[start..]) {
             Ok(written) => {
                 outgoing.truncate(start + written);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                outgoing.truncate(start);
-                room = required_size;
-            }
             Err(error) => {
                 outgoing.truncate(start);
-                return Err(rustls::Error::General(error.to_string()));
+                match required(&error) {
+                    Some(size) if size > room => room = size,
+                    _ => return Err(rustls::Error::General(error.to_string())),
+                }
             }
         }
     }

@@ -154,6 +154,11 @@ fn side_tls(extra: &mut Option<Box<Extra>>, side: Side) -> Option<&mut TlsSessio
     }
 }
 
+/// Whether the client side of a connection speaks TLS (what `X-Forwarded-Proto` says upstream).
+fn client_is_tls(extra: &Option<Box<Extra>>) -> bool {
+    extra.as_deref().is_some_and(|extra| extra.tls.is_some())
+}
+
 /// One slot of the slab: a connection's machine and its sockets.
 struct Entry {
     machine: Machine,
@@ -369,8 +374,9 @@ impl State {
         now: Millis,
         owner: Token,
         peer: &'a dyn Fn() -> Option<IpAddr>,
+        secure: bool,
     ) -> Cx<'a> {
-        Cx { ctx, now, owner: owner.0, peer_ip: peer }
+        Cx { ctx, now, owner: owner.0, peer_ip: peer, secure }
     }
 
     /// How long the backend may wait: until the next deadline or accept restart.
@@ -419,7 +425,8 @@ impl State {
         }
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
-        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        let secure = client_is_tls(&entry.extra);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer, secure);
         let tls = side_tls(&mut entry.extra, side);
         match (received, tls) {
             (Received::Data(data), Some(tls)) => {
@@ -461,7 +468,8 @@ impl State {
         io.flags &= !SEND_SUBMITTED;
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
-        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        let secure = client_is_tls(&entry.extra);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer, secure);
         let rest = match side_tls(&mut entry.extra, side) {
             // Ciphertext: the machine hears about its plaintext once all of it is written.
             Some(tls) => tls_sent(tls, side, result, out, &mut entry.machine, &cx),
@@ -487,7 +495,8 @@ impl State {
         }
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
-        let cx = Self::cx(&self.ctx, self.now, token, &peer);
+        let secure = client_is_tls(&entry.extra);
+        let cx = Self::cx(&self.ctx, self.now, token, &peer, secure);
         entry.machine.handle_connected(result, &cx);
         self.dirty.push((slot, generation));
     }
@@ -548,7 +557,7 @@ impl State {
             // Echo and request/response traffic want each message on the wire now, not batched.
             set_nodelay(fd);
             let peer = || None;
-            let cx = Self::cx(ctx, self.now, Token(0), &peer);
+            let cx = Self::cx(ctx, self.now, Token(0), &peer, false);
             let mut address = None;
             let tls = ctx.listener_tls.get(listener).and_then(Option::as_ref);
             let (machine, refused) = if open_before >= ctx.max_conns {
@@ -640,7 +649,8 @@ impl State {
             let fd = entry.client.fd;
             let peer = move || peer_ip(fd);
             let token = owner_token(slot, generation);
-            let cx = Self::cx(&self.ctx, self.now, token, &peer);
+            let secure = client_is_tls(&entry.extra);
+            let cx = Self::cx(&self.ctx, self.now, token, &peer, secure);
             entry.machine.handle_drain(&cx);
             self.dirty.push((slot, generation));
         }
@@ -666,7 +676,8 @@ impl State {
             let fd = entry.client.fd;
             let peer = move || peer_ip(fd);
             let token = owner_token(slot, generation);
-            let cx = Self::cx(&self.ctx, self.now, token, &peer);
+            let secure = client_is_tls(&entry.extra);
+            let cx = Self::cx(&self.ctx, self.now, token, &peer, secure);
             if entry.machine.deadline(&cx).is_at_or_before(self.now) {
                 entry.machine.handle_timer(&cx);
             }
@@ -739,7 +750,8 @@ impl State {
         let token = owner_token(slot, generation);
         let fd = entry.client.fd;
         let peer = move || peer_ip(fd);
-        let cx = Self::cx(ctx, now, token, &peer);
+        let secure = client_is_tls(&entry.extra);
+        let cx = Self::cx(ctx, now, token, &peer, secure);
         entry.machine.settle(&cx);
 
         // An upstream to connect: a failed socket goes first, then a fresh one is connected.

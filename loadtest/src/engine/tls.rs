@@ -21,16 +21,11 @@ use std::sync::Arc;
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic};
+use rustls::unbuffered::{ConnectionState, WriteTraffic};
 use rustls::{ClientConfig, ProtocolVersion, SupportedCipherSuite};
 
-use ringgate::io::{process_after_tail, staging_buffer};
-
-/// Bytes a record adds to its plaintext at most (header, explicit nonce of TLS 1.2, tag, content
-/// type of TLS 1.3, with room to spare), for sizing the ciphertext buffer before encrypting.
-const RECORD_OVERHEAD: usize = 64;
-/// The most plaintext one record carries.
-const RECORD_PLAINTEXT: usize = 16 * 1024;
+use ringgate::io::process_after_tail;
+use ringgate::io::tls::{encode_into, encrypt_into};
 
 /// What a batch of received bytes came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -261,69 +256,6 @@ fn settle(
         // Early data is a server's state; future states are not ours to guess at.
         _ => Err(rustls::Error::General("unexpected TLS state".into())),
     }
-}
-
-/// Appends what `encode` writes to `outgoing`, growing it to the size rustls asks for.
-fn encode_into(
-    outgoing: &mut Vec<u8>,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> Result<(), rustls::Error> {
-    let mut room = 512;
-    loop {
-        let start = reserve(outgoing, room);
-        match encode(&mut outgoing[start..]) {
-            Ok(written) => {
-                outgoing.truncate(start + written);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                outgoing.truncate(start);
-                room = required_size;
-            }
-            Err(error) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(error.to_string()));
-            }
-        }
-    }
-}
-
-/// Appends what `encrypt` writes for `plaintext_len` bytes to `outgoing`.
-fn encrypt_into(
-    outgoing: &mut Vec<u8>,
-    plaintext_len: usize,
-    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
-) -> Result<(), rustls::Error> {
-    let records = plaintext_len.div_ceil(RECORD_PLAINTEXT).max(1);
-    let mut room = plaintext_len + records * RECORD_OVERHEAD;
-    loop {
-        let start = reserve(outgoing, room);
-        match encrypt(&mut outgoing[start..]) {
-            Ok(written) => {
-                outgoing.truncate(start + written);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                outgoing.truncate(start);
-                room = required_size;
-            }
-            Err(error) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(error.to_string()));
-            }
-        }
-    }
-}
-
-/// Grows `outgoing` by `room` zeroed bytes (from the staging pool when it was empty); returns
-/// where they start.
-fn reserve(outgoing: &mut Vec<u8>, room: usize) -> usize {
-    if outgoing.capacity() == 0 {
-        *outgoing = staging_buffer();
-    }
-    let start = outgoing.len();
-    outgoing.resize(start + room, 0);
-    start
 }
 
 #[cfg(test)]

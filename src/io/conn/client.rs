@@ -670,7 +670,8 @@ impl Client {
             // The client hears back once the upstream answered (the relay writes the 101, with
             // the extension agreed here).
             let client_ip: Option<IpAddr> = (cx.peer_ip)();
-            let mut upstream = UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip);
+            let mut upstream =
+                UpstreamRequest::new(index, rest, &request, accepted.accept_key, client_ip, cx.secure);
             upstream.client_deflate = agreed;
             if let Some(verified) = &verified {
                 upstream.authenticated(verified, &ctx.subject_header, token_protocol);
@@ -897,7 +898,7 @@ mod tests {
     use crate::io::context::WorkerContext;
 
     fn cx(ctx: &WorkerContext) -> Cx<'_> {
-        Cx { ctx, now: Millis(1000), owner: 1, peer_ip: &|| None }
+        Cx { ctx, now: Millis(1000), owner: 1, peer_ip: &|| None, secure: false }
     }
 
     /// An idle connection's user-space memory is this state plus the slab's own bytes around it

@@ -82,6 +82,8 @@ pub struct Cx<'a> {
     pub owner: u64,
     /// The client's address, looked up only when a proxy needs it (`X-Forwarded-For`).
     pub peer_ip: &'a dyn Fn() -> Option<IpAddr>,
+    /// The client came in over TLS (`X-Forwarded-Proto: https` to a proxy's upstream).
+    pub secure: bool,
 }
 
 /// One connection's state machine.

@@ -61,6 +61,13 @@ impl Deflater {
         if out[start..].ends_with(&SYNC_TAIL) {
             out.truncate(out.len() - SYNC_TAIL.len());
         }
+        if out.len() == start {
+            // Nothing to flush (an empty message right after a flush leaves zlib nothing to write):
+            // RFC 7692 section 7.2.3.6's empty message, one 0x00, so that the receiver's appended
+            // tail is a whole empty stored block. Sending no bytes instead left the tail half a
+            // block, and the receiver's stream out of step from the next message on.
+            out.push(0x00);
+        }
         if self.no_context_takeover {
             self.compress.reset();
         }
@@ -102,6 +109,11 @@ impl Inflater {
         out: &mut Vec<u8>,
     ) -> Result<(), InflateError> {
         let start = out.len();
+        if compressed.is_empty() {
+            // No compressed bytes: an empty message, and nothing for the stream (the tail appended
+            // to nothing would be half a stored block; see `Deflater::compress`).
+            return Ok(());
+        }
         let result = match self.inflate_part(compressed, start, limit, out) {
             // A final block (BFINAL) ended the stream inside the message (section 7.2.3.3): the
             // tail is past its end, and the next message starts a new stream.
@@ -174,6 +186,33 @@ mod tests {
         let mut inflated = Vec::new();
         inflater.inflate(&compressed, usize::MAX / 2, &mut inflated).expect("inflates");
         inflated
+    }
+
+    /// An empty message between two others, context kept, at every level: the empty one is the
+    /// RFC's single 0x00, and the stream stays in step for the next one (found by the property
+    /// test below: an empty message compressed to no bytes, and the next one inflated wrong).
+    #[test]
+    fn an_empty_message_keeps_the_stream_in_step() {
+        for level in 0..=9 {
+            for no_context in [false, true] {
+                let mut deflater = Deflater::new(level, 15, no_context);
+                let mut inflater = Inflater::new(no_context);
+                for message in [&b"hello hello hello"[..], b"", b"", b"world world"] {
+                    let mut compressed = Vec::new();
+                    deflater.compress(message, &mut compressed);
+                    if message.is_empty() {
+                        assert_eq!(compressed, [0x00], "level {level}");
+                    }
+                    let mut out = Vec::new();
+                    assert_eq!(inflater.inflate(&compressed, 1 << 20, &mut out), Ok(()), "level {level}");
+                    assert_eq!(out, message, "level {level}, context kept: {}", !no_context);
+                }
+                // A peer that sends no bytes for an empty message is read as one, in step too.
+                let mut out = Vec::new();
+                assert_eq!(inflater.inflate(&[], 1 << 20, &mut out), Ok(()));
+                assert!(out.is_empty());
+            }
+        }
     }
 
     #[test]
