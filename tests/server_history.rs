@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::broker::{self, Broker, Kind};
 use common::prom;
 use common::server::Server;
 use common::wire::{self, BINARY, Client, HttpConn, TEXT};
@@ -360,4 +361,40 @@ fn without_history_since_is_answered_unavailable_then_the_live_stream() {
     publish_until_reached(&mut http, "t", "live", 1);
     client.expect_frame(TEXT, b"live");
     assert!(!scrape(&server).has("ringgate_history_messages"), "no history, no history metrics");
+}
+
+/// With a --broker the history is not kept (in-process only for now; NATS core has none at all):
+/// `?since=` is answered `unavailable`, then the live stream, from this node and the others.
+fn with_a_broker_since_is_answered_unavailable_then_the_live_stream(kind: Kind) {
+    if broker::skipped() {
+        return;
+    }
+    let broker = Broker::start(kind);
+    let url = broker.url();
+    let (a, b) = (Server::start(&["--broker", &url]), Server::start(&["--broker", &url]));
+    let (mut client, first) = subscribe_since(a.addr(), "t", &Position { epoch: "ab".into(), offset: 4 });
+    assert_eq!((first.recovered, first.reason.as_str(), first.replayed), (false, "unavailable", 0));
+    assert_eq!(first.at, Position { epoch: "0000000000000000".into(), offset: 0 });
+    // Node A subscribes at the broker in the background: publish on B until one arrives.
+    let mut http = HttpConn::connect(b.addr());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    client.stream.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    loop {
+        publish(&mut http, "t", "from B");
+        if let Ok(Some(frame)) = client.try_read_frame() {
+            assert_eq!((frame.opcode, frame.payload.as_slice()), (TEXT, &b"from B"[..]));
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing from node B");
+    }
+}
+
+#[test]
+fn redis_since_is_answered_unavailable() {
+    with_a_broker_since_is_answered_unavailable_then_the_live_stream(Kind::Redis);
+}
+
+#[test]
+fn nats_since_is_answered_unavailable() {
+    with_a_broker_since_is_answered_unavailable_then_the_live_stream(Kind::Nats);
 }
