@@ -398,3 +398,20 @@ fn redis_since_is_answered_unavailable() {
 fn nats_since_is_answered_unavailable() {
     with_a_broker_since_is_answered_unavailable_then_the_live_stream(Kind::Nats);
 }
+
+#[test]
+fn past_the_topic_bound_the_least_recently_published_topic_loses_its_history() {
+    let server = Server::start(&["--history-size", "10", "--history-topics", "2", "--positions"]);
+    let mut http = HttpConn::connect(server.addr());
+    let (client, a) = subscribe_since(server.addr(), "a", &nowhere());
+    drop(client);
+    for topic in ["a", "b", "a", "c"] {
+        publish(&mut http, topic, "m");
+    }
+    let metrics = scrape(&server);
+    assert_eq!(metrics.sum("ringgate_history_topics"), 2.0);
+    assert_eq!(metrics.sum("ringgate_history_messages"), 3.0, "a: 2, c: 1");
+    assert_eq!(metrics.sum_where("ringgate_history_evicted_total", "reason", "topics"), 1.0, "b's one");
+    let (_client, recovery) = subscribe_since(server.addr(), "a", &a.at);
+    assert_eq!((recovery.recovered, recovery.replayed), (true, 2), "{recovery:?}");
+}

@@ -178,6 +178,7 @@ struct PubSubSection {
     echo: Option<bool>,
     history_size: Option<usize>,
     history_ttl: Option<Seconds>,
+    history_topics: Option<usize>,
     positions: Option<bool>,
 }
 
@@ -357,6 +358,7 @@ impl FileConfig {
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
         take!("history_size", pubsub.history_size, config.history_size);
         take!("history_ttl", pubsub.history_ttl.map(|d| d.0), config.history_ttl);
+        take!("history_topics", pubsub.history_topics, config.history_topics);
         take!("positions", pubsub.positions, config.positions);
         take!("broker", broker.url.map(|b| Some(b.0)), config.broker);
         take!("broker_optional", broker.optional, config.broker_optional);

@@ -155,6 +155,12 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub history_ttl: Duration,
 
+    /// Topics with a history at once, at most: a new topic past it pushes out the history of the
+    /// topic published to least recently (its next message starts a new epoch). With
+    /// --history-size, bounds what the history holds: topics x size messages.
+    #[arg(long, value_name = "N", default_value_t = crate::gateway::history::DEFAULT_HISTORY_TOPICS)]
+    pub history_topics: usize,
+
     /// Send every pub/sub message with its position (epoch and offset), so that a client knows
     /// what to ask for with `?since=`: text messages as `{"epoch":"…","offset":N,"data":"…"}`,
     /// binary ones with 16 bytes in front (epoch, offset: big-endian u64). Off: messages as sent.
@@ -463,6 +469,7 @@ impl Config {
             size: self.history_size,
             ttl: self.history_ttl,
             positions: self.positions,
+            max_topics: self.history_topics,
         }
     }
 
@@ -608,6 +615,9 @@ impl Config {
                 crate::gateway::history::MAX_HISTORY_SIZE,
                 self.history_size
             ));
+        }
+        if self.history_topics == 0 {
+            return fail("--history-topics must be at least 1".into());
         }
         if !self.history_ttl.is_zero() && self.history_size == 0 {
             return fail("--history-ttl needs a --history-size".into());
@@ -957,6 +967,8 @@ mod tests {
         assert!(!parse(&[]).history_settings().enabled(), "off by default");
         assert!(parse(&["--history-ttl", "5s"]).validate().is_err(), "a TTL without a size");
         assert!(parse(&["--history-size", "2000000"]).validate().is_err());
+        assert!(parse(&["--history-size", "5", "--history-topics", "0"]).validate().is_err());
+        assert_eq!(parse(&["--history-topics", "3"]).history_settings().max_topics, 3);
         let with_broker = parse(&["--history-size", "10", "--broker", "nats://127.0.0.1:4222"]);
         assert!(with_broker.validate().is_err(), "in-process only");
         let file = "[pubsub]\nhistory_size = 50\nhistory_ttl = \"2m\"\npositions = true\n";

@@ -37,11 +37,14 @@ use crate::proto::message::MessageKind;
 /// The largest `--history-size` accepted: a bound on what one topic may hold.
 pub const MAX_HISTORY_SIZE: usize = 1_000_000;
 
+/// The default `--history-topics`: topics with a history at once, at most.
+pub const DEFAULT_HISTORY_TOPICS: usize = 10_000;
+
 /// Bytes of the binary positions envelope: the epoch then the offset, both big-endian `u64`.
 pub const BINARY_POSITION_LEN: usize = 16;
 
 /// What history a node keeps, from `--history-size`, `--history-ttl`, `--positions`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistorySettings {
     /// Frames kept per topic; 0: no history (offsets are still assigned with `positions`).
     pub size: usize,
@@ -49,6 +52,9 @@ pub struct HistorySettings {
     pub ttl: Duration,
     /// Wrap every delivered message in the positions envelope (see [`encode_frame`]).
     pub positions: bool,
+    /// Topics with a history at once, at most; a new one pushes out the one published to least
+    /// recently (its next message starts a new epoch).
+    pub max_topics: usize,
 }
 
 impl HistorySettings {
@@ -135,6 +141,8 @@ pub struct HistoryStats {
     pub evicted_size: AtomicU64,
     /// Messages evicted for the TTL.
     pub evicted_ttl: AtomicU64,
+    /// Messages dropped with their topic's history, pushed out by a new topic past the topic bound.
+    pub evicted_topics: AtomicU64,
 }
 
 impl HistoryStats {
@@ -250,6 +258,9 @@ impl History {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         };
+        if !map.contains_key(topic) && map.len() >= self.settings.max_topics.max(1) {
+            self.push_out_oldest(&mut map);
+        }
         let log = map.entry(Arc::from(topic)).or_insert_with(|| {
             self.stats.topics.fetch_add(1, Ordering::Relaxed);
             Arc::new(Mutex::new(TopicLog {
@@ -261,6 +272,23 @@ impl History {
             }))
         });
         Arc::clone(log)
+    }
+
+    /// Drops the history of the topic published to least recently, among those no thread holds
+    /// (a scan, only when a new topic arrives with the table full).
+    fn push_out_oldest(&self, map: &mut HashMap<Arc<str>, Arc<Mutex<TopicLog>>>) {
+        let oldest = map
+            .iter()
+            .filter(|(_, log)| Arc::strong_count(log) == 1)
+            .filter_map(|(topic, log)| log.try_lock().ok().map(|log| (log.touched, Arc::clone(topic))))
+            .min_by_key(|(touched, _)| *touched)
+            .map(|(_, topic)| topic);
+        let Some(log) = oldest.and_then(|topic| map.remove(&topic)) else { return };
+        self.stats.topics.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(log) = log.lock() {
+            add(&self.stats.evicted_topics, log.entries.len() as u64);
+            self.stats.held(-(log.entries.len() as i64), -(log.bytes as i64));
+        }
     }
 
     /// Runs `f` with `topic`'s log locked (created, with a new epoch, if the topic has none).
@@ -484,7 +512,7 @@ mod tests {
     use super::*;
 
     fn history(size: usize, ttl: Duration) -> History {
-        History::new(HistorySettings { size, ttl, positions: false })
+        History::new(HistorySettings { size, ttl, positions: false, max_topics: 2 })
     }
 
     fn publish(history: &History, topic: &str, n: usize) -> Position {
@@ -549,6 +577,21 @@ mod tests {
         );
         let r = history.recover("t", top);
         assert_eq!(r.outcome, Outcome::EpochChanged, "a new history, a new epoch");
+    }
+
+    #[test]
+    fn a_new_topic_past_the_bound_pushes_out_the_least_recently_published() {
+        let history = history(10, Duration::ZERO);
+        let a = publish(&history, "a", 3);
+        publish(&history, "b", 2);
+        publish(&history, "a", 1); // a is now the more recent
+        publish(&history, "c", 4); // pushes out b
+        assert_eq!(history.stats().topics(), 2);
+        assert_eq!(history.stats().messages(), 8);
+        assert_eq!(history.stats().evicted_topics.load(Ordering::Relaxed), 2);
+        let r = history.recover("a", Position { epoch: a.epoch, offset: 3 });
+        assert_eq!((r.outcome, r.replay.len()), (Outcome::Recovered, 1));
+        assert_eq!(history.recover("b", Position { epoch: 1, offset: 0 }).outcome, Outcome::EpochChanged);
     }
 
     #[test]

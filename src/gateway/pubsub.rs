@@ -74,8 +74,9 @@ pub struct Delivery {
     pub topic: Arc<str>,
     /// The encoded server frame.
     pub frame: Bytes,
-    /// The message's offset in its topic's history; 0 without history (or from another node).
-    pub offset: u64,
+    /// The message's position in its topic's history; offset 0 without history (or from another
+    /// node).
+    pub at: Position,
     /// A subscriber of the receiving worker not to queue it for (the publisher, handing a message
     /// to its own worker's subscribers in offset order); `None` on every other worker.
     pub exclude: Option<u64>,
@@ -170,8 +171,12 @@ impl Hub {
             for (worker, count) in counts.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
-                    let delivery =
-                        Delivery { topic: Arc::clone(topic), frame: frame.clone(), offset: 0, exclude: None };
+                    let delivery = Delivery {
+                        topic: Arc::clone(topic),
+                        frame: frame.clone(),
+                        at: NOWHERE,
+                        exclude: None,
+                    };
                     if !self.hand_off(worker, delivery) {
                         missed += count;
                     }
@@ -282,6 +287,14 @@ impl Hub {
     }
 }
 
+/// No position: a frame without history, or a subscriber that skips nothing.
+const NOWHERE: Position = Position { epoch: 0, offset: 0 };
+
+/// Whether a live frame at `at` is one a recovering subscriber already had (or did not ask for).
+fn skipped(at: Position, skip_through: Position) -> bool {
+    at.offset != 0 && at.epoch == skip_through.epoch && at.offset <= skip_through.offset
+}
+
 /// Queue entries (32 bytes each) an empty subscriber queue may keep allocated for the next message.
 const RETAINED_QUEUE_CAPACITY: usize = 8;
 
@@ -304,9 +317,10 @@ pub struct Subscriber {
     notified: Cell<bool>,
     /// The window this subscriber's frames are compressed with in shared mode; 0 for plain frames.
     shared_window: u8,
-    /// Live frames at or below this offset are not queued for it: a recovering subscriber had
-    /// them from the history (or did not ask for them). 0: every frame.
-    skip_through: Cell<u64>,
+    /// Live frames of this epoch at or below this offset are not queued for it: a recovering
+    /// subscriber had them from the history (or did not ask for them). Offset 0: every frame. The
+    /// epoch matters: a topic whose history was dropped starts again at offset 1 in a new epoch.
+    skip_through: Cell<Position>,
 }
 
 impl Subscriber {
@@ -469,7 +483,7 @@ impl Broker {
             owner,
             notified: Cell::new(false),
             shared_window: shared_window.map_or(0, |bits| bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS)),
-            skip_through: Cell::new(0),
+            skip_through: Cell::new(NOWHERE),
         });
         subscribers.push(Rc::clone(&subscriber));
         self.stats.subscriber_added();
@@ -486,7 +500,7 @@ impl Broker {
         }
         let frame = encode_frame(kind, payload, None);
         let mut woken = Vec::new();
-        let reached = self.fan_out(topic, &frame, exclude, 0, &mut woken);
+        let reached = self.fan_out(topic, &frame, exclude, NOWHERE, &mut woken);
         for worker in woken {
             self.hub.wake(worker);
         }
@@ -515,7 +529,7 @@ impl Broker {
             let position = positions.then(|| Position { epoch: log.epoch(), offset });
             let frame = encode_frame(kind, payload, position);
             log.keep(offset, &frame);
-            self.fan_out(topic, &frame, exclude, offset, &mut woken)
+            self.fan_out(topic, &frame, exclude, Position { epoch: log.epoch(), offset }, &mut woken)
         });
         for worker in woken {
             self.hub.wake(worker);
@@ -534,11 +548,11 @@ impl Broker {
         topic: &str,
         frame: &Bytes,
         exclude: Option<u64>,
-        offset: u64,
+        at: Position,
         woken: &mut Vec<usize>,
     ) -> usize {
-        let in_order = offset != 0;
-        let mut reached = if in_order { 0 } else { self.deliver_local(topic, frame, exclude, offset) };
+        let in_order = at.offset != 0;
+        let mut reached = if in_order { 0 } else { self.deliver_local(topic, frame, exclude, at) };
         if let Ok(presence) = self.hub.presence.read()
             && let Some((topic, counts)) = presence.get_key_value(topic)
         {
@@ -551,8 +565,7 @@ impl Broker {
                     count = count.saturating_sub(usize::from(exclude.is_some()));
                 }
                 if (!own || in_order) && count > 0 {
-                    let delivery =
-                        Delivery { topic: Arc::clone(topic), frame: frame.clone(), offset, exclude };
+                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone(), at, exclude };
                     if self.hub.hand_off_quietly(worker, delivery) {
                         reached += count;
                         woken.push(worker);
@@ -584,12 +597,12 @@ impl Broker {
             Some(history) => history.recover(topic, since),
             None => Recovery {
                 outcome: super::history::Outcome::Unavailable,
-                live_after: Position { epoch: 0, offset: 0 },
+                live_after: NOWHERE,
                 replay: Vec::new(),
             },
         };
         let subscriber = &subscription.subscriber;
-        subscriber.skip_through.set(recovery.live_after.offset);
+        subscriber.skip_through.set(recovery.live_after);
         let first = recovery_frame(&recovery);
         let mut queued = 0;
         {
@@ -608,7 +621,7 @@ impl Broker {
 
     /// Queues a frame handed over from another worker on this worker's subscribers.
     pub fn deliver(&self, delivery: &Delivery) {
-        self.deliver_local(&delivery.topic, &delivery.frame, delivery.exclude, delivery.offset);
+        self.deliver_local(&delivery.topic, &delivery.frame, delivery.exclude, delivery.at);
         self.hub.handed_over(self.worker, delivery.frame.len());
     }
 
@@ -622,7 +635,7 @@ impl Broker {
         self.topics.borrow().get(topic).map_or(0, Vec::len)
     }
 
-    fn deliver_local(&self, topic: &str, plain: &Bytes, exclude: Option<u64>, offset: u64) -> usize {
+    fn deliver_local(&self, topic: &str, plain: &Bytes, exclude: Option<u64>, at: Position) -> usize {
         let mut delivered = 0;
         let mut dropped = 0;
         let mut queued_bytes = 0;
@@ -632,8 +645,7 @@ impl Broker {
             let topics = self.topics.borrow();
             let Some(subscribers) = topics.get(topic) else { return 0 };
             for subscriber in subscribers {
-                if Some(subscriber.id) == exclude || (offset != 0 && offset <= subscriber.skip_through.get())
-                {
+                if Some(subscriber.id) == exclude || skipped(at, subscriber.skip_through.get()) {
                     continue;
                 }
                 let frame = forms.for_window(subscriber.shared_window, &self.compressor);
@@ -1044,7 +1056,8 @@ mod tests {
     use crate::gateway::history::{HistorySettings, Outcome};
 
     fn with_history(hub: &Arc<Hub>, size: usize) {
-        let settings = HistorySettings { size, ttl: std::time::Duration::ZERO, positions: true };
+        let settings =
+            HistorySettings { size, ttl: std::time::Duration::ZERO, positions: true, max_topics: 16 };
         hub.set_history(Arc::new(History::new(settings)));
     }
 
@@ -1091,6 +1104,33 @@ mod tests {
         let history = hub.history().expect("kept");
         assert_eq!(history.stats().recoveries(Outcome::Recovered), 1);
         assert_eq!(history.stats().messages(), 3);
+    }
+
+    #[test]
+    fn a_recovered_subscriber_gets_the_messages_of_a_new_epoch_though_their_offsets_start_again() {
+        let (hub, receivers) = Hub::new(1);
+        let settings =
+            HistorySettings { size: 10, ttl: std::time::Duration::ZERO, positions: true, max_topics: 1 };
+        hub.set_history(Arc::new(History::new(settings)));
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        for _ in 0..5 {
+            broker.publish("t", MessageKind::Binary, b"old", None);
+        }
+        let sub = broker.subscribe_since("t", 0, None, NOWHERE);
+        let (_, at) = position_of(&drain(sub.subscriber())[0]);
+        assert_eq!(at.offset, 5);
+        broker.publish("u", MessageKind::Binary, b"pushes t's history out", None);
+        broker.publish("t", MessageKind::Binary, b"new", None);
+        deliver_all();
+        let got: Vec<Position> = drain(sub.subscriber()).iter().map(|f| position_of(f).1).collect();
+        assert_eq!(got.len(), 1, "offset 1 of the new epoch is not taken for one it had");
+        assert_ne!(got[0].epoch, at.epoch);
+        assert_eq!(got[0].offset, 1);
     }
 
     #[test]

@@ -613,10 +613,12 @@ pub fn render_history(out: &mut String, stats: &crate::gateway::history::History
         out,
         "ringgate_history_evicted_total",
         Counter,
-        "Messages that left a topic history, by reason: size (--history-size newer ones), ttl (--history-ttl).",
+        "Messages that left a topic history, by reason: size (--history-size newer ones), ttl \
+         (--history-ttl), topics (dropped with their topic's history, pushed out past --history-topics).",
     );
     evicted.sample(&[("reason", "size")], load(&stats.evicted_size));
     evicted.sample(&[("reason", "ttl")], load(&stats.evicted_ttl));
+    evicted.sample(&[("reason", "topics")], load(&stats.evicted_topics));
 }
 
 fn load(counter: &AtomicU64) -> u64 {
