@@ -5,8 +5,9 @@
 //! `?since=EPOCH:OFFSET` gets what it missed, in order, before the live stream.
 //!
 //! One history per process, shared by the workers: a topic's offset is assigned under its
-//! [`TopicLog`]'s lock, and the publishing worker queues the frame locally and hands it to the other
-//! workers under that same lock, so every worker's channel carries a topic's frames in offset order.
+//! [`TopicLog`]'s lock, and the publishing worker hands the frame to every worker with subscribers
+//! (its own included, through its own channel) under that same lock, so every worker's channel
+//! carries a topic's frames in offset order.
 //! A recovering subscriber is subscribed (and counted in the hub's presence) before it takes that
 //! lock to read the history: every offset at or below what it read is replayed from the history,
 //! every offset above is handed to its worker live, and the frames at or below its replay end still

@@ -31,8 +31,10 @@
 //!
 //! History (`--history-size`, `--positions`, see `gateway::history`): a publish to a topic then
 //! takes the topic's log lock, gets its offset, is encoded (with its position when asked), kept,
-//! queued locally and handed to the other workers before the lock is released, so that every
-//! worker receives a topic's messages in offset order; the workers are woken after. A subscriber
+//! and handed to every worker with subscribers, its own included (a frame queued at once would
+//! overtake lower offsets other workers handed it and it has not drained yet), before the lock is
+//! released: every worker queues a topic's messages in offset order, one loop turn later for the
+//! publisher's own worker than without history; the workers are woken after. A subscriber
 //! that asks `?since=` is subscribed first, then reads the history, and skips the live frames at
 //! or below what it read ([`Broker::subscribe_since`]).
 //!
@@ -511,9 +513,9 @@ impl Broker {
         reached
     }
 
-    /// Publishes with an offset: assigned, kept, queued locally and handed to the other workers
-    /// under the topic's log lock (so every worker gets the topic's frames in offset order); the
-    /// workers are woken once the lock is released.
+    /// Publishes with an offset: assigned, kept and handed to every worker with subscribers (this
+    /// one included) under the topic's log lock, so every worker gets the topic's frames in offset
+    /// order; the workers are woken once the lock is released.
     fn publish_in_order(
         &self,
         history: &History,
