@@ -714,6 +714,52 @@ fn one_slow_consumer_closed_counts_exactly_one_close() {
     );
 }
 
+/// The history's counters (only in the exposition of a node that keeps a history, so not in the
+/// list of [`every_counter_family_is_audited_here`], whose gateway keeps none).
+#[test]
+fn every_recovery_and_history_eviction_counts_once() {
+    let server = Server::start(&["--history-size", "5", "--positions"]);
+    let families = [
+        "ringgate_history_recoveries_total",
+        "ringgate_history_replayed_total",
+        "ringgate_history_evicted_total",
+    ];
+    let mut meter = Meter::over(&server, &families);
+    let recover = |since: &str| -> serde_json::Value {
+        let mut client = Client::connect(server.addr(), &format!("/pubsub/h?since={since}"));
+        let frame = client.read_frame();
+        assert_eq!(frame.opcode, TEXT);
+        serde_json::from_slice(&frame.payload).expect("the recovery message")
+    };
+    let first = recover("0:0");
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    meter.expect(
+        "a first connect without a position",
+        &[("ringgate_history_recoveries_total", &[("outcome", "epoch_changed")], 1.0)],
+    );
+    let mut http = HttpConn::connect(server.addr());
+    for i in 0..8 {
+        http.publish("/publish/h", Some("text/plain"), format!("m{i}").as_bytes());
+    }
+    meter.expect(
+        "8 published into a history of 5",
+        &[("ringgate_history_evicted_total", &[("reason", "size")], 3.0)],
+    );
+    assert_eq!(recover(&format!("{epoch}:3"))["replayed"], 5);
+    meter.expect(
+        "a recovery of 5",
+        &[
+            ("ringgate_history_recoveries_total", &[("outcome", "recovered")], 1.0),
+            ("ringgate_history_replayed_total", &[], 5.0),
+        ],
+    );
+    assert_eq!(recover(&format!("{epoch}:1"))["reason"], "too_old");
+    meter.expect(
+        "a position no longer held",
+        &[("ringgate_history_recoveries_total", &[("outcome", "too_old")], 1.0)],
+    );
+}
+
 #[test]
 fn with_the_drop_policy_every_frame_is_either_delivered_or_dropped() {
     let server = Server::start(&["--max-backpressure", "64KiB", "--slow-consumer", "drop", "--workers", "1"]);

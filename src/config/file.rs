@@ -176,6 +176,10 @@ impl<'de> Deserialize<'de> for Broker {
 struct PubSubSection {
     slow_consumer: Option<SlowConsumerPolicy>,
     echo: Option<bool>,
+    history_size: Option<usize>,
+    history_ttl: Option<Seconds>,
+    history_topics: Option<usize>,
+    positions: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -352,6 +356,10 @@ impl FileConfig {
         take!("publish_key_file", http.publish_key_file.map(Some), config.publish_key_file);
         take!("slow_consumer", pubsub.slow_consumer, config.slow_consumer);
         take!("pubsub_echo", pubsub.echo, config.pubsub_echo);
+        take!("history_size", pubsub.history_size, config.history_size);
+        take!("history_ttl", pubsub.history_ttl.map(|d| d.0), config.history_ttl);
+        take!("history_topics", pubsub.history_topics, config.history_topics);
+        take!("positions", pubsub.positions, config.positions);
         take!("broker", broker.url.map(|b| Some(b.0)), config.broker);
         take!("broker_optional", broker.optional, config.broker_optional);
         take!("compression", compression.mode, config.compression);

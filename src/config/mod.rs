@@ -144,6 +144,29 @@ pub struct Config {
     #[arg(long)]
     pub pubsub_echo: bool,
 
+    /// Messages kept per topic, so that a subscriber reconnecting with `?since=EPOCH:OFFSET` gets
+    /// what it missed before the live stream (see the README, "History and recovery"). 0: no
+    /// history (`?since=` is answered "unavailable"). In-process only: not with --broker.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub history_size: usize,
+
+    /// How long a kept message stays in the history; 0s: until --history-size newer ones push it
+    /// out. A topic whose messages all expired is dropped (its next message starts a new epoch).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// Topics with a history at once, at most: a new topic past it pushes out the history of the
+    /// topic published to least recently (its next message starts a new epoch). With
+    /// --history-size, bounds what the history holds: topics x size messages.
+    #[arg(long, value_name = "N", default_value_t = crate::gateway::history::DEFAULT_HISTORY_TOPICS)]
+    pub history_topics: usize,
+
+    /// Send every pub/sub message with its position (epoch and offset), so that a client knows
+    /// what to ask for with `?since=`: text messages as `{"epoch":"…","offset":N,"data":"…"}`,
+    /// binary ones with 16 bytes in front (epoch, offset: big-endian u64). Off: messages as sent.
+    #[arg(long)]
+    pub positions: bool,
+
     /// Path of the echo route (WebSocket); `off` disables it.
     #[arg(long, value_name = "PATH", default_value = "/echo", value_parser = parse_route_path)]
     pub echo_path: RoutePath,
@@ -440,6 +463,16 @@ impl Config {
         }
     }
 
+    /// What history the process keeps (`--history-size`, `--history-ttl`, `--positions`).
+    pub fn history_settings(&self) -> crate::gateway::history::HistorySettings {
+        crate::gateway::history::HistorySettings {
+            size: self.history_size,
+            ttl: self.history_ttl,
+            positions: self.positions,
+            max_topics: self.history_topics,
+        }
+    }
+
     /// The per-address limits, for the process-wide table.
     pub fn address_limit_settings(&self) -> AddressLimitSettings {
         AddressLimitSettings {
@@ -575,6 +608,26 @@ impl Config {
         }
         if self.broker_optional && self.broker.is_none() {
             return fail("--broker-optional needs a --broker URL".into());
+        }
+        if self.history_size > crate::gateway::history::MAX_HISTORY_SIZE {
+            return fail(format!(
+                "--history-size must be at most {}, got {}",
+                crate::gateway::history::MAX_HISTORY_SIZE,
+                self.history_size
+            ));
+        }
+        if self.history_topics == 0 {
+            return fail("--history-topics must be at least 1".into());
+        }
+        if !self.history_ttl.is_zero() && self.history_size == 0 {
+            return fail("--history-ttl needs a --history-size".into());
+        }
+        if self.broker.is_some() && (self.history_size > 0 || self.positions) {
+            return fail(
+                "--history-size and --positions are in-process only for now: drop them, or drop --broker \
+                 (with a --broker, ?since= is answered \"unavailable\")"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -903,6 +956,27 @@ mod tests {
         assert!(config.broker_optional);
         let message = invalid(load(&[], "[broker]\n\nurl = \"kafka://127.0.0.1:1\"\n"));
         assert!(message.contains("url") && message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn history_comes_from_flags_or_the_file_and_is_checked() {
+        let config = parse(&["--history-size", "100", "--history-ttl", "30s", "--positions"]);
+        assert_eq!(config.validate(), Ok(()));
+        let settings = config.history_settings();
+        assert_eq!((settings.size, settings.ttl, settings.positions), (100, Duration::from_secs(30), true));
+        assert!(!parse(&[]).history_settings().enabled(), "off by default");
+        assert!(parse(&["--history-ttl", "5s"]).validate().is_err(), "a TTL without a size");
+        assert!(parse(&["--history-size", "2000000"]).validate().is_err());
+        assert!(parse(&["--history-size", "5", "--history-topics", "0"]).validate().is_err());
+        assert_eq!(parse(&["--history-topics", "3"]).history_settings().max_topics, 3);
+        let with_broker = parse(&["--history-size", "10", "--broker", "nats://127.0.0.1:4222"]);
+        assert!(with_broker.validate().is_err(), "in-process only");
+        let file = "[pubsub]\nhistory_size = 50\nhistory_ttl = \"2m\"\npositions = true\n";
+        let config = load(&["--history-size", "7"], file).expect("valid");
+        assert_eq!(
+            (config.history_size, config.history_ttl, config.positions),
+            (7, Duration::from_secs(120), true)
+        );
     }
 
     #[test]

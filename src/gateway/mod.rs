@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod compression;
 pub mod cors;
 pub mod echo;
+pub mod history;
 pub mod http;
 pub mod proxy;
 pub mod publish_key;

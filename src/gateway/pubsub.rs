@@ -29,6 +29,15 @@
 //! local delivery (see `gateway::cluster`); messages from other nodes come back through the same
 //! bounded hand-off as a publish from another worker ([`Hub::deliver_remote`]).
 //!
+//! History (`--history-size`, `--positions`, see `gateway::history`): a publish to a topic then
+//! takes the topic's log lock, gets its offset, is encoded (with its position when asked), kept,
+//! and handed to every worker with subscribers, its own included (a frame queued at once would
+//! overtake lower offsets other workers handed it and it has not drained yet), before the lock is
+//! released: every worker queues a topic's messages in offset order, one loop turn later for the
+//! publisher's own worker than without history; the workers are woken after. A subscriber
+//! that asks `?since=` is subscribed first, then reads the history, and skips the live frames at
+//! or below what it read ([`Broker::subscribe_since`]).
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
@@ -40,13 +49,14 @@ use std::sync::{Arc, RwLock};
 use std::sync::{OnceLock, mpsc};
 use std::task::Waker;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::cluster::Link;
 use super::compression::Compressor;
+use super::history::{History, Position, Recovery, encode_frame, recovery_frame};
 use crate::metrics::{WorkerStats, add};
 use crate::proto::deflate::{MAX_WINDOW_BITS, MIN_WINDOW_BITS};
-use crate::proto::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, write_frame};
+use crate::proto::frame::{Decoded, FrameHeader};
 use crate::proto::message::MessageKind;
 
 /// What to do with a subscriber that does not keep up.
@@ -66,6 +76,12 @@ pub struct Delivery {
     pub topic: Arc<str>,
     /// The encoded server frame.
     pub frame: Bytes,
+    /// The message's position in its topic's history; offset 0 without history (or from another
+    /// node).
+    pub at: Position,
+    /// A subscriber of the receiving worker not to queue it for (the publisher, handing a message
+    /// to its own worker's subscribers in offset order); `None` on every other worker.
+    pub exclude: Option<u64>,
 }
 
 /// Bytes of frames handed to one worker and not yet queued on its subscribers, at most (a frame
@@ -86,6 +102,8 @@ pub struct Hub {
     /// The cross-node broker (`--broker`), told when a topic appears on or leaves this node and
     /// given every local publish; unset: this process is the whole broker.
     cluster: OnceLock<Arc<Link>>,
+    /// The topics' histories (`--history-size`, `--positions`); unset: no offsets, no history.
+    history: OnceLock<Arc<History>>,
 }
 
 impl Hub {
@@ -107,6 +125,7 @@ impl Hub {
             handoff_limit: limit,
             presence: RwLock::default(),
             cluster: OnceLock::new(),
+            history: OnceLock::new(),
         };
         (Arc::new(hub), receivers)
     }
@@ -121,6 +140,16 @@ impl Hub {
     /// or leaves this node, and of every local publish. Set once, before the workers start.
     pub fn set_cluster(&self, link: Arc<Link>) {
         let _ = self.cluster.set(link);
+    }
+
+    /// Keeps the topics' histories in `history` from here on. Set once, before the workers start.
+    pub fn set_history(&self, history: Arc<History>) {
+        let _ = self.history.set(history);
+    }
+
+    /// The topics' histories, if kept.
+    pub fn history(&self) -> Option<&Arc<History>> {
+        self.history.get()
     }
 
     /// Whether any worker has a subscriber on `topic`.
@@ -144,7 +173,12 @@ impl Hub {
             for (worker, count) in counts.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
-                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone() };
+                    let delivery = Delivery {
+                        topic: Arc::clone(topic),
+                        frame: frame.clone(),
+                        at: NOWHERE,
+                        exclude: None,
+                    };
                     if !self.hand_off(worker, delivery) {
                         missed += count;
                     }
@@ -154,8 +188,25 @@ impl Hub {
         missed
     }
 
-    /// Hands `delivery` to `worker` if its hand-off bound has room for the frame.
+    /// Hands `delivery` to `worker` if its hand-off bound has room for the frame, and wakes it.
     fn hand_off(&self, worker: usize, delivery: Delivery) -> bool {
+        let handed = self.hand_off_quietly(worker, delivery);
+        if handed {
+            self.wake(worker);
+        }
+        handed
+    }
+
+    /// Wakes `worker` to drain its hand-offs.
+    fn wake(&self, worker: usize) {
+        if let Some(waker) = self.wakers[worker].get() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Hands `delivery` to `worker` if its hand-off bound has room, without waking it (the caller
+    /// wakes it once it holds no lock).
+    fn hand_off_quietly(&self, worker: usize, delivery: Delivery) -> bool {
         let len = delivery.frame.len();
         let pending = &self.handoff_bytes[worker];
         let reserved = pending
@@ -169,9 +220,6 @@ impl Hub {
         if self.workers[worker].send(delivery).is_err() {
             pending.fetch_sub(len, Ordering::AcqRel);
             return false;
-        }
-        if let Some(waker) = self.wakers[worker].get() {
-            waker.wake_by_ref();
         }
         true
     }
@@ -241,6 +289,14 @@ impl Hub {
     }
 }
 
+/// No position: a frame without history, or a subscriber that skips nothing.
+const NOWHERE: Position = Position { epoch: 0, offset: 0 };
+
+/// Whether a live frame at `at` is one a recovering subscriber already had (or did not ask for).
+fn skipped(at: Position, skip_through: Position) -> bool {
+    at.offset != 0 && at.epoch == skip_through.epoch && at.offset <= skip_through.offset
+}
+
 /// Queue entries (32 bytes each) an empty subscriber queue may keep allocated for the next message.
 const RETAINED_QUEUE_CAPACITY: usize = 8;
 
@@ -263,6 +319,10 @@ pub struct Subscriber {
     notified: Cell<bool>,
     /// The window this subscriber's frames are compressed with in shared mode; 0 for plain frames.
     shared_window: u8,
+    /// Live frames of this epoch at or below this offset are not queued for it: a recovering
+    /// subscriber had them from the history (or did not ask for them). Offset 0: every frame. The
+    /// epoch matters: a topic whose history was dropped starts again at offset 1 in a new epoch.
+    skip_through: Cell<Position>,
 }
 
 impl Subscriber {
@@ -425,6 +485,7 @@ impl Broker {
             owner,
             notified: Cell::new(false),
             shared_window: shared_window.map_or(0, |bits| bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS)),
+            skip_through: Cell::new(NOWHERE),
         });
         subscribers.push(Rc::clone(&subscriber));
         self.stats.subscriber_added();
@@ -435,26 +496,15 @@ impl Broker {
     /// to each other worker with subscribers. `exclude` is a local subscriber to skip (the
     /// publisher). Returns the number of subscribers it was queued for or handed towards.
     pub fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8], exclude: Option<u64>) -> usize {
-        let mut frame = BytesMut::with_capacity(MAX_HEADER_LEN + payload.len());
-        write_frame(&mut frame, kind.opcode(), payload, None);
-        let frame = frame.freeze();
         add(&self.stats.published, 1);
-
-        let mut reached = self.deliver_local(topic, &frame, exclude);
-        if let Ok(presence) = self.hub.presence.read()
-            && let Some((topic, counts)) = presence.get_key_value(topic)
-        {
-            for (worker, count) in counts.iter().enumerate() {
-                let count = count.load(Ordering::Relaxed);
-                if worker != self.worker && count > 0 {
-                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone() };
-                    if self.hub.hand_off(worker, delivery) {
-                        reached += count;
-                    } else {
-                        add(&self.stats.handoff_drops, count as u64);
-                    }
-                }
-            }
+        if let Some(history) = self.hub.history.get() {
+            return self.publish_in_order(history, topic, kind, payload, exclude);
+        }
+        let frame = encode_frame(kind, payload, None);
+        let mut woken = Vec::new();
+        let reached = self.fan_out(topic, &frame, exclude, NOWHERE, &mut woken);
+        for worker in woken {
+            self.hub.wake(worker);
         }
         // Other nodes get it through the broker (its subscribers here have it already).
         if let Some(link) = self.hub.cluster.get() {
@@ -463,10 +513,123 @@ impl Broker {
         reached
     }
 
+    /// Publishes with an offset: assigned, kept and handed to every worker with subscribers (this
+    /// one included) under the topic's log lock, so every worker gets the topic's frames in offset
+    /// order; the workers are woken once the lock is released.
+    fn publish_in_order(
+        &self,
+        history: &History,
+        topic: &str,
+        kind: MessageKind,
+        payload: &[u8],
+        exclude: Option<u64>,
+    ) -> usize {
+        let positions = history.settings().positions;
+        let mut woken = Vec::new();
+        let reached = history.with_log(topic, |log| {
+            let offset = log.next_offset();
+            let position = positions.then(|| Position { epoch: log.epoch(), offset });
+            let frame = encode_frame(kind, payload, position);
+            log.keep(offset, &frame);
+            self.fan_out(topic, &frame, exclude, Position { epoch: log.epoch(), offset }, &mut woken)
+        });
+        for worker in woken {
+            self.hub.wake(worker);
+        }
+        reached
+    }
+
+    /// Queues `frame` on this worker's subscribers and hands it to each other worker with
+    /// subscribers (noting in `woken` the workers to wake). Returns the subscribers reached. With
+    /// an offset (history), this worker's subscribers get it through this worker's own channel
+    /// too: a frame queued at once would overtake frames of lower offsets that publishers on other
+    /// workers handed to this one and that it has not drained yet; through the channel, every
+    /// worker queues a topic's frames in the order the offsets were assigned.
+    fn fan_out(
+        &self,
+        topic: &str,
+        frame: &Bytes,
+        exclude: Option<u64>,
+        at: Position,
+        woken: &mut Vec<usize>,
+    ) -> usize {
+        let in_order = at.offset != 0;
+        let mut reached = if in_order { 0 } else { self.deliver_local(topic, frame, exclude, at) };
+        if let Ok(presence) = self.hub.presence.read()
+            && let Some((topic, counts)) = presence.get_key_value(topic)
+        {
+            for (worker, count) in counts.iter().enumerate() {
+                let mut count = count.load(Ordering::Relaxed);
+                let own = worker == self.worker;
+                let exclude = if own { exclude } else { None };
+                if own {
+                    // The publisher's own subscription is among them, and not queued for.
+                    count = count.saturating_sub(usize::from(exclude.is_some()));
+                }
+                if (!own || in_order) && count > 0 {
+                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone(), at, exclude };
+                    if self.hub.hand_off_quietly(worker, delivery) {
+                        reached += count;
+                        woken.push(worker);
+                    } else {
+                        add(&self.stats.handoff_drops, count as u64);
+                    }
+                }
+            }
+        }
+        reached
+    }
+
+    /// Subscribes like [`Broker::subscribe`], for a client that last saw `since` (`?since=`): its
+    /// queue starts with the recovery message (see `gateway::history::recovery_frame`), then the
+    /// messages it missed, then the live ones, with no gap and no duplicate. It is subscribed (and
+    /// in the hub's presence) before the history is read under the topic's lock, so every message
+    /// after what it read is handed to it live; those at or below, still on their way to this
+    /// worker, are skipped for it. Without history it is told `unavailable` and gets the live
+    /// stream.
+    pub fn subscribe_since(
+        self: &Rc<Self>,
+        topic: &str,
+        owner: u64,
+        shared_window: Option<u8>,
+        since: Position,
+    ) -> Subscription {
+        let subscription = self.subscribe(topic, owner, shared_window);
+        let recovery = match self.hub.history.get() {
+            Some(history) => history.recover(topic, since),
+            None => Recovery {
+                outcome: super::history::Outcome::Unavailable,
+                live_after: NOWHERE,
+                replay: Vec::new(),
+            },
+        };
+        let subscriber = &subscription.subscriber;
+        subscriber.skip_through.set(recovery.live_after);
+        let first = recovery_frame(&recovery);
+        let mut queued = 0;
+        {
+            let mut queue = subscriber.queue.borrow_mut();
+            for frame in std::iter::once(&first).chain(&recovery.replay) {
+                queued += frame.len();
+                queue.push_back(frame.clone());
+            }
+        }
+        subscriber.queued_bytes.set(subscriber.queued_bytes.get() + queued);
+        self.stats.queue_bytes_add(queued as u64);
+        add(&self.stats.delivered, recovery.replay.len() as u64);
+        self.notify(subscriber);
+        subscription
+    }
+
     /// Queues a frame handed over from another worker on this worker's subscribers.
     pub fn deliver(&self, delivery: &Delivery) {
-        self.deliver_local(&delivery.topic, &delivery.frame, None);
+        self.deliver_local(&delivery.topic, &delivery.frame, delivery.exclude, delivery.at);
         self.hub.handed_over(self.worker, delivery.frame.len());
+    }
+
+    /// The topics' histories, if the process keeps them (for `/metrics`).
+    pub fn history(&self) -> Option<&Arc<History>> {
+        self.hub.history()
     }
 
     /// Local subscribers on a topic, for tests and metrics.
@@ -474,7 +637,7 @@ impl Broker {
         self.topics.borrow().get(topic).map_or(0, Vec::len)
     }
 
-    fn deliver_local(&self, topic: &str, plain: &Bytes, exclude: Option<u64>) -> usize {
+    fn deliver_local(&self, topic: &str, plain: &Bytes, exclude: Option<u64>, at: Position) -> usize {
         let mut delivered = 0;
         let mut dropped = 0;
         let mut queued_bytes = 0;
@@ -484,7 +647,7 @@ impl Broker {
             let topics = self.topics.borrow();
             let Some(subscribers) = topics.get(topic) else { return 0 };
             for subscriber in subscribers {
-                if Some(subscriber.id) == exclude {
+                if Some(subscriber.id) == exclude || skipped(at, subscriber.skip_through.get()) {
                     continue;
                 }
                 let frame = forms.for_window(subscriber.shared_window, &self.compressor);
@@ -890,6 +1053,158 @@ mod tests {
         sub.subscriber().set_writing_bytes(90);
         broker.publish("t", MessageKind::Binary, &[0; 20], None);
         assert!(sub.subscriber().is_slow());
+    }
+
+    use crate::gateway::history::{HistorySettings, Outcome};
+
+    fn with_history(hub: &Arc<Hub>, size: usize) {
+        let settings =
+            HistorySettings { size, ttl: std::time::Duration::ZERO, positions: true, max_topics: 16 };
+        hub.set_history(Arc::new(History::new(settings)));
+    }
+
+    /// The position a queued frame carries: the recovery message's `epoch`/`offset` (where the
+    /// live stream continues), or a binary message's 16-byte envelope.
+    fn position_of(frame: &Bytes) -> (bool, Position) {
+        let (kind, payload) = split_frame(frame);
+        if kind == MessageKind::Text {
+            let json: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
+            let epoch = u64::from_str_radix(json["epoch"].as_str().expect("epoch"), 16).expect("hex");
+            (true, Position { epoch, offset: json["offset"].as_u64().expect("offset") })
+        } else {
+            let word = |at: usize| u64::from_be_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+            (false, Position { epoch: word(0), offset: word(8) })
+        }
+    }
+
+    #[test]
+    fn a_frame_still_on_its_way_when_a_subscriber_recovers_is_not_delivered_twice() {
+        let (hub, receivers) = Hub::new(2);
+        with_history(&hub, 100);
+        let here = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let there = broker(1, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let _other = there.subscribe("t", 0, None); // so worker 1 gets hand-offs
+        here.publish("t", MessageKind::Binary, b"1", None);
+        let first = position_of(&receivers[1].try_recv().map(|d| d.frame).expect("handed over")).1;
+        here.publish("t", MessageKind::Binary, b"2", None); // on its way to worker 1
+        let recovering = there.subscribe_since("t", 7, None, first);
+        here.publish("t", MessageKind::Binary, b"3", None); // after the recovery: live
+        while let Ok(delivery) = receivers[1].try_recv() {
+            there.deliver(&delivery);
+        }
+        let got: Vec<(bool, Position)> = drain(recovering.subscriber()).iter().map(position_of).collect();
+        let epoch = first.epoch;
+        assert_eq!(
+            got,
+            [
+                (true, Position { epoch, offset: 2 }),
+                (false, Position { epoch, offset: 2 }),
+                (false, Position { epoch, offset: 3 })
+            ],
+            "recovery message, 2 replayed, 3 live; 2 from the channel skipped"
+        );
+        let history = hub.history().expect("kept");
+        assert_eq!(history.stats().recoveries(Outcome::Recovered), 1);
+        assert_eq!(history.stats().messages(), 3);
+    }
+
+    #[test]
+    fn a_recovered_subscriber_gets_the_messages_of_a_new_epoch_though_their_offsets_start_again() {
+        let (hub, receivers) = Hub::new(1);
+        let settings =
+            HistorySettings { size: 10, ttl: std::time::Duration::ZERO, positions: true, max_topics: 1 };
+        hub.set_history(Arc::new(History::new(settings)));
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        for _ in 0..5 {
+            broker.publish("t", MessageKind::Binary, b"old", None);
+        }
+        let sub = broker.subscribe_since("t", 0, None, NOWHERE);
+        let (_, at) = position_of(&drain(sub.subscriber())[0]);
+        assert_eq!(at.offset, 5);
+        broker.publish("u", MessageKind::Binary, b"pushes t's history out", None);
+        broker.publish("t", MessageKind::Binary, b"new", None);
+        deliver_all();
+        let got: Vec<Position> = drain(sub.subscriber()).iter().map(|f| position_of(f).1).collect();
+        assert_eq!(got.len(), 1, "offset 1 of the new epoch is not taken for one it had");
+        assert_ne!(got[0].epoch, at.epoch);
+        assert_eq!(got[0].offset, 1);
+    }
+
+    #[test]
+    fn a_subscriber_that_keeps_reconnecting_while_two_workers_publish_sees_every_offset_once() {
+        const PER_PUBLISHER: u64 = 20_000;
+        let (hub, mut receivers) = Hub::new(3);
+        with_history(&hub, 100_000);
+        let receiver = receivers.pop().expect("worker 2");
+        let here = broker(2, &hub, SlowConsumerPolicy::Close, 64 << 20);
+        // The first connect learns the topic's position (offset 0: nothing published yet).
+        let first = here.subscribe_since("t", 0, None, Position { epoch: 0, offset: 0 });
+        let mut last = position_of(&drain(first.subscriber())[0]).1;
+        assert_eq!(last.offset, 0);
+        drop(first);
+        // Another subscriber on worker 2 keeps frames coming to it while the recovering one is
+        // away, so each reconnect finds frames of its replay still in the channel.
+        let keeper = here.subscribe("t", 1, None);
+        let publishers: Vec<_> = (0..2)
+            .map(|worker| {
+                let hub = Arc::clone(&hub);
+                std::thread::spawn(move || {
+                    let broker = broker(worker, &hub, SlowConsumerPolicy::Close, 1 << 20);
+                    for i in 0..PER_PUBLISHER {
+                        broker.publish("t", MessageKind::Binary, &i.to_be_bytes(), None);
+                        if i % 16 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut connects = 0;
+        let history = Arc::clone(hub.history().expect("kept"));
+        loop {
+            let finished = publishers.iter().all(|p| p.is_finished());
+            let subscription = here.subscribe_since("t", 0, None, last);
+            connects += 1;
+            for round in 0..20 {
+                if round % 5 == 1 {
+                    // Worker 2 publishes too: its own subscribers must not get that before the
+                    // frames of lower offsets other workers handed it.
+                    here.publish("t", MessageKind::Binary, &[0xAA], None);
+                }
+                while let Ok(delivery) = receiver.try_recv() {
+                    here.deliver(&delivery);
+                }
+                for frame in drain(subscription.subscriber()) {
+                    let (recovery_message, position) = position_of(&frame);
+                    assert_eq!(position.epoch, last.epoch);
+                    if recovery_message {
+                        assert_eq!(round, 0, "the recovery message comes first");
+                        assert!(position.offset >= last.offset, "recovered: live after what it read");
+                        continue;
+                    }
+                    assert_eq!(position.offset, last.offset + 1, "no gap, no duplicate");
+                    last = position;
+                }
+                std::thread::yield_now();
+            }
+            drop(subscription);
+            drain(keeper.subscriber());
+            let published = history.stats().messages() as u64; // nothing is pushed out here
+            if finished && last.offset == published {
+                break;
+            }
+            assert!(connects < 1_000_000, "never caught up: at {last}");
+        }
+        for publisher in publishers {
+            publisher.join().expect("publisher");
+        }
+        assert_eq!(history.stats().recoveries(Outcome::Recovered), connects);
+        assert!(last.offset > 2 * PER_PUBLISHER, "worker 2's own publishes are in the count");
     }
 
     #[test]

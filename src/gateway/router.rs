@@ -130,6 +130,17 @@ pub fn upstream_target(base: &str, rest: &str) -> String {
     target
 }
 
+/// The value of the first `name=value` pair in `target`'s query, as written (not percent-decoded);
+/// `None` without a query or without that name.
+pub fn query_value<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let query = target.split_once('?')?.1;
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
 /// The topic in `{prefix}/{topic}`: one non-empty path segment, at most [`MAX_TOPIC_LEN`] bytes.
 fn topic_under<'a>(prefix: Option<&str>, path: &'a str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix?)?.strip_prefix('/')?;
@@ -185,6 +196,15 @@ mod tests {
         assert_eq!(router.route("/metrics"), Some(Route::Metrics));
         let no_catch_all = Router { proxies: vec!["/app".into()], ..Router::default() };
         assert_eq!(no_catch_all.route("/apple"), None);
+    }
+
+    #[test]
+    fn query_values_are_found_by_name() {
+        assert_eq!(query_value("/pubsub/t?since=ab:3", "since"), Some("ab:3"));
+        assert_eq!(query_value("/pubsub/t?x=1&since=ab:3&since=c:1", "since"), Some("ab:3"));
+        assert_eq!(query_value("/pubsub/t?since", "since"), Some(""));
+        assert_eq!(query_value("/pubsub/t?sincere=1", "since"), None);
+        assert_eq!(query_value("/pubsub/t", "since"), None);
     }
 
     #[test]

@@ -112,6 +112,11 @@ impl Endpoints for WorkerContext {
         if let Some(link) = &self.cluster {
             render_broker(out, link.stats(), link.engine());
         }
+        if let Some(history) = self.broker.history() {
+            // Frees what expired on idle topics, so the gauges say what is held.
+            history.sweep();
+            crate::metrics::render_history(out, history.stats());
+        }
     }
 
     fn is_degraded(&self) -> bool {

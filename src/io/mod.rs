@@ -227,6 +227,10 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let (done_tx, done_rx) = mpsc::channel();
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
+    let history = config.history_settings();
+    if history.enabled() {
+        hub.set_history(Arc::new(crate::gateway::history::History::new(history)));
+    }
     let cluster = start_broker(config, &hub)?;
     let proxies = Arc::new(ProxyPool::new(&config.proxy_routes));
     let address_limits = AddressLimits::new(config.address_limit_settings()).map(Arc::new);

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub use broker::{BrokerDrop, BrokerStats};
 pub use prometheus::{
     CONTENT_TYPE, ProcessInfo, UpstreamLabels, process_rss_bytes, render_address_table, render_broker,
-    render_prometheus, render_upstreams,
+    render_history, render_prometheus, render_upstreams,
 };
 
 use crate::gateway::address_limits::AddressRefusal;

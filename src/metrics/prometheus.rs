@@ -572,6 +572,55 @@ pub fn render_broker(out: &mut String, stats: &super::BrokerStats, engine: &'sta
     }
 }
 
+/// Renders the topic history's families, for a node started with `--history-size` or
+/// `--positions` (nothing without: a node that keeps no history has nothing to count).
+pub fn render_history(out: &mut String, stats: &crate::gateway::history::HistoryStats) {
+    use Kind::{Counter, Gauge};
+    family(
+        out,
+        "ringgate_history_messages",
+        Gauge,
+        "Messages held in topic histories now (--history-size per topic at most).",
+    )
+    .sample(&[], stats.messages());
+    family(
+        out,
+        "ringgate_history_bytes",
+        Gauge,
+        "Bytes of the frames held in topic histories now (shared with subscribers' queues, not copies).",
+    )
+    .sample(&[], stats.bytes());
+    family(out, "ringgate_history_topics", Gauge, "Topics with a history (an epoch and offsets) now.")
+        .sample(&[], stats.topics());
+    let mut recoveries = family(
+        out,
+        "ringgate_history_recoveries_total",
+        Counter,
+        "Subscribers that asked ?since=, by outcome: recovered (replayed), epoch_changed, too_old \
+         (no longer held, or ahead), unavailable (no history on this node).",
+    );
+    for outcome in crate::gateway::history::Outcome::ALL {
+        recoveries.sample(&[("outcome", outcome.label())], stats.recoveries(outcome));
+    }
+    family(
+        out,
+        "ringgate_history_replayed_total",
+        Counter,
+        "Messages replayed from history to recovering subscribers.",
+    )
+    .sample(&[], load(&stats.replayed));
+    let mut evicted = family(
+        out,
+        "ringgate_history_evicted_total",
+        Counter,
+        "Messages that left a topic history, by reason: size (--history-size newer ones), ttl \
+         (--history-ttl), topics (dropped with their topic's history, pushed out past --history-topics).",
+    );
+    evicted.sample(&[("reason", "size")], load(&stats.evicted_size));
+    evicted.sample(&[("reason", "ttl")], load(&stats.evicted_ttl));
+    evicted.sample(&[("reason", "topics")], load(&stats.evicted_topics));
+}
+
 fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }

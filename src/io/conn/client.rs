@@ -23,11 +23,12 @@ use tracing::debug;
 use super::{CLOSE_TIMEOUT, Cx, LINGER_TIMEOUT, OverRate};
 use crate::gateway::auth::{AuthFailure, RefusedPublish, TOKEN_PROTOCOL, unix_now};
 use crate::gateway::compression::{Compressor, ConnDeflate};
+use crate::gateway::history::Position;
 use crate::gateway::http;
 use crate::gateway::proxy::UpstreamRequest;
 use crate::gateway::pubsub::{Subscriber, Subscription, split_frame};
 use crate::gateway::rate_limit::MessageBudget;
-use crate::gateway::router::Route;
+use crate::gateway::router::{Route, query_value};
 use crate::gateway::{Outbox, echo};
 use crate::io::buffers::process_after_tail;
 use crate::io::clock::Millis;
@@ -660,6 +661,21 @@ impl Client {
             Ok(verified) => verified,
             Err(failure) => return self.refuse_auth(failure, cx),
         };
+        // `?since=EPOCH:OFFSET` on a topic: recover what was missed (see gateway::history).
+        let since_value =
+            topic.and_then(|_| request_target(head)).and_then(|target| query_value(target, "since"));
+        let since = match since_value.map(Position::parse) {
+            None => None,
+            Some(Some(position)) => Some(position),
+            Some(None) => {
+                debug!("upgrade refused: ?since= is not EPOCH:OFFSET");
+                ctx.stats.handshake_failed(HandshakeFailure::Protocol(HandshakeError::Malformed));
+                let body = "?since= must be EPOCH:OFFSET: 1 to 16 hex digits, a colon, a decimal offset\n";
+                write_error_response(&mut self.out.staging, 400, &[], body);
+                self.start_flushing(cx);
+                return;
+            }
+        };
         self.header_scanned = 0;
         self.set_keepalive(false, cx);
         // A browser that sends its token as a subprotocol offers `ringgate.jwt` beside it, and
@@ -697,7 +713,10 @@ impl Client {
         add(&ctx.stats.handshakes_completed, 1);
         let shared_window = self.deflate.as_ref().and_then(ConnDeflate::shared_window);
         self.session = match route {
-            Route::PubSub { topic } => Session::PubSub(ctx.broker.subscribe(topic, cx.owner, shared_window)),
+            Route::PubSub { topic } => Session::PubSub(match since {
+                Some(since) => ctx.broker.subscribe_since(topic, cx.owner, shared_window, since),
+                None => ctx.broker.subscribe(topic, cx.owner, shared_window),
+            }),
             _ => Session::Echo,
         };
         self.phase = Phase::Open;
