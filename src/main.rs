@@ -15,7 +15,10 @@ fn main() -> ExitCode {
         }
     };
     if config.check_config {
-        println!("configuration OK\n{config:#?}");
+        use std::io::Write as _;
+        // A reader that stops early (`--check-config | head -1`) is not the configuration's fault:
+        // a closed stdout is not a reason to panic.
+        let _ = writeln!(std::io::stdout(), "configuration OK\n{config:#?}");
         return ExitCode::SUCCESS;
     }
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));

@@ -296,3 +296,27 @@ fn an_invalid_configuration_exits_2_with_a_message() {
     assert_eq!(status.code(), Some(2), "{status:?}; stderr:\n{stderr}");
     assert!(stderr.contains("soon"), "{stderr}");
 }
+
+/// `ringgate --check-config | head -1`: a reader that goes away before the configuration is
+/// printed is no reason to panic. Here stdout is a pipe whose reading end is closed before the
+/// process starts, so every write to it fails (EPIPE).
+#[test]
+fn check_config_into_a_closed_pipe_exits_cleanly() {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe");
+    // SAFETY: pipe2 just made both descriptors, owned here and nowhere else.
+    let (read_end, write_end) =
+        unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let output = std::process::Command::new(common::server::BIN)
+        .arg("--check-config")
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run ringgate --check-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
