@@ -769,6 +769,14 @@ impl Relay {
     }
 
     fn process(&mut self, side: usize, buf: &mut [u8], cx: &Cx<'_>) -> usize {
+        // A client that broke the protocol (or went over a rate) waits, still open, for the
+        // upstream to answer its earlier messages; what it sent after the fault is not read. Such
+        // bytes can still arrive: receives already under way complete after reading stopped (a
+        // multishot receive is cancelled asynchronously). Fed to the assembler, they would be a
+        // second fault, answered at once, ahead of the upstream's answers.
+        if side == CLIENT && self.client_error.is_some() {
+            return buf.len();
+        }
         if matches!(self.hops[side].phase, HopPhase::Open | HopPhase::Closing) {
             self.process_frames(side, buf, cx)
         } else {
