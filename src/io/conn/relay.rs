@@ -37,6 +37,11 @@ use crate::proto::handshake::{
 };
 use crate::proto::message::{Assembler, Event, MessageKind, Role};
 
+/// The fault of a client over its rate with `--rate-limit-action close`: the code and reason it
+/// gets, and what the upstream is told.
+const OVER_RATE: (CloseCode, &str, &str) =
+    (CloseCode::POLICY_VIOLATION, "rate limit exceeded", "client rate limit exceeded");
+
 const CLIENT: usize = Side::Client as usize;
 const UPSTREAM: usize = Side::Upstream as usize;
 
@@ -837,11 +842,7 @@ impl Relay {
                 && let Err(over) = super::charge(budget, cost, cx)
             {
                 if over == OverRate::Close {
-                    fault = Some((
-                        CloseCode::POLICY_VIOLATION,
-                        "rate limit exceeded",
-                        "client rate limit exceeded",
-                    ));
+                    fault = Some(OVER_RATE);
                     at = buf.len();
                     break;
                 }
@@ -858,11 +859,7 @@ impl Relay {
                         messages += 1;
                         payload_bytes += me.assembler.compressed_len().unwrap_or(inflated) as u64;
                         if over == OverRate::Close {
-                            fault = Some((
-                                CloseCode::POLICY_VIOLATION,
-                                "rate limit exceeded",
-                                "client rate limit exceeded",
-                            ));
+                            fault = Some(OVER_RATE);
                             at = buf.len();
                             break;
                         }
