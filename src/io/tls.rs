@@ -131,6 +131,18 @@ impl TlsSession {
         self.established
     }
 
+    /// Bytes allocated for an unfinished record: zero between reads that ended on a record
+    /// boundary, which the memory tests of both ends pin.
+    pub fn tail_capacity(&self) -> usize {
+        self.tail.capacity()
+    }
+
+    /// Whether close_notify is queued or sent (a client that ends the conversation asks, to
+    /// queue it once).
+    pub fn close_notify_queued(&self) -> bool {
+        self.close_notify_queued
+    }
+
     /// The version and suite agreed, once established.
     pub fn negotiated(&self) -> Option<(ProtocolVersion, SupportedCipherSuite)> {
         match &self.end {

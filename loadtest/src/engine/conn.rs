@@ -640,12 +640,16 @@ mod tests {
     }
 
     /// What a `wss://` connection adds on the heap beside the table, pinned: rustls' connection
-    /// state (about 1 KiB inline; its keys and record layer allocate beside it, more while a
+    /// state (976 bytes inline; its keys and record layer allocate beside it, more while a
     /// handshake runs) and the session's tail and ciphertext buffers, both empty (no allocation)
-    /// between reads and sends.
+    /// between reads and sends. 1040 bytes while loadtest had a record layer of its own; 1200
+    /// since it uses the gateway's session, whose two ends share one enum (rustls' server state
+    /// is 112 bytes larger than the client's) and which keeps the plaintext in flight for the
+    /// gateway's machines (48 bytes): 160 bytes per connection (1.6 MB at 10,000) for one
+    /// implementation of the record layer instead of two.
     #[test]
-    fn a_tls_session_costs_at_most_1040_bytes_beside_the_table() {
+    fn a_tls_session_costs_at_most_1200_bytes_beside_the_table() {
         let size = std::mem::size_of::<super::TlsClient>();
-        assert!(size <= 1040, "a TLS session grew to {size} bytes; say where they go and move this bound");
+        assert!(size <= 1200, "a TLS session grew to {size} bytes; say where they go and move this bound");
     }
 }

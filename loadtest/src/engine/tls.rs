@@ -1,11 +1,13 @@
 //! One `wss://` connection's record layer, between the socket and the connection's WebSocket
 //! state machine ([`super::conn`]): ciphertext in, plaintext out to the machine; the machine's
 //! plaintext in, ciphertext out to the socket. No I/O: the connection lends the received bytes
-//! and takes what is to be sent. The client side of the gateway's own design (`src/io/tls.rs`).
+//! and takes what is to be sent. It is the gateway's own record layer (`ringgate::io::tls`, the
+//! session the gateway speaks to `wss://` upstreams with): one implementation of the unbuffered
+//! rustls state machine for both programs, so a fix to one is a fix to both.
 //!
 //! rustls' unbuffered API: records are processed in the buffer the backend filled (io_uring's
 //! provided buffer, or epoll's read buffer), with no copy of the ciphertext into a rustls buffer;
-//! only an unfinished record is kept between reads ([`TlsClient`]'s tail, freed once empty).
+//! only an unfinished record is kept between reads (the session's tail, freed once empty).
 //! rustls 0.23 hands application data out as an owned chunk per record and the WebSocket receiver
 //! works in place, so the plaintext of one read is gathered into one buffer of the thread's,
 //! borrowed for the call: one copy, and no plaintext buffer lives in a connection between reads.
@@ -19,58 +21,30 @@
 
 use std::sync::Arc;
 
-use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
-use rustls::unbuffered::{ConnectionState, WriteTraffic};
 use rustls::{ClientConfig, ProtocolVersion, SupportedCipherSuite};
 
-use ringgate::io::process_after_tail;
-use ringgate::io::tls::{encode_into, encrypt_into};
+pub use ringgate::io::tls::Received;
+use ringgate::io::tls::TlsSession;
 
-/// What a batch of received bytes came to.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Received {
-    /// Processed (plaintext, if any, was gathered); more may follow.
-    Open,
-    /// The server sent close_notify: nothing more will come.
-    PeerClosed,
-}
-
-/// A TLS client connection's state.
+/// A TLS client connection's state: the gateway's own session (its client end, as it speaks to
+/// `wss://` upstreams), plus what a load generator asks of it that the gateway does not.
 pub struct TlsClient {
-    conn: UnbufferedClientConnection,
-    /// An unfinished record, kept until the rest of it arrives.
-    tail: Vec<u8>,
-    /// Ciphertext waiting to be sent (handshake records, alerts, encrypted application data).
-    outgoing: Vec<u8>,
-    /// The handshake finished.
-    established: bool,
-    /// close_notify was encrypted into `outgoing`.
-    close_notify_queued: bool,
+    session: TlsSession,
     /// The session ended in an error: what the server sends now is ignored; the alert rustls
-    /// has for it, if any, is in `outgoing`.
+    /// has for it, if any, is queued to go out.
     failed: bool,
 }
 
 impl TlsClient {
     /// A session to `name`, its ClientHello queued for [`TlsClient::take_outgoing`].
     pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<TlsClient, rustls::Error> {
-        let mut client = TlsClient {
-            conn: UnbufferedClientConnection::new(config, name)?,
-            tail: Vec::new(),
-            outgoing: Vec::new(),
-            established: false,
-            close_notify_queued: false,
-            failed: false,
-        };
-        let (_, result) = client.process(&mut [], &mut Vec::new());
-        result?;
-        Ok(client)
+        Ok(TlsClient { session: TlsSession::client(config, name)?, failed: false })
     }
 
     /// Whether application data may flow (the handshake is complete).
     pub fn is_established(&self) -> bool {
-        self.established
+        self.session.is_established()
     }
 
     /// Whether the session failed (see [`TlsClient::receive`]).
@@ -80,12 +54,12 @@ impl TlsClient {
 
     /// Whether close_notify is queued or sent.
     pub fn close_notify_queued(&self) -> bool {
-        self.close_notify_queued
+        self.session.close_notify_queued()
     }
 
     /// The version and suite agreed, once established.
     pub fn negotiated(&self) -> Option<(ProtocolVersion, SupportedCipherSuite)> {
-        Some((self.conn.protocol_version()?, self.conn.negotiated_cipher_suite()?))
+        self.session.negotiated()
     }
 
     /// Ciphertext arrived: processes it in place. The plaintext of the complete records is
@@ -98,163 +72,40 @@ impl TlsClient {
         data: &mut [u8],
         plaintext: &mut Vec<u8>,
     ) -> Result<(Received, bool), rustls::Error> {
-        plaintext.clear();
         if self.failed {
+            plaintext.clear();
             return Ok((Received::Open, false));
         }
-        let was_established = self.established;
-        let mut outcome = Ok(Received::Open);
-        let mut tail = std::mem::take(&mut self.tail);
-        process_after_tail(&mut tail, data, |buf| {
-            let (used, result) = self.process(buf, plaintext);
-            outcome = result;
-            used
-        });
-        self.tail = tail;
-        if outcome.is_err() {
-            self.tail = Vec::new();
-        }
-        outcome.map(|received| (received, self.established && !was_established))
-    }
-
-    /// Runs the records in `buf` through rustls until it needs more bytes: how much of `buf` is
-    /// used, and what happened. On an error the session is failed ([`TlsClient::fail`]) and all
-    /// of `buf` is used.
-    fn process(
-        &mut self,
-        buf: &mut [u8],
-        plaintext: &mut Vec<u8>,
-    ) -> (usize, Result<Received, rustls::Error>) {
-        let mut at = 0;
-        let mut received = Received::Open;
-        loop {
-            let status = self.conn.process_tls_records(&mut buf[at..]);
-            let mut discard = status.discard;
-            let failure = match status.state {
-                Err(error) => Some(error),
-                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    let mut failure = None;
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => {
-                                discard += record.discard;
-                                plaintext.extend_from_slice(record.payload);
-                            }
-                            Err(error) => {
-                                failure = Some(error);
-                                break;
-                            }
-                        }
-                    }
-                    failure
-                }
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    encode_into(&mut self.outgoing, |out| encode.encode(out)).err()
-                }
-                Ok(state) => match settle(state, &mut self.established, &mut received) {
-                    Ok(true) => None,
-                    Ok(false) => return (at + discard, Ok(received)),
-                    Err(error) => Some(error),
-                },
-            };
-            at += discard;
-            if let Some(error) = failure {
-                self.fail(&mut buf[at..]);
-                return (buf.len(), Err(error));
-            }
-        }
+        let outcome = self.session.receive(data, plaintext);
+        self.failed = outcome.is_err();
+        outcome
     }
 
     /// Encrypts `plaintext` (everything the machine has to send now) for sending.
     pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), rustls::Error> {
-        self.with_write_traffic(|outgoing, traffic| {
-            encrypt_into(outgoing, plaintext.len(), |out| traffic.encrypt(plaintext, out))
-        })
+        if self.failed {
+            return Err(rustls::Error::General("TLS session not ready to write".into()));
+        }
+        self.session.encrypt(plaintext)
     }
 
     /// Queues close_notify (once): the connection is done sending; the socket is shut down once
     /// it is written.
     pub fn close_notify(&mut self) -> Result<(), rustls::Error> {
-        if std::mem::replace(&mut self.close_notify_queued, true) {
-            return Ok(());
-        }
-        self.with_write_traffic(|outgoing, traffic| {
-            encrypt_into(outgoing, 0, |out| traffic.queue_close_notify(out))
-        })
-    }
-
-    /// Runs `write` with the session in its write state, after queueing any records rustls has
-    /// pending.
-    fn with_write_traffic(
-        &mut self,
-        write: impl FnOnce(&mut Vec<u8>, &mut WriteTraffic<'_, ClientConnectionData>) -> Result<(), rustls::Error>,
-    ) -> Result<(), rustls::Error> {
-        if self.failed || !self.established {
+        if self.failed {
             return Err(rustls::Error::General("TLS session not ready to write".into()));
         }
-        loop {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state? {
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, |out| encode.encode(out))?
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::WriteTraffic(mut traffic) => return write(&mut self.outgoing, &mut traffic),
-                // Unread application data cannot be pending (`receive` drains it).
-                _ => return Err(rustls::Error::General("TLS session not ready to write".into())),
-            }
-        }
-    }
-
-    /// Fails the session and queues the alert rustls prepared for the server, if any (after
-    /// whatever was queued before). rustls puts the alert first in line, so one call returns it
-    /// without looking at the input again; any further call would (given `rest`, a second
-    /// deframing error sends a second alert, which rustls asserts against; given an empty buffer,
-    /// handshake messages of the failed flight still pending in the input are looked for and
-    /// not found, and rustls 0.23.46 panics). `rest` is what was left of the input after the
-    /// error, for the case with no alert.
-    fn fail(&mut self, rest: &mut [u8]) {
-        self.failed = true;
-        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = self.conn.process_tls_records(rest).state {
-            let _ = encode_into(&mut self.outgoing, |out| encode.encode(out));
-        }
+        self.session.close_notify()
     }
 
     /// The ciphertext to send next, if any (taken: the caller sends it before asking again).
     pub fn take_outgoing(&mut self) -> Option<Vec<u8>> {
-        (!self.outgoing.is_empty()).then(|| std::mem::take(&mut self.outgoing))
+        self.session.take_outgoing()
     }
 
     /// Whether ciphertext waits to be sent.
     pub fn has_outgoing(&self) -> bool {
-        !self.outgoing.is_empty()
-    }
-}
-
-/// [`TlsClient::process`]: the states that need no buffer of the caller's: `Ok(true)` to go on processing,
-/// `Ok(false)` when rustls needs more bytes (or has nothing more to say).
-fn settle(
-    state: ConnectionState<'_, '_, ClientConnectionData>,
-    established: &mut bool,
-    received: &mut Received,
-) -> Result<bool, rustls::Error> {
-    match state {
-        // Queued in `outgoing`, which goes to the socket in order before anything newer.
-        ConnectionState::TransmitTlsData(transmit) => {
-            transmit.done();
-            Ok(true)
-        }
-        ConnectionState::PeerClosed => {
-            *received = Received::PeerClosed;
-            Ok(true)
-        }
-        ConnectionState::WriteTraffic(_) => {
-            *established = true;
-            Ok(false)
-        }
-        ConnectionState::BlockedHandshake | ConnectionState::Closed => Ok(false),
-        // Early data is a server's state; future states are not ours to guess at.
-        _ => Err(rustls::Error::General("unexpected TLS state".into())),
+        self.session.has_outgoing()
     }
 }
 
@@ -392,7 +243,7 @@ mod tests {
             server.writer().write_all(&big).unwrap();
             let (got, _) = to_client(&mut server, &mut client, chunk).unwrap();
             assert_eq!(got, big, "chunk {chunk}");
-            assert_eq!(client.tail.capacity(), 0, "an empty tail keeps no allocation");
+            assert_eq!(client.session.tail_capacity(), 0, "an empty tail keeps no allocation");
         }
     }
 
