@@ -482,8 +482,11 @@ impl Summary {
                 c.warmup_secs
             ),
         };
-        let _ =
-            writeln!(s, "\n{} {} — {} connections, {what}, {} threads", c.mode, c.url, c.conns, c.threads);
+        let url = match &self.nodes {
+            Some(nodes) => format!("{} and {} more node(s)", c.url, nodes.urls.len() - 1),
+            None => c.url.clone(),
+        };
+        let _ = writeln!(s, "\n{} {url} — {} connections, {what}, {} threads", c.mode, c.conns, c.threads);
     }
 
     /// A run cut short says so before any figure.
@@ -1064,6 +1067,7 @@ mod tests {
         assert!(text.contains("cross-node:  1 of 2 deliveries made, 1 lost; latency p50 5003 us"), "{text}");
         assert!(text.contains("same-node:   2 of 2 deliveries made, 0 lost"), "{text}");
         assert!(text.contains("0->1 1/2 delivered, 1 lost"), "{text}");
+        assert!(text.contains("pubsub ws://127.0.0.1:1/pubsub/t* and 1 more node(s) — "), "{text}");
         let json = serde_json::to_value(&summary).expect("serialises");
         assert_eq!(json["nodes"]["cross_node"]["deliveries_lost"], 1);
         assert_eq!(json["nodes"]["pairs"][0]["deliveries"], 2);
