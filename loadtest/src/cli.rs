@@ -433,7 +433,8 @@ impl Args {
     fn targets(&self) -> Result<Vec<Target>> {
         if self.urls.len() > 1 && self.mode != Mode::Pubsub {
             bail!(
-                "{} URLs given, but --mode {} takes one: several URLs (gateway nodes to spread                  subscribers and publishers over) are for --mode pubsub",
+                "{} URLs given, but --mode {} takes one: several URLs (gateway nodes to spread \
+                 subscribers and publishers over) are for --mode pubsub",
                 self.urls.len(),
                 self.mode.name()
             );
@@ -450,13 +451,16 @@ impl Args {
         for (url, target) in self.urls.iter().zip(&targets).skip(1) {
             if target.tls.is_some() != first.tls.is_some() {
                 bail!(
-                    "{url} and {} differ in scheme: the nodes of one run are all ws:// or all wss://                      (--ca/--insecure apply to every one)",
+                    "{url} and {} differ in scheme: the nodes of one run are all ws:// or all wss:// \
+                     (--ca/--insecure apply to every one)",
                     self.urls[0]
                 );
             }
             if self.topic_prefix.is_none() && url_prefix(target) != url_prefix(first) {
                 bail!(
-                    "{url} and {} differ in path: the path is the topic prefix, which every node                      shares (a topic is one name across nodes); give URLs with one path, or name the                      prefix with --topic-prefix",
+                    "{url} and {} differ in path: the path is the topic prefix, which every node \
+                     shares (a topic is one name across nodes); give URLs with one path, or name the \
+                     prefix with --topic-prefix",
                     self.urls[0]
                 );
             }

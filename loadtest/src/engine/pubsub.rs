@@ -14,11 +14,12 @@
 //!
 //! Nodes (several URLs): publisher i connects to node i % N and each topic's subscribers are dealt
 //! round-robin over the nodes (subscriber j to node (j / K) % N; see
-//! [`PubSubPlan::subscriber_node`]), so a delivery's pair of nodes follows from the publisher id in the message and the subscriber's own
-//! node, with nothing more on the wire. Each thread counts deliveries and losses per (publisher
-//! node, subscriber node) pair and records cross-node latencies in a histogram of its own (same-node
-//! latency is the difference of the two histograms, computed once at the end): an index and an
-//! add per delivery, no allocation, no lock.
+//! [`PubSubPlan::subscriber_node`]), so a delivery's pair of nodes follows from the publisher id in
+//! the message and the subscriber's own node, with nothing more on the wire. Each thread counts
+//! deliveries and losses per (publisher node, subscriber node) pair and records cross-node
+//! latencies in a histogram of its own (same-node latency is the difference of the two
+//! histograms, computed once at the end): an index and an add per delivery, no allocation, no
+//! lock.
 //!
 //! Loss: each subscriber keeps, per publisher on its topic, the next sequence number it expects. A
 //! higher one means the ones in between were lost; a lower one (repeat or reorder) is an
