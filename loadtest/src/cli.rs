@@ -40,9 +40,13 @@ use crate::tls::Trust;
 pub struct Args {
     /// WebSocket URL of an echo endpoint: ws://host[:port]/path, or wss:// for TLS (port 443 by
     /// default; the certificate must be valid for the URL's host, which is sent as SNI unless it
-    /// is an IP address). In pubsub mode its path is the topic prefix (see --topic-prefix).
-    #[arg(default_value = "ws://127.0.0.1:8080/echo")]
-    pub url: String,
+    /// is an IP address). In pubsub mode its path is the topic prefix (see --topic-prefix), and
+    /// several URLs may be given, one per gateway node, all with the same scheme and path:
+    /// publisher i connects to URL i % N, and each topic's subscribers are dealt round-robin over
+    /// the URLs (subscriber j to URL (j / --topics) % N); the report separates cross-node
+    /// deliveries (publisher and subscriber on different URLs) from same-node ones.
+    #[arg(value_name = "URL", default_value = "ws://127.0.0.1:8080/echo")]
+    pub urls: Vec<String>,
 
     /// wss://: trust the CA certificates in this PEM file (and nothing else: there is no system
     /// trust store). The server's certificate must chain to one and be valid for the URL's host.
@@ -203,8 +207,10 @@ pub struct SourceIps(pub Vec<Ipv4Addr>);
 /// Everything a run needs, validated. Built once; read by every thread.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Where to connect and what to put in the request line and `Host` header.
-    pub target: Target,
+    /// Where to connect and what to put in the request line and `Host` header: one target per
+    /// URL, never empty; more than one only in pubsub mode (the gateway nodes, see
+    /// [`Plan::node_of`]).
+    pub targets: Vec<Target>,
     /// `wss://`: what to trust (`--ca` or `--insecure`); `None` for `ws://`.
     pub trust: Option<Trust>,
     /// Connections to open.
@@ -261,7 +267,28 @@ pub struct PubSubPlan {
     pub topics: u32,
     /// Path prefix: topic k is `{prefix}/t{k}`.
     pub prefix: String,
+    /// Gateway nodes (one per URL): see [`PubSubPlan::subscriber_node`] and
+    /// [`PubSubPlan::publisher_node`].
+    pub nodes: u32,
 }
+
+impl PubSubPlan {
+    /// The node of subscriber `j`: each topic's subscribers are dealt round-robin over the nodes
+    /// (`(j / topics) % nodes`; with one topic, `j % nodes`). Not `j % nodes` with several topics:
+    /// with as many topics as nodes that would put all of a topic's subscribers on one node.
+    pub fn subscriber_node(&self, j: u32) -> u32 {
+        (j / self.topics) % self.nodes
+    }
+
+    /// The node of publisher `id`: `id % nodes` (with one publisher, node 0).
+    pub fn publisher_node(&self, id: u32) -> u32 {
+        id % self.nodes
+    }
+}
+
+/// The most gateway URLs one run may spread its pubsub connections over (the report keeps a
+/// count per pair of nodes).
+pub const MAX_NODES: usize = 64;
 
 /// Publisher ids share the payload's sequence word with the sequence number: the id in the top
 /// bits, the sequence number in the low [`SEQ_BITS`].
@@ -271,6 +298,22 @@ pub const SEQ_BITS: u32 = 40;
 pub const MAX_PUBLISHERS: u32 = 1 << (64 - SEQ_BITS);
 
 impl Plan {
+    /// The first (in echo and connect mode, the only) target: the one the report names.
+    pub fn target(&self) -> &Target {
+        &self.targets[0]
+    }
+
+    /// The index in [`Plan::targets`] of the node connection `conn` connects to: 0 except in
+    /// pubsub mode over several URLs, where subscribers (connections `0..S`) and publishers (the
+    /// rest) are each dealt round-robin over the nodes.
+    pub fn node_of(&self, conn: u32) -> usize {
+        match &self.pubsub {
+            Some(l) if conn < l.subscribers => l.subscriber_node(conn) as usize,
+            Some(l) => l.publisher_node(conn - l.subscribers) as usize,
+            None => 0,
+        }
+    }
+
     /// How long the ramp-up takes: the last connection starts this long after the first.
     pub fn ramp(&self) -> Duration {
         Duration::from_secs_f64(f64::from(self.conns.saturating_sub(1)) / self.connect_rate)
@@ -322,11 +365,11 @@ impl Args {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let threads = threads.min(conns as usize);
-        let mut target = Target::parse(&self.url).with_context(|| format!("bad URL {:?}", self.url))?;
+        let mut targets = self.targets()?;
         let pubsub = pubsub.map(|mut p| {
             p.prefix = match self.topic_prefix.as_deref() {
                 Some(prefix) => prefix.trim_end_matches('/').to_string(),
-                None => match target.path.split(['?', '#']).next().unwrap_or("/").trim_end_matches('/') {
+                None => match url_prefix(&targets[0]) {
                     "" | "/echo" => "/pubsub".to_string(),
                     path => path.to_string(),
                 },
@@ -334,9 +377,13 @@ impl Args {
             if !p.prefix.starts_with('/') {
                 p.prefix.insert(0, '/');
             }
-            target.path = format!("{}/t*", p.prefix);
+            p.nodes = targets.len() as u32;
+            for target in &mut targets {
+                target.path = format!("{}/t*", p.prefix);
+            }
             p
         });
+        let target = &targets[0];
         let trust = match (&target.tls, self.ca, self.insecure) {
             (Some(_), Some(ca), _) => Some(Trust::Ca(ca)),
             (Some(_), None, true) => Some(Trust::Insecure),
@@ -349,11 +396,13 @@ impl Args {
             (None, ..) => bail!("--ca and --insecure are for wss:// URLs; {} is plain", target.url()),
         };
         let source_ips = self.source_ips.map(|s| s.0).unwrap_or_default();
-        if !source_ips.is_empty() && !matches!(target.addr, SocketAddr::V4(_)) {
-            bail!("--source-ips are IPv4 addresses but {} is an IPv6 target", target.addr);
+        if let Some(v6) = targets.iter().find(|t| !matches!(t.addr, SocketAddr::V4(_)))
+            && !source_ips.is_empty()
+        {
+            bail!("--source-ips are IPv4 addresses but {} is an IPv6 target", v6.addr);
         }
         Ok(Plan {
-            target,
+            targets,
             trust,
             conns,
             connect_rate: self.connect_rate,
@@ -376,6 +425,47 @@ impl Args {
             allow_errors: self.allow_errors,
             pubsub,
         })
+    }
+
+    /// Every URL parsed and resolved. Several only in pubsub mode (one per gateway node), all of
+    /// one scheme (`--ca`/`--insecure` apply to every one) and, unless `--topic-prefix` names the
+    /// prefix, of one path (the topic prefix every node shares: a topic is one name cluster-wide).
+    fn targets(&self) -> Result<Vec<Target>> {
+        if self.urls.len() > 1 && self.mode != Mode::Pubsub {
+            bail!(
+                "{} URLs given, but --mode {} takes one: several URLs (gateway nodes to spread \
+                 subscribers and publishers over) are for --mode pubsub",
+                self.urls.len(),
+                self.mode.name()
+            );
+        }
+        if self.urls.len() > MAX_NODES {
+            bail!("{} URLs given; --mode pubsub spreads over at most {MAX_NODES}", self.urls.len());
+        }
+        let targets = self
+            .urls
+            .iter()
+            .map(|url| Target::parse(url).with_context(|| format!("bad URL {url:?}")))
+            .collect::<Result<Vec<Target>>>()?;
+        let Some(first) = targets.first() else { bail!("no URL given") };
+        for (url, target) in self.urls.iter().zip(&targets).skip(1) {
+            if target.tls.is_some() != first.tls.is_some() {
+                bail!(
+                    "{url} and {} differ in scheme: the nodes of one run are all ws:// or all wss:// \
+                     (--ca/--insecure apply to every one)",
+                    self.urls[0]
+                );
+            }
+            if self.topic_prefix.is_none() && url_prefix(target) != url_prefix(first) {
+                bail!(
+                    "{url} and {} differ in path: the path is the topic prefix, which every node \
+                     shares (a topic is one name across nodes); give URLs with one path, or name the \
+                     prefix with --topic-prefix",
+                    self.urls[0]
+                );
+            }
+        }
+        Ok(targets)
     }
 
     /// `--pipeline` only means something where sends wait for echoes: echo mode's closed loop.
@@ -426,8 +516,14 @@ impl Args {
             subscribers: self.subscribers,
             topics: self.topics,
             prefix: String::new(),
+            nodes: 1,
         }))
     }
+}
+
+/// A URL's path without its query or trailing slashes: its topic prefix in pubsub mode.
+fn url_prefix(target: &Target) -> &str {
+    target.path.split(['?', '#']).next().unwrap_or("/").trim_end_matches('/')
 }
 
 /// The largest payload: the protocol core's default message limit, which servers commonly share.
@@ -536,8 +632,8 @@ mod tests {
     #[test]
     fn defaults_match_the_issue() {
         let plan = Args::parse_from(["loadtest"]).into_plan().unwrap();
-        assert_eq!(plan.target.addr, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(plan.target.path, "/echo");
+        assert_eq!(plan.target().addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(plan.target().path, "/echo");
         assert_eq!(plan.conns, 100);
         assert_eq!(plan.connect_rate, 5000.0);
         assert_eq!(plan.size, 32);
@@ -556,7 +652,7 @@ mod tests {
         assert!(error.contains("--ca FILE") && error.contains("--insecure"), "{error}");
         let insecure = plan(&["wss://127.0.0.1:9443/echo", "--insecure"]).unwrap();
         assert_eq!(insecure.trust, Some(Trust::Insecure));
-        assert_eq!(insecure.target.addr.port(), 9443);
+        assert_eq!(insecure.target().addr.port(), 9443);
         let ca = plan(&["wss://localhost/echo", "--ca", "ca.pem"]).unwrap();
         assert_eq!(ca.trust, Some(Trust::Ca("ca.pem".into())));
         assert_eq!(plan(&["ws://127.0.0.1:9/"]).unwrap().trust, None);
@@ -577,12 +673,58 @@ mod tests {
         assert_eq!(plan(&["ws://127.0.0.1:9/ws/topics/"]).pubsub.unwrap().prefix, "/ws/topics");
         assert_eq!(plan(&["ws://127.0.0.1:9/"]).pubsub.unwrap().prefix, "/pubsub");
         assert_eq!(plan(&["--topic-prefix", "x"]).pubsub.unwrap().prefix, "/x");
-        assert!(plan(&[]).target.path.starts_with("/pubsub/t"));
+        assert!(plan(&[]).target().path.starts_with("/pubsub/t"));
         for bad in [&["--conns", "5"][..], &["--rate", "0"], &["--topics", "0"], &["--publishers", "0"]] {
             let mut all = vec!["loadtest", "--mode", "pubsub"];
             all.extend_from_slice(bad);
             assert!(Args::parse_from(all).into_plan().is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn pubsub_spreads_over_several_urls_and_other_modes_take_one() {
+        let plan = |args: &[&str]| {
+            let mut all = vec!["loadtest"];
+            all.extend_from_slice(args);
+            Args::parse_from(all).into_plan().map_err(|e| e.to_string())
+        };
+        let (a, b) = ("ws://127.0.0.1:9001/pubsub", "ws://127.0.0.1:9002/pubsub/");
+        let two = plan(&["--mode", "pubsub", a, b, "--subscribers", "4", "--publishers", "3"]).unwrap();
+        assert_eq!(two.targets.len(), 2);
+        assert_eq!(two.target().addr.port(), 9001);
+        assert_eq!(two.targets[1].path, "/pubsub/t*");
+        let layout = two.pubsub.as_ref().unwrap();
+        assert_eq!((layout.nodes, layout.prefix.as_str()), (2, "/pubsub"));
+        // Subscribers 0..4 alternate; publishers (connections 4..7) too, publisher 0 on node 0.
+        let nodes: Vec<usize> = (0..7).map(|conn| two.node_of(conn)).collect();
+        assert_eq!(nodes, [0, 1, 0, 1, 0, 1, 0]);
+        // With two topics, each topic's subscribers still alternate between the nodes.
+        let topics = plan(&["--mode", "pubsub", a, b, "--subscribers", "8", "--topics", "2"]).unwrap();
+        let layout = topics.pubsub.as_ref().unwrap();
+        for topic in 0..2 {
+            let on: Vec<u32> = (topic..8).step_by(2).map(|j| layout.subscriber_node(j)).collect();
+            assert_eq!(on, [0, 1, 0, 1], "topic {topic}");
+        }
+        // One URL: everything on node 0, as before.
+        let one = plan(&["--mode", "pubsub", a]).unwrap();
+        assert!((0..one.conns).all(|conn| one.node_of(conn) == 0));
+
+        let echo = plan(&[a, b]).unwrap_err();
+        assert!(echo.contains("--mode echo takes one") && echo.contains("--mode pubsub"), "{echo}");
+        let connect = plan(&["--mode", "connect", a, b]).unwrap_err();
+        assert!(connect.contains("--mode connect takes one"), "{connect}");
+        let paths = plan(&["--mode", "pubsub", a, "ws://127.0.0.1:9002/other"]).unwrap_err();
+        assert!(paths.contains("differ in path") && paths.contains("--topic-prefix"), "{paths}");
+        let named = plan(&["--mode", "pubsub", a, "ws://127.0.0.1:9002/other", "--topic-prefix", "/x"]);
+        assert_eq!(named.unwrap().pubsub.unwrap().prefix, "/x");
+        let schemes = plan(&["--mode", "pubsub", a, "wss://127.0.0.1:9002/pubsub", "--insecure"]);
+        assert!(schemes.unwrap_err().contains("differ in scheme"));
+        let tls = plan(&["--mode", "pubsub", "wss://127.0.0.1:1/p", "wss://localhost:2/p", "--insecure"]);
+        assert_eq!(tls.unwrap().targets.iter().filter(|t| t.tls.is_some()).count(), 2);
+        let many: Vec<String> = (0..65).map(|i| format!("ws://127.0.0.1:{}/p", 9000 + i)).collect();
+        let mut args = vec!["--mode", "pubsub"];
+        args.extend(many.iter().map(String::as_str));
+        assert!(plan(&args).unwrap_err().contains("at most 64"));
     }
 
     #[test]

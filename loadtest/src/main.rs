@@ -89,7 +89,7 @@ fn run(args: Args) -> Result<ExitCode> {
         eprintln!(
             "loadtest: {} connections to {} ({}), {} B{}, ramp {:.2}s + warmup {:.1}s + {:.1}s, {} threads",
             plan.conns,
-            plan.target.url(),
+            plan.targets.iter().map(|target| target.url()).collect::<Vec<_>>().join(", "),
             what,
             plan.size,
             if plan.deflate { " (permessage-deflate offered)" } else { "" },
@@ -117,12 +117,16 @@ fn run(args: Args) -> Result<ExitCode> {
     }
 
     let cpu = cpu::CpuTime::now().since(cpu_at_start);
-    let totals = pubsub.map(|shared| PubSubTotals {
-        deliveries_expected: shared.deliveries_expected(),
-        publish_start: shared.publish_start(),
+    let totals = pubsub.map(|shared| {
+        let pairs_expected = shared.pairs_expected();
+        PubSubTotals {
+            deliveries_expected: pairs_expected.iter().sum(),
+            pairs_expected,
+            publish_start: shared.publish_start(),
+        }
     });
     let ending = Ending { interrupted_at: interrupt::requested() };
-    let summary = Summary::new(&plan, &phases, &stats, cpu, totals, ending);
+    let summary = Summary::new(&plan, &phases, &stats, cpu, totals.as_ref(), ending);
     print!("{}", summary.text());
     if let Some(path) = &plan.json {
         summary.write_json(path)?;
@@ -135,6 +139,11 @@ fn run(args: Args) -> Result<ExitCode> {
         let title = format!("{} — {} connections, {} B", summary.config.url, plan.conns, plan.size);
         let series: Vec<(&str, &hdrhistogram::Histogram<u64>)> = match plan.mode {
             Mode::Echo => vec![("message latency", &stats.latency), ("handshake", &stats.handshake)],
+            Mode::Pubsub if plan.targets.len() > 1 => vec![
+                ("delivery latency", &stats.latency),
+                ("cross-node delivery latency", &stats.cross_latency),
+                ("handshake", &stats.handshake),
+            ],
             Mode::Pubsub => vec![("delivery latency", &stats.latency), ("handshake", &stats.handshake)],
             Mode::Connect => vec![("handshake", &stats.handshake)],
         };

@@ -177,6 +177,54 @@ pub struct Summary {
     /// `wss://`: the TLS handshakes, what they agreed, and why some failed. Absent for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSummary>,
+    /// Pubsub over several URLs (gateway nodes): cross-node against same-node deliveries, losses
+    /// and latency, and every pair of nodes. Absent with one URL (every delivery is same-node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodesSummary>,
+}
+
+/// Pubsub over several gateway nodes: where deliveries went and what crossed between nodes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodesSummary {
+    /// The nodes' URLs, node 0 first: publisher i is on node i % N, subscriber j on node
+    /// (j / topics) % N (each topic's subscribers round-robin over the nodes).
+    pub urls: Vec<String>,
+    /// Deliveries whose publisher and subscriber were on different nodes (through the broker).
+    pub cross_node: NodeFlow,
+    /// Deliveries whose publisher and subscriber were on the same node.
+    pub same_node: NodeFlow,
+    /// Every (publisher node, subscriber node) pair, publisher's node first.
+    pub pairs: Vec<NodePair>,
+}
+
+/// Measured deliveries of one kind (cross-node or same-node). With no loss and no error,
+/// `deliveries + deliveries_lost == deliveries_expected`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct NodeFlow {
+    /// Measured messages published times the subscribers established on their topic, counted
+    /// over the pairs of this kind.
+    pub deliveries_expected: u64,
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Deliveries lost.
+    pub deliveries_lost: u64,
+    /// Their delivery latency (coordinated-omission corrected, as `latency_us`), microseconds.
+    pub latency_us: Percentiles,
+}
+
+/// What one pair of nodes carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NodePair {
+    /// The publishers' node (index into `urls`).
+    pub publisher_node: u32,
+    /// The subscribers' node.
+    pub subscriber_node: u32,
+    /// See [`NodeFlow::deliveries_expected`].
+    pub deliveries_expected: u64,
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Deliveries lost.
+    pub deliveries_lost: u64,
 }
 
 /// What the TLS handshakes of a `wss://` run came to.
@@ -280,10 +328,12 @@ pub struct ClientThread {
 }
 
 /// What pubsub mode adds to a summary, from the state its connections shared.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PubSubTotals {
     /// See [`Summary::deliveries_expected`].
     pub deliveries_expected: u64,
+    /// The same by pair of nodes, indexed `publisher_node * nodes + subscriber_node`.
+    pub pairs_expected: Vec<u64>,
     /// When publishing started (run clock), if it did.
     pub publish_start: Option<u64>,
 }
@@ -318,7 +368,7 @@ impl Summary {
         phases: &Phases,
         stats: &ThreadStats,
         cpu: CpuTime,
-        pubsub: Option<PubSubTotals>,
+        pubsub: Option<&PubSubTotals>,
         ending: Ending,
     ) -> Summary {
         let counters = &stats.counters;
@@ -387,6 +437,7 @@ impl Summary {
                 sent: Flow::of(counters.sent_bytes),
             }),
             tls: plan.trust.as_ref().map(|trust| tls_summary(trust, stats)),
+            nodes: pubsub.filter(|_| plan.targets.len() > 1).map(|p| nodes_summary(plan, stats, p)),
         }
     }
 
@@ -431,8 +482,11 @@ impl Summary {
                 c.warmup_secs
             ),
         };
-        let _ =
-            writeln!(s, "\n{} {} — {} connections, {what}, {} threads", c.mode, c.url, c.conns, c.threads);
+        let url = match &self.nodes {
+            Some(nodes) => format!("{} and {} more node(s)", c.url, nodes.urls.len() - 1),
+            None => c.url.clone(),
+        };
+        let _ = writeln!(s, "\n{} {url} — {} connections, {what}, {} threads", c.mode, c.conns, c.threads);
     }
 
     /// A run cut short says so before any figure.
@@ -480,6 +534,21 @@ impl Summary {
                     l.p99,
                     l.p999
                 );
+                if let Some(nodes) = &self.nodes {
+                    for (name, flow) in [("cross-node:", &nodes.cross_node), ("same-node:", &nodes.same_node)]
+                    {
+                        let p = &flow.latency_us;
+                        let latency = match p.count {
+                            0 => "no latency (nothing delivered)".to_string(),
+                            _ => format!("latency p50 {} us, p99 {} us, p99.9 {} us", p.p50, p.p99, p.p999),
+                        };
+                        let _ = writeln!(
+                            s,
+                            "{name:<12} {} of {} deliveries made, {} lost; {latency}",
+                            flow.deliveries, flow.deliveries_expected, flow.deliveries_lost
+                        );
+                    }
+                }
             }
             _ => {
                 let _ = writeln!(
@@ -586,10 +655,49 @@ impl Summary {
                 self.deliveries_lost.unwrap_or(0)
             );
         }
+        self.write_nodes(s);
         self.write_deflate(s);
         self.write_tls(s);
         self.write_latency_table(s);
         let _ = writeln!(s, "errors:      {}{}", self.errors, by_kind(&self.errors_by_kind));
+    }
+
+    /// Pubsub over several nodes: the URLs, and each pair of nodes that had deliveries to make.
+    fn write_nodes(&self, s: &mut String) {
+        /// More pairs than this are left to the JSON.
+        const MAX_PAIRS_SHOWN: usize = 16;
+        let Some(nodes) = &self.nodes else { return };
+        let _ = writeln!(
+            s,
+            "nodes:       {} (publisher i on node i % {n}, each topic's subscribers round-robin): {}",
+            nodes.urls.len(),
+            nodes.urls.iter().enumerate().map(|(i, url)| format!("{i} {url}")).collect::<Vec<_>>().join(", "),
+            n = nodes.urls.len()
+        );
+        let busy: Vec<&NodePair> = nodes
+            .pairs
+            .iter()
+            .filter(|p| p.deliveries_expected + p.deliveries + p.deliveries_lost > 0)
+            .collect();
+        if busy.len() > MAX_PAIRS_SHOWN {
+            let _ =
+                writeln!(s, "node pairs:  {} pairs with deliveries: see `nodes.pairs` in --json", busy.len());
+            return;
+        }
+        let shown: Vec<String> = busy
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}->{} {}/{} delivered, {} lost",
+                    p.publisher_node,
+                    p.subscriber_node,
+                    p.deliveries,
+                    p.deliveries_expected,
+                    p.deliveries_lost
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "node pairs:  publisher's node->subscriber's: {}", shown.join("; "));
     }
 
     /// `--deflate`: how many connections agreed, and the ratio of wire bytes to payload each way.
@@ -653,6 +761,10 @@ impl Summary {
         }
         if c.mode == "pubsub" {
             row("delivery", &self.latency_us);
+        }
+        if let Some(nodes) = &self.nodes {
+            row("cross-node", &nodes.cross_node.latency_us);
+            row("same-node", &nodes.same_node.latency_us);
         }
         if let Some(t) = &self.tls {
             row("tls", &t.tls_handshake_latency_us);
@@ -730,7 +842,7 @@ pub fn in_flight(pipeline: u32) -> String {
 fn run_config(plan: &Plan) -> RunConfig {
     RunConfig {
         mode: plan.mode.name(),
-        url: plan.target.url(),
+        url: plan.target().url(),
         conns: plan.conns,
         connect_rate: plan.connect_rate,
         rate: if plan.mode == Mode::Connect { 0.0 } else { plan.rate.unwrap_or(0.0) },
@@ -768,6 +880,42 @@ fn tls_summary(trust: &Trust, stats: &ThreadStats) -> TlsSummary {
         handshake_failures: stats.tls_failures.values().sum(),
         handshake_failures_by_reason: stats.tls_failures.clone(),
         tls_handshake_latency_us: Percentiles::of(&stats.tls_handshake),
+    }
+}
+
+/// Pubsub over several nodes: the pairs' counts, and cross-node against same-node (whose latency is
+/// every delivery's histogram less the cross-node one).
+fn nodes_summary(plan: &Plan, stats: &ThreadStats, totals: &PubSubTotals) -> NodesSummary {
+    let nodes = plan.targets.len();
+    let pairs: Vec<NodePair> = (0..nodes * nodes)
+        .map(|index| {
+            let counts = stats.node_pairs.get(index).copied().unwrap_or_default();
+            NodePair {
+                publisher_node: (index / nodes) as u32,
+                subscriber_node: (index % nodes) as u32,
+                deliveries_expected: totals.pairs_expected.get(index).copied().unwrap_or(0),
+                deliveries: counts.delivered,
+                deliveries_lost: counts.lost,
+            }
+        })
+        .collect();
+    let flow = |cross: bool, latency: &Histogram<u64>| {
+        let of_kind = pairs.iter().filter(|p| (p.publisher_node != p.subscriber_node) == cross);
+        NodeFlow {
+            deliveries_expected: of_kind.clone().map(|p| p.deliveries_expected).sum(),
+            deliveries: of_kind.clone().map(|p| p.deliveries).sum(),
+            deliveries_lost: of_kind.map(|p| p.deliveries_lost).sum(),
+            latency_us: Percentiles::of(latency),
+        }
+    };
+    let mut same = stats.latency.clone();
+    // Every cross-node latency is also in `latency` (recorded together), so this cannot fail.
+    let _ = same.subtract(&stats.cross_latency);
+    NodesSummary {
+        urls: plan.targets.iter().map(|target| target.url()).collect(),
+        cross_node: flow(true, &stats.cross_latency),
+        same_node: flow(false, &same),
+        pairs,
     }
 }
 
@@ -873,6 +1021,65 @@ mod tests {
         let stats = ThreadStats { counters, ..ThreadStats::default() };
         let cpu = CpuTime { user: Default::default(), sys: Default::default() };
         Summary::new(&plan, &phases, &stats, cpu, None, Ending::default())
+    }
+
+    #[test]
+    fn several_nodes_split_deliveries_losses_and_latency_into_cross_and_same_node() {
+        use crate::stats::PairCounts;
+        use clap::Parser;
+        let args = ["loadtest", "--mode", "pubsub", "ws://127.0.0.1:1/pubsub", "ws://127.0.0.1:2/pubsub"];
+        let plan = crate::cli::Args::parse_from(args).into_plan().expect("valid flags");
+        let phases = Phases::new(&plan, 0);
+        let mut stats = ThreadStats {
+            node_pairs: vec![PairCounts::default(); 4],
+            counters: crate::stats::Counters { established: 101, ..Default::default() },
+            ..ThreadStats::default()
+        };
+        // Publisher on node 0: two deliveries on its own node, one to node 1 and one lost there.
+        for (latency, pair, cross) in [(100, 0, false), (200, 0, false), (5_000, 1, true)] {
+            stats.received(latency, true);
+            stats.delivered(pair, cross, latency);
+        }
+        stats.lost(1, 1);
+        let totals =
+            PubSubTotals { deliveries_expected: 4, pairs_expected: vec![2, 2, 0, 0], publish_start: Some(0) };
+        let cpu = CpuTime { user: Default::default(), sys: Default::default() };
+        let summary = Summary::new(&plan, &phases, &stats, cpu, Some(&totals), Ending::default());
+        let nodes = summary.nodes.as_ref().expect("a nodes summary with two URLs");
+        assert_eq!(nodes.urls, ["ws://127.0.0.1:1/pubsub/t*", "ws://127.0.0.1:2/pubsub/t*"]);
+        let (cross, same) = (&nodes.cross_node, &nodes.same_node);
+        assert_eq!((cross.deliveries_expected, cross.deliveries, cross.deliveries_lost), (2, 1, 1));
+        assert_eq!((same.deliveries_expected, same.deliveries, same.deliveries_lost), (2, 2, 0));
+        assert_eq!((cross.latency_us.count, same.latency_us.count), (1, 2));
+        assert!(cross.latency_us.p50 >= 5_000 && same.latency_us.max < 5_000, "{nodes:?}");
+        assert_eq!(nodes.pairs.len(), 4);
+        assert_eq!(
+            nodes.pairs[1],
+            NodePair {
+                publisher_node: 0,
+                subscriber_node: 1,
+                deliveries_expected: 2,
+                deliveries: 1,
+                deliveries_lost: 1
+            }
+        );
+        let text = summary.text();
+        assert!(text.contains("cross-node:  1 of 2 deliveries made, 1 lost; latency p50 5003 us"), "{text}");
+        assert!(text.contains("same-node:   2 of 2 deliveries made, 0 lost"), "{text}");
+        assert!(text.contains("0->1 1/2 delivered, 1 lost"), "{text}");
+        assert!(text.contains("pubsub ws://127.0.0.1:1/pubsub/t* and 1 more node(s) — "), "{text}");
+        let json = serde_json::to_value(&summary).expect("serialises");
+        assert_eq!(json["nodes"]["cross_node"]["deliveries_lost"], 1);
+        assert_eq!(json["nodes"]["pairs"][0]["deliveries"], 2);
+
+        // One URL: no nodes section, in the text or the JSON.
+        let one = ["loadtest", "--mode", "pubsub", "ws://127.0.0.1:1/pubsub"];
+        let plan = crate::cli::Args::parse_from(one).into_plan().expect("valid flags");
+        let totals = PubSubTotals { pairs_expected: vec![4], ..totals };
+        let summary = Summary::new(&plan, &phases, &stats, cpu, Some(&totals), Ending::default());
+        assert!(summary.nodes.is_none());
+        assert!(!summary.text().contains("cross-node"));
+        assert!(serde_json::to_value(&summary).expect("serialises").get("nodes").is_none());
     }
 
     #[test]

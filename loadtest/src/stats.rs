@@ -170,6 +170,13 @@ pub struct ThreadStats {
     pub send_lag: Histogram<u64>,
     /// Message latencies since the last progress snapshot, warmup included.
     pub interval: Histogram<u64>,
+    /// Pubsub: latency of the measured deliveries whose publisher and subscriber are on different
+    /// nodes (a subset of `latency`; same-node is the difference).
+    pub cross_latency: Histogram<u64>,
+    /// Pubsub: measured deliveries and losses by (publisher node, subscriber node), indexed
+    /// `publisher_node * nodes + subscriber_node`; sized by the thread at its start (empty in the
+    /// other modes). Merging adds element by element.
+    pub node_pairs: Vec<PairCounts>,
     /// Counters.
     pub counters: Counters,
     /// Errors by kind, indexed like [`ErrorKind::ALL`].
@@ -184,6 +191,15 @@ pub struct ThreadStats {
     /// How busy each client thread was over the measured window: one entry per thread that
     /// lived through it (merging concatenates).
     pub loads: Vec<ThreadLoad>,
+}
+
+/// Pubsub: what one pair of nodes (publisher's, subscriber's) carried in the measured window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairCounts {
+    /// Deliveries received.
+    pub delivered: u64,
+    /// Deliveries lost (gaps, and what was missing after the grace period).
+    pub lost: u64,
 }
 
 /// One client thread's CPU over the measured window: near 100% of the wall time means the thread
@@ -222,6 +238,8 @@ impl Default for ThreadStats {
             tls_failures: BTreeMap::new(),
             send_lag: new_histogram(),
             interval: new_histogram(),
+            cross_latency: new_histogram(),
+            node_pairs: Vec::new(),
             counters: Counters::default(),
             errors: [0; ErrorKind::ALL.len()],
             connect_failures: BTreeMap::new(),
@@ -242,6 +260,26 @@ impl ThreadStats {
         if measured {
             self.latency.saturating_record(latency_us);
             self.counters.messages_received += 1;
+        }
+    }
+
+    /// Pubsub: a measured delivery between the pair of nodes `pair` (see
+    /// [`ThreadStats::node_pairs`]), `cross` when they differ; its latency is already recorded by
+    /// [`ThreadStats::received`].
+    pub fn delivered(&mut self, pair: usize, cross: bool, latency_us: u64) {
+        if let Some(counts) = self.node_pairs.get_mut(pair) {
+            counts.delivered += 1;
+        }
+        if cross {
+            self.cross_latency.saturating_record(latency_us);
+        }
+    }
+
+    /// Pubsub: `n` measured deliveries between the pair of nodes `pair` were lost.
+    pub fn lost(&mut self, pair: usize, n: u64) {
+        self.counters.deliveries_lost += n;
+        if let Some(counts) = self.node_pairs.get_mut(pair) {
+            counts.lost += n;
         }
     }
 
@@ -320,6 +358,14 @@ impl ThreadStats {
         }
         let _ = self.send_lag.add(&other.send_lag);
         let _ = self.interval.add(&other.interval);
+        let _ = self.cross_latency.add(&other.cross_latency);
+        if self.node_pairs.len() < other.node_pairs.len() {
+            self.node_pairs.resize(other.node_pairs.len(), PairCounts::default());
+        }
+        for (mine, theirs) in self.node_pairs.iter_mut().zip(&other.node_pairs) {
+            mine.delivered += theirs.delivered;
+            mine.lost += theirs.lost;
+        }
         self.counters.add(&other.counters);
         for (mine, theirs) in self.errors.iter_mut().zip(other.errors) {
             *mine += theirs;
@@ -386,6 +432,26 @@ mod tests {
         assert_eq!(a.connections_failed(), 2);
         assert_eq!(a.established_span, Some((5, 9)));
         assert_eq!(a.counters.established, 2);
+    }
+
+    #[test]
+    fn node_pairs_and_cross_node_latency_merge() {
+        let mut a = ThreadStats { node_pairs: vec![PairCounts::default(); 4], ..ThreadStats::default() };
+        let mut b = a.clone();
+        a.delivered(1, true, 100);
+        a.delivered(0, false, 50);
+        b.delivered(1, true, 300);
+        b.lost(2, 7);
+        // A pair outside the table (a thread that was not sized) is ignored, not a panic.
+        b.lost(9, 1);
+        a.merge(&b);
+        assert_eq!(a.node_pairs[1], PairCounts { delivered: 2, lost: 0 });
+        assert_eq!(a.node_pairs[2], PairCounts { delivered: 0, lost: 7 });
+        assert_eq!(a.cross_latency.len(), 2);
+        assert_eq!(a.counters.deliveries_lost, 8);
+        let mut empty = ThreadStats::default();
+        empty.merge(&a);
+        assert_eq!(empty.node_pairs, a.node_pairs);
     }
 
     #[test]

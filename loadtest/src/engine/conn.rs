@@ -167,7 +167,9 @@ impl Conn {
         if let Err(error) = result {
             return self.fail_connect(env, io_reason(&error));
         }
-        if let (Some(config), Some(name)) = (env.tls, &env.plan.target.tls) {
+        let plan = env.plan;
+        let target = &plan.targets[plan.node_of(self.index)];
+        if let (Some(config), Some(name)) = (env.tls, &target.tls) {
             match TlsClient::new(Arc::clone(config), name.clone()) {
                 Ok(session) => self.tls = Some(Box::new(session)),
                 Err(error) => {
@@ -181,7 +183,6 @@ impl Conn {
         if env.plan.deflate {
             handshake = handshake.offering_deflate();
         }
-        let target = &env.plan.target;
         match (self.role, env.pubsub) {
             (Some(role), Some(shared)) => {
                 handshake.write_request(&mut self.pending, &target.host, &shared.path(role), &[]);

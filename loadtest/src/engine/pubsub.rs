@@ -12,6 +12,15 @@
 //! (as in echo mode), so a delivery is verified byte for byte without a copy of what was sent.
 //! Delivery latency is receive time minus intended send time (coordinated-omission corrected).
 //!
+//! Nodes (several URLs): publisher i connects to node i % N and each topic's subscribers are dealt
+//! round-robin over the nodes (subscriber j to node (j / K) % N; see
+//! [`PubSubPlan::subscriber_node`]), so a delivery's pair of nodes follows from the publisher id in
+//! the message and the subscriber's own node, with nothing more on the wire. Each thread counts
+//! deliveries and losses per (publisher node, subscriber node) pair and records cross-node
+//! latencies in a histogram of its own (same-node latency is the difference of the two
+//! histograms, computed once at the end): an index and an add per delivery, no allocation, no
+//! lock.
+//!
 //! Loss: each subscriber keeps, per publisher on its topic, the next sequence number it expects. A
 //! higher one means the ones in between were lost; a lower one (repeat or reorder) is an
 //! `out_of_order` error. After the end, subscribers wait up to the grace period
@@ -61,7 +70,7 @@ pub struct Shared {
     layout: PubSubPlan,
     /// Subscribers whose connection attempt has ended, either way.
     settled: AtomicU32,
-    /// Established subscribers per topic.
+    /// Established subscribers per topic and node, indexed `topic * nodes + node`.
     subscribed: Box<[AtomicU64]>,
     publishers: Box<[Progress]>,
     /// When the first publisher started its schedule (run clock); `u64::MAX` until then.
@@ -71,10 +80,12 @@ pub struct Shared {
 /// What one connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// A subscriber on `topic`.
+    /// A subscriber on `topic`, connected to `node`.
     Subscriber {
         /// Its topic.
         topic: u32,
+        /// The node (URL) it connects to.
+        node: u32,
     },
     /// Publisher `id` on `topic`.
     Publisher {
@@ -91,7 +102,7 @@ impl Shared {
         Shared {
             layout: layout.clone(),
             settled: AtomicU32::new(0),
-            subscribed: (0..layout.topics).map(|_| AtomicU64::new(0)).collect(),
+            subscribed: (0..layout.topics * layout.nodes).map(|_| AtomicU64::new(0)).collect(),
             publishers: (0..layout.publishers)
                 .map(|_| Progress {
                     sent: AtomicU64::new(0),
@@ -108,7 +119,7 @@ impl Shared {
     pub fn role(&self, conn: u32) -> Role {
         let l = &self.layout;
         if conn < l.subscribers {
-            Role::Subscriber { topic: conn % l.topics }
+            Role::Subscriber { topic: conn % l.topics, node: l.subscriber_node(conn) }
         } else {
             let id = conn - l.subscribers;
             Role::Publisher { id, topic: id % l.topics }
@@ -117,16 +128,16 @@ impl Shared {
 
     /// The request path of a connection in `role`.
     pub fn path(&self, role: Role) -> String {
-        let (Role::Subscriber { topic } | Role::Publisher { topic, .. }) = role;
+        let (Role::Subscriber { topic, .. } | Role::Publisher { topic, .. }) = role;
         format!("{}/t{topic}", self.layout.prefix)
     }
 
     /// A connection in `role` completed its handshake (`true`) or failed (`false`).
     pub fn connected(&self, role: Role, ok: bool) {
         match role {
-            Role::Subscriber { topic } => {
+            Role::Subscriber { topic, node } => {
                 if ok {
-                    self.subscribed[topic as usize].fetch_add(1, SeqCst);
+                    self.subscribed[(topic * self.layout.nodes + node) as usize].fetch_add(1, SeqCst);
                 }
                 self.settled.fetch_add(1, SeqCst);
             }
@@ -138,15 +149,27 @@ impl Shared {
         }
     }
 
-    /// Deliveries the run should have made: each publisher's measured messages times the
-    /// subscribers established on its topic.
-    pub fn deliveries_expected(&self) -> u64 {
-        let topics = self.layout.topics as usize;
-        self.publishers
-            .iter()
-            .enumerate()
-            .map(|(id, p)| p.measured.load(SeqCst) * self.subscribed[id % topics].load(SeqCst))
-            .sum()
+    /// Deliveries the run should have made, by pair of nodes (indexed `publisher_node * nodes +
+    /// subscriber_node`; their sum is the run's): each publisher's measured messages times the
+    /// subscribers established on its topic on each node.
+    pub fn pairs_expected(&self) -> Vec<u64> {
+        let l = &self.layout;
+        let nodes = l.nodes as usize;
+        let mut expected = vec![0; nodes * nodes];
+        for (id, p) in self.publishers.iter().enumerate() {
+            let measured = p.measured.load(SeqCst);
+            let topic = id % l.topics as usize;
+            let from = l.publisher_node(id as u32) as usize;
+            for to in 0..nodes {
+                expected[from * nodes + to] += measured * self.subscribed[topic * nodes + to].load(SeqCst);
+            }
+        }
+        expected
+    }
+
+    /// The gateway nodes.
+    pub fn nodes(&self) -> u32 {
+        self.layout.nodes
     }
 
     /// When publishing started, if it did.
@@ -169,14 +192,23 @@ impl Shared {
 /// A subscriber's view of its topic's publishers: the next sequence number expected from each.
 pub struct Tracker {
     topic: u32,
+    /// The node the subscriber is on.
+    node: u32,
     /// Indexed by publisher id / topics.
     next: Vec<u64>,
 }
 
 impl Tracker {
-    /// A tracker for a subscriber on `topic`.
-    pub fn new(shared: &Shared, topic: u32) -> Tracker {
-        Tracker { topic, next: vec![0; shared.publishers_on(topic).count()] }
+    /// A tracker for a subscriber on `topic`, connected to `node`.
+    pub fn new(shared: &Shared, topic: u32, node: u32) -> Tracker {
+        Tracker { topic, node, next: vec![0; shared.publishers_on(topic).count()] }
+    }
+
+    /// The index of the pair (publisher `id`'s node, this subscriber's node) in
+    /// [`ThreadStats::node_pairs`], and whether the two differ.
+    fn pair(&self, layout: &PubSubPlan, id: u32) -> (usize, bool) {
+        let from = layout.publisher_node(id);
+        ((from * layout.nodes + self.node) as usize, from != self.node)
     }
 
     /// Checks one delivery and records it.
@@ -198,16 +230,22 @@ impl Tracker {
             stats.error(ErrorKind::BadMessage);
             return;
         }
+        let (pair, cross) = self.pair(layout, id as u32);
         let next = &mut self.next[id / layout.topics as usize];
         if seq < *next {
             stats.error(ErrorKind::OutOfOrder);
             return;
         }
         if seq > *next {
-            stats.counters.deliveries_lost += shared.measured_between(id, *next, seq);
+            stats.lost(pair, shared.measured_between(id, *next, seq));
         }
         *next = seq + 1;
-        stats.received(clock::ns_to_us(env.now.saturating_sub(at)), env.phases.measured(at));
+        let latency_us = clock::ns_to_us(env.now.saturating_sub(at));
+        let measured = env.phases.measured(at);
+        stats.received(latency_us, measured);
+        if measured {
+            stats.delivered(pair, cross, latency_us);
+        }
     }
 
     /// Whether every publisher on the topic is done and everything it sent has arrived.
@@ -222,7 +260,8 @@ impl Tracker {
     pub fn count_missing(&self, shared: &Shared, stats: &mut ThreadStats) {
         for (id, &next) in shared.publishers_on(self.topic).zip(&self.next) {
             let sent = shared.publishers[id].sent.load(SeqCst);
-            stats.counters.deliveries_lost += shared.measured_between(id, next, sent);
+            let (pair, _) = self.pair(&shared.layout, id as u32);
+            stats.lost(pair, shared.measured_between(id, next, sent));
         }
     }
 }

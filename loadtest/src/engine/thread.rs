@@ -28,7 +28,7 @@ use super::wire::Compressors;
 use super::{Report, SNAPSHOT_INTERVAL};
 use crate::cli::Plan;
 use crate::schedule::Phases;
-use crate::stats::{ThreadLoad, ThreadStats};
+use crate::stats::{PairCounts, ThreadLoad, ThreadStats};
 use crate::{clock, cpu, interrupt};
 
 /// The longest a thread sleeps without looking for an interruption.
@@ -60,8 +60,8 @@ pub struct ClientThread {
     plan: Arc<Plan>,
     phases: Phases,
     pubsub: Option<Arc<pubsub::Shared>>,
-    /// The target, where connects read it from until they complete.
-    addr: Box<SockAddr>,
+    /// The targets (one per node), where connects read them from until they complete.
+    addrs: Box<[SockAddr]>,
     conns: Vec<Conn>,
     /// Connections started so far (slots below this have a socket or are done).
     started: usize,
@@ -103,16 +103,21 @@ impl ClientThread {
             .map(|conn| Conn::new(conn, pubsub.as_ref().map(|shared| shared.role(conn)), max_message))
             .collect();
         let slack = plan.timer_slack.as_nanos() as u64;
+        let mut stats = ThreadStats::default();
+        if let Some(shared) = &pubsub {
+            let nodes = shared.nodes() as usize;
+            stats.node_pairs = vec![PairCounts::default(); nodes * nodes];
+        }
         ClientThread {
             index,
-            addr: Box::new(SockAddr::from(plan.target.addr)),
+            addrs: plan.targets.iter().map(|target| SockAddr::from(target.addr)).collect(),
             live: conns.len(),
             conns,
             started: 0,
             wheel: Wheel::new(slack, clock::now()),
             fired: Vec::new(),
             touched: Vec::new(),
-            stats: ThreadStats::default(),
+            stats,
             scratch: vec![0; plan.size],
             compressors: Compressors::default(),
             tls,
@@ -218,7 +223,7 @@ impl ClientThread {
                 n => Some(self.plan.source_ips[index as usize % n]),
             };
             let token = token(slot as u32);
-            let addr: &SockAddr = &self.addr;
+            let addr: &SockAddr = &self.addrs[self.plan.node_of(index)];
             let mut env = thread_env!(self, now);
             let conn = &mut self.conns[slot];
             conn.start(&mut env, backend, token, addr, source);

@@ -53,8 +53,8 @@ impl Traffic {
     pub fn new(env: &Env<'_>, role: Option<Role>) -> Traffic {
         let plan = env.plan;
         match (role, env.pubsub) {
-            (Some(Role::Subscriber { topic }), Some(shared)) => {
-                Traffic::Subscribe(Tracker::new(shared, topic))
+            (Some(Role::Subscriber { topic, node }), Some(shared)) => {
+                Traffic::Subscribe(Tracker::new(shared, topic, node))
             }
             (Some(Role::Publisher { id, .. }), _) => {
                 Traffic::Publish(Publisher::new(id, plan.rate.unwrap_or(1.0)))

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub mod gateway;
 pub mod pubsub;
+pub mod redis;
 pub mod tls;
 
 use serde_json::Value;
