@@ -439,7 +439,7 @@ impl Drop for History {
 }
 
 /// A new epoch: random, never 0 (0 means "no history" in the first message).
-fn new_epoch() -> u64 {
+pub fn new_epoch() -> u64 {
     loop {
         let epoch = getrandom::u64().unwrap_or_else(|_| {
             use std::hash::{BuildHasher, Hasher};
