@@ -93,6 +93,15 @@ fn scrape(server: &Server) -> prom::Exposition {
     prom::scrape(&mut HttpConn::connect(server.addr()), "/metrics")
 }
 
+/// Waits until `server` is subscribed to one topic at Redis.
+fn wait_subscribed(server: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while scrape(server).sum("ringgate_broker_subscribed_topics") != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "{} never subscribed", server.addr());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Two nodes on one Redis, keeping the history there.
 fn two_nodes(broker: &Broker, extra: &[&str]) -> (Server, Server) {
     let url = broker.url();
@@ -126,8 +135,16 @@ fn a_subscriber_that_reconnects_to_either_node_gets_exactly_the_100_it_missed_th
     );
     drop(client);
 
+    // A `202` says node A took a message, not that Redis has it yet: a watcher on B sees when all
+    // 100 went through Redis, so the replay's count is known.
+    let mut watcher = Client::connect(b.addr(), "/pubsub/news");
+    wait_subscribed(&b);
     for i in 0..100 {
         publish(&mut http, "news", &format!("missed {i}"));
+    }
+    for i in 0..100 {
+        let (position, text) = read_text(&mut watcher);
+        assert_eq!(text, format!("missed {i}"), "the watcher, at {position:?}");
     }
     // B first, then A: A's replay also holds the live message B's round published.
     let mut expected: Vec<String> = (0..100).map(|i| format!("missed {i}")).collect();
@@ -162,38 +179,41 @@ fn positions_the_history_no_longer_holds_or_another_epoch_are_told_so_then_the_l
     let broker = Broker::start(Kind::Redis);
     let (a, b) = two_nodes(&broker, &["--history-size", "5", "--history-ttl", "2s"]);
     let mut http = HttpConn::connect(a.addr());
-    let (_keeper, first) = subscribe_since(b.addr(), "t", &nowhere());
+    let (mut keeper, first) = subscribe_since(b.addr(), "gone", &nowhere());
     for i in 1..=10 {
-        publish(&mut http, "t", &format!("m{i}"));
+        publish(&mut http, "gone", &format!("m{i}"));
+    }
+    for i in 1..=10 {
+        assert_eq!(read_text(&mut keeper).1, format!("m{i}"), "through Redis");
     }
     let epoch = first.at.epoch.clone();
     let at = |offset| Position { epoch: epoch.clone(), offset };
     let top = at(10);
 
-    let (_, r) = subscribe_since(b.addr(), "t", &at(4));
+    let (_, r) = subscribe_since(b.addr(), "gone", &at(4));
     assert_eq!(
         (r.recovered, r.reason.as_str(), r.replayed, r.at.clone()),
         (false, "too_old", 0, top.clone())
     );
-    let (mut client, r) = subscribe_since(a.addr(), "t", &at(5));
+    let (mut client, r) = subscribe_since(a.addr(), "gone", &at(5));
     assert_eq!((r.recovered, r.reason.as_str(), r.replayed), (true, "recovered", 5), "6..10 are held");
     for offset in 6..=10 {
         assert_eq!(read_text(&mut client), (at(offset), format!("m{offset}")));
     }
-    let (_, r) = subscribe_since(a.addr(), "t", &at(11));
+    let (_, r) = subscribe_since(a.addr(), "gone", &at(11));
     assert_eq!((r.reason.as_str(), r.at.clone()), ("too_old", top.clone()), "ahead of the topic");
     let other =
         Position { epoch: format!("{:016x}", u64::from_str_radix(&epoch, 16).expect("hex") ^ 1), offset: 3 };
-    let (mut other_client, r) = subscribe_since(b.addr(), "t", &other);
+    let (mut other_client, r) = subscribe_since(b.addr(), "gone", &other);
     assert_eq!((r.recovered, r.reason.as_str(), r.at.clone()), (false, "epoch_changed", top.clone()));
     // Told so, it gets the live stream.
-    publish(&mut http, "t", "m11");
+    publish(&mut http, "gone", "m11");
     assert_eq!(read_text(&mut other_client), (at(11), "m11".to_string()));
     assert_eq!(read_text(&mut client), (at(11), "m11".to_string()));
 
     // Quiet for the TTL: the history is gone in Redis, and the next one has a new epoch.
     thread::sleep(Duration::from_millis(2500));
-    let (_, r) = subscribe_since(a.addr(), "t", &at(11));
+    let (_, r) = subscribe_since(a.addr(), "gone", &at(11));
     assert_eq!((r.recovered, r.reason.as_str(), r.at.offset), (false, "epoch_changed", 0));
     assert_ne!(r.at.epoch, epoch);
     assert_eq!(recovery_outcomes(&a, "too_old") + recovery_outcomes(&b, "too_old"), 2.0);
@@ -231,18 +251,18 @@ fn both_nodes_deliver_every_message_once_at_the_same_offset_and_publishers_do_no
     let mut subscribers: Vec<(String, Client)> = Vec::new();
     for (name, server) in [("A", &a), ("B", &b)] {
         for i in 0..2 {
-            let (client, _) = subscribe_since(server.addr(), "t", &nowhere());
+            let (client, _) = subscribe_since(server.addr(), "everyone", &nowhere());
             subscribers.push((format!("subscriber {i} on {name}"), client));
         }
     }
-    let (mut publisher_a, _) = subscribe_since(a.addr(), "t", &nowhere());
-    let (mut publisher_b, _) = subscribe_since(b.addr(), "t", &nowhere());
+    let (mut publisher_a, _) = subscribe_since(a.addr(), "everyone", &nowhere());
+    let (mut publisher_b, _) = subscribe_since(b.addr(), "everyone", &nowhere());
     let mut http = HttpConn::connect(b.addr());
     for i in 0..MESSAGES {
         publisher_a.send(TEXT, format!("a:{i}").as_bytes());
         publisher_b.send(TEXT, format!("b:{i}").as_bytes());
         if i % 4 == 0 {
-            publish(&mut http, "t", &format!("h:{}", i / 4));
+            publish(&mut http, "everyone", &format!("h:{}", i / 4));
         }
     }
     let total = 2 * MESSAGES + MESSAGES / 4;
@@ -283,7 +303,9 @@ fn a_subscriber_that_keeps_reconnecting_while_messages_flow_sees_every_offset_on
             while !stop.load(Ordering::Relaxed) && sent < 20_000 {
                 publisher.send(TEXT, format!("p:{sent}").as_bytes());
                 sent += 1;
-                if sent % 8 == 0 {
+                // About 2 a millisecond: enough to have some in flight at every reconnect, and
+                // fewer than a worker holds for a recovery (1024) on a loaded machine.
+                if sent % 2 == 0 {
                     thread::sleep(Duration::from_millis(1));
                 }
             }

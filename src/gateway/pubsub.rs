@@ -106,9 +106,11 @@ pub struct Recovered {
 }
 
 /// Live frames held, at most, for a subscriber whose recovery is being read from the broker
-/// (also bounded by `max_backpressure` bytes); past it the recovery fails unless every frame
-/// not held is in the replay.
-pub const RECOVERY_HOLD_FRAMES: usize = 1024;
+/// (also bounded by `max_backpressure` bytes; the frames are shared, each entry costs 48 bytes);
+/// past it the recovery fails unless every frame not held is in the replay. Room for 2 s of
+/// 2,000 messages a second on the topic: a read takes a round trip, but a loaded node may take
+/// much longer to see its answer.
+pub const RECOVERY_HOLD_FRAMES: usize = 4096;
 
 /// Bytes of frames handed to one worker and not yet queued on its subscribers, at most (a frame
 /// is counted once however many subscribers it is for).
@@ -588,7 +590,10 @@ impl Broker {
             if link.publish_in_order(topic, &frame, origin) {
                 return self.hub.present_subscribers(topic).saturating_sub(usize::from(exclude.is_some()));
             }
-            // Not taken (broker away, queue full; counted): delivered here, without a position.
+            // Not taken (broker away, queue full; counted): delivered here, without a position
+            // (with `--positions`, in the envelope at offset 0: kept nowhere, not to ask for).
+            let positions = link.history().is_some_and(|history| history.positions);
+            let frame = if positions { encode_frame(kind, payload, Some(NOWHERE)) } else { frame };
             return self.fan_out_now(topic, &frame, exclude);
         }
         let reached = self.fan_out_now(topic, &frame, exclude);
@@ -1404,6 +1409,129 @@ mod tests {
         }
         assert_eq!(history.stats().recoveries(Outcome::Recovered), connects);
         assert!(last.offset > 2 * PER_PUBLISHER, "worker 2's own publishes are in the count");
+    }
+
+    /// A hub whose history is in the broker (a Redis link, connected, never started: the tests
+    /// answer the recoveries themselves, as the broker thread would).
+    fn with_history_in_the_broker(hub: &Arc<Hub>) -> Arc<Link> {
+        let url = crate::gateway::cluster::BrokerUrl::parse("redis://127.0.0.1:6379").expect("valid");
+        let (link, outgoing) = Link::new(url);
+        std::mem::forget(outgoing); // keeps the queues open
+        let settings =
+            HistorySettings { size: 100, ttl: std::time::Duration::ZERO, positions: true, max_topics: 16 };
+        link.set_history(settings);
+        link.stats().set_connected(true);
+        hub.set_cluster(Arc::clone(&link));
+        link
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { epoch: 0xe, offset }
+    }
+
+    fn positioned(offset: u64) -> Bytes {
+        encode_frame(MessageKind::Binary, &offset.to_be_bytes(), Some(at(offset)))
+    }
+
+    #[test]
+    fn live_frames_held_during_a_broker_recovery_are_skipped_up_to_the_replay_and_queued_after() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        let sub = broker.subscribe_since("t", 0, None, at(2));
+        assert!(!sub.subscriber().has_queued(), "nothing before the recovery message");
+        // Messages 3 and 4 came before the read (they are in its replay), 5 after.
+        for offset in 3..=5 {
+            hub.deliver_remote("t", positioned(offset), at(offset), None);
+        }
+        deliver_all();
+        assert!(!sub.subscriber().has_queued(), "held, not queued");
+        let recovery = Recovery {
+            outcome: Outcome::Recovered,
+            live_after: at(4),
+            replay: vec![positioned(3), positioned(4)],
+        };
+        hub.hand_recovery(0, Arc::from("t"), sub.subscriber.id, recovery);
+        hub.deliver_remote("t", positioned(6), at(6), None);
+        deliver_all();
+        let got: Vec<(bool, Position)> = drain(sub.subscriber()).iter().map(position_of).collect();
+        assert_eq!(
+            got,
+            [(true, at(4)), (false, at(3)), (false, at(4)), (false, at(5)), (false, at(6))],
+            "the recovery message, the replay, then 5 held and 6 live: 3 and 4 held, skipped"
+        );
+        assert_eq!(link.history_stats().recoveries(Outcome::Recovered), 1);
+        assert_eq!(link.history_stats().replayed.load(Ordering::Relaxed), 2);
+        assert!(broker.recovering.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_recovery_whose_held_frames_overflowed_past_the_replay_is_unavailable_and_continues_live() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let frame_len = positioned(1).len();
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 3 * frame_len);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        let sub = broker.subscribe_since("t", 0, None, at(0));
+        for offset in 1..=5 {
+            hub.deliver_remote("t", positioned(offset), at(offset), None);
+        }
+        deliver_all();
+        // The read saw only 1 and 2: 4 and 5 found no room, so its replay cannot be joined.
+        let recovery = Recovery {
+            outcome: Outcome::Recovered,
+            live_after: at(2),
+            replay: vec![positioned(1), positioned(2)],
+        };
+        hub.hand_recovery(0, Arc::from("t"), sub.subscriber.id, recovery);
+        deliver_all();
+        let frames = drain(sub.subscriber());
+        assert_eq!(frames.len(), 1, "the recovery message alone: 1 to 3 held, at or below the loss");
+        let (_, payload) = split_frame(&frames[0]);
+        let first: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
+        assert_eq!(
+            (first["recovered"].as_bool(), first["reason"].as_str()),
+            (Some(false), Some("unavailable"))
+        );
+        assert_eq!(first["offset"].as_u64(), Some(5), "live after the last frame lost");
+        hub.deliver_remote("t", positioned(6), at(6), None);
+        deliver_all();
+        let rest: Vec<Position> = drain(sub.subscriber()).iter().map(|f| position_of(f).1).collect();
+        assert_eq!(rest, [at(6)]);
+        assert_eq!(link.history_stats().recoveries(Outcome::Unavailable), 1);
+    }
+
+    #[test]
+    fn a_broker_recovery_that_cannot_be_asked_is_unavailable_at_once_and_one_that_left_is_forgotten() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let gone = broker.subscribe_since("t", 0, None, at(1));
+        let id = gone.subscriber.id;
+        drop(gone);
+        assert!(broker.recovering.borrow().is_empty(), "forgotten when it leaves");
+        hub.hand_recovery(0, Arc::from("t"), id, unavailable());
+        while let Ok(delivery) = receivers[0].try_recv() {
+            broker.deliver(&delivery); // an answer for no one: ignored
+        }
+        link.stats().set_connected(false);
+        let sub = broker.subscribe_since("t", 0, None, at(1));
+        let frames = drain(sub.subscriber());
+        assert_eq!(frames.len(), 1, "the recovery message, at once");
+        assert_eq!(link.history_stats().recoveries(Outcome::Unavailable), 1);
+        // Publishes stay local while the broker is away, in the envelope at offset 0.
+        let other = broker.subscribe("t", 0, None);
+        broker.publish("t", MessageKind::Binary, b"x", None);
+        assert_eq!(drain(other.subscriber()).iter().map(|f| position_of(f).1).collect::<Vec<_>>(), [NOWHERE]);
     }
 
     #[test]

@@ -64,7 +64,8 @@ use envelope::Envelope;
 /// Which cross-node broker a node uses, from `--broker URL`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum BrokerUrl {
-    /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub (no history).
+    /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub, and the history with
+    /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`).
     Redis(String),
     /// `nats://HOST:PORT`: NATS core pub/sub (no history).
     Nats(String),
@@ -697,6 +698,32 @@ mod tests {
 
         node.receive("t", b"not an envelope");
         assert_eq!(link.stats.drops(BrokerDrop::Malformed), 1);
+    }
+
+    #[test]
+    fn with_the_history_in_the_broker_own_messages_come_back_with_their_position_except_to_their_publisher() {
+        let (hub, deliveries) = Hub::new(2);
+        let (link, _rx) = Link::new(redis_url());
+        link.set_history(HistorySettings { size: 10, ttl: Duration::ZERO, positions: true, max_topics: 1 });
+        let node = Node { link: Arc::clone(&link), hub: Arc::clone(&hub) };
+        hub.add_presence("t", 0);
+        hub.add_presence("t", 1);
+        let at = Position { epoch: 0xab, offset: 3 };
+        let mut own = Vec::new();
+        let envelope = Envelope {
+            node: link.node,
+            sequence: envelope::origin(1, 7),
+            position: Some(at),
+            kind: MessageKind::Binary,
+            payload: b"mine",
+        };
+        envelope.encode(&mut own);
+        node.receive("t", &own);
+        let here = deliveries[0].try_recv().expect("delivered on this node too");
+        let there = deliveries[1].try_recv().expect("and on the publisher's worker");
+        assert_eq!((here.at, here.exclude), (at, None));
+        assert_eq!((there.at, there.exclude), (at, Some(7)), "not to the subscriber that published it");
+        assert_eq!(&here.frame[2..18], &[0, 0, 0, 0, 0, 0, 0, 0xab, 0, 0, 0, 0, 0, 0, 0, 3], "--positions");
     }
 
     #[test]

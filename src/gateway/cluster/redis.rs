@@ -37,10 +37,12 @@
 //! in one step) only once the node's SUBSCRIBE to the topic's channel has been answered, on the
 //! same connection. Redis runs commands one at a time and writes replies and channel messages to
 //! a connection in the order they happen, so every message at or below the `top` read reaches
-//! us before the read's reply (and reaches the workers' hand-off channels before the answer,
-//! which follows the same channel): those are in the replay (the worker holds them for the
-//! recovering subscriber meanwhile and skips them after), and every message above it comes
-//! after. No gap, no duplicate, and no wait on a worker.
+//! us before the read's reply, and every message above it after: together they are the whole
+//! topic, each once. The worker holds the live frames for the recovering subscriber until the
+//! answer comes, then skips those at or below `top` (they are in the replay) and queues the rest
+//! after the replay. The holding is needed, not only the skipping: redis-rs's reader may hand
+//! the workers messages that came after the reply before this task, woken by the reply, hands
+//! the answer over (seen in tests under load). No gap, no duplicate, and no wait on a worker.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -509,4 +511,45 @@ fn read_answer(value: &Value) -> Option<(Outcome, Position, Vec<&[u8]>)> {
         })
         .collect::<Option<Vec<&[u8]>>>()?;
     Some((outcome, Position { epoch, offset: u64::try_from(*top).ok()? }, replay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keys_share_the_topics_hash_tag_and_never_collide() {
+        assert_eq!(
+            history_keys("news"),
+            ["ringgate:{news}:meta".to_string(), "ringgate:{news}:log".to_string()]
+        );
+        let [meta, log] = history_keys("a}:log");
+        assert_ne!(meta, history_keys("a")[1]);
+        assert_ne!(log, history_keys("a")[1]);
+    }
+
+    #[test]
+    fn the_read_scripts_answer_is_read_and_anything_else_refused() {
+        let answer = Value::Array(vec![
+            Value::BulkString(b"00000000000000ab".to_vec()),
+            Value::Int(9),
+            Value::BulkString(b"recovered".to_vec()),
+            Value::Array(vec![Value::BulkString(b"e1".to_vec()), Value::BulkString(b"e2".to_vec())]),
+        ]);
+        let (outcome, at, replay) = read_answer(&answer).expect("valid");
+        assert_eq!((outcome, at), (Outcome::Recovered, Position { epoch: 0xab, offset: 9 }));
+        assert_eq!(replay, [&b"e1"[..], &b"e2"[..]]);
+        let Value::Array(mut parts) = answer else { unreachable!() };
+        parts[2] = Value::BulkString(b"who knows".to_vec());
+        assert!(read_answer(&Value::Array(parts)).is_none());
+        assert!(read_answer(&Value::Int(1)).is_none());
+    }
+
+    #[test]
+    fn a_ttl_below_a_millisecond_is_not_taken_for_none() {
+        let settings = |ttl| HistorySettings { size: 1, ttl, positions: false, max_topics: 1 };
+        assert_eq!(ttl_ms(&settings(Duration::ZERO)), 0);
+        assert_eq!(ttl_ms(&settings(Duration::from_micros(10))), 1);
+        assert_eq!(ttl_ms(&settings(Duration::from_secs(2))), 2000);
+    }
 }
