@@ -5,7 +5,9 @@
 //! longer holds, another epoch, a history expired by its TTL) in the documented first message;
 //! both nodes deliver the same message at the same offset, every message once per subscriber,
 //! in each publisher's order, a publisher never getting its own; a subscriber that keeps
-//! reconnecting while messages flow sees every offset exactly once.
+//! reconnecting while messages flow sees every offset exactly once (this one fails if the worker
+//! does not skip the live frames at or below the replay's end); with Redis killed, local
+//! delivery goes on at offset 0 and `?since=` is `unavailable`; Redis restarted empty, a new epoch.
 //!
 //! The Redis server comes from `scripts/install-brokers.sh` (see `tests/common/broker.rs`);
 //! `RINGGATE_SKIP_BROKER_TESTS=1` skips these tests.
@@ -343,4 +345,49 @@ fn a_subscriber_that_keeps_reconnecting_while_messages_flow_sees_every_offset_on
         last = position;
     }
     assert!(replayed > 0, "some reconnects had something to replay");
+}
+
+#[test]
+fn with_redis_away_local_delivery_goes_on_at_offset_0_and_a_restarted_redis_starts_a_new_epoch() {
+    if broker::skipped() {
+        return;
+    }
+    let mut broker = Broker::start(Kind::Redis);
+    let (a, _b) = two_nodes(&broker, &["--history-size", "100"]);
+    let mut http = HttpConn::connect(a.addr());
+    let (mut client, first) = subscribe_since(a.addr(), "outage", &nowhere());
+    publish(&mut http, "outage", "before");
+    let (before, _) = read_text(&mut client);
+    assert_eq!(before, Position { epoch: first.at.epoch.clone(), offset: 1 });
+
+    broker.kill();
+    let connected = |server: &Server| scrape(server).sum("ringgate_broker_connected");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while connected(&a) != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "node A never saw Redis go");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Local delivery goes on, without a position to ask for later.
+    publish(&mut http, "outage", "while away");
+    let (position, text) = read_text(&mut client);
+    assert_eq!((position, text.as_str()), (Position { epoch: "0".repeat(16), offset: 0 }, "while away"));
+    let (_, r) = subscribe_since(a.addr(), "outage", &before);
+    assert_eq!((r.recovered, r.reason.as_str()), (false, "unavailable"));
+
+    // Redis back, empty: the node reconnects, and the topic starts again in a new epoch.
+    broker.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while connected(&a) != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "node A never reconnected");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (mut again, r) = subscribe_since(a.addr(), "outage", &before);
+    assert_eq!((r.recovered, r.reason.as_str(), r.at.offset), (false, "epoch_changed", 0));
+    assert_ne!(r.at.epoch, before.epoch);
+    publish(&mut http, "outage", "after");
+    assert_eq!(
+        read_text(&mut again),
+        (Position { epoch: r.at.epoch.clone(), offset: 1 }, "after".to_string())
+    );
+    assert_eq!(read_text(&mut client).1, "after");
 }

@@ -499,7 +499,7 @@ pub fn encode_frame(kind: MessageKind, payload: &[u8], position: Option<Position
 /// `{"ringgate":"recovery","recovered":true|false,"reason":"…","epoch":"…","offset":N,"replayed":K}`.
 /// `epoch:offset` is where the live stream continues (every later message has a higher offset);
 /// `replayed` is the number of missed messages that follow before the live ones; `reason` is
-/// `recovered`, `epoch_changed`, `too_old` or `unavailable` (no history on this node: epoch
+/// `recovered`, `epoch_changed`, `too_old` or `unavailable` (no history to read on this node: epoch
 /// `0000000000000000`, offset 0).
 pub fn recovery_frame(recovery: &Recovery) -> Bytes {
     let text = format!(
