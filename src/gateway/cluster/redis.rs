@@ -294,15 +294,8 @@ async fn serve(
             biased;
             () = lost.notified() => return "the connection closed".into(),
             () = node.link.wake.notified() => {}
-            received = outgoing.publishes.recv_many(&mut batch, BATCH) => {
-                if received == 0 {
-                    return "the publish queue closed".into();
-                }
-                let scripts = scripts.as_ref();
-                if let Err(error) = publish(&mut connection, node, scripts, &mut batch, &mut envelope).await {
-                    return error.to_string();
-                }
-            }
+            // Before the publishes: under a steady stream of publishes their queue is never
+            // empty, and a biased select would never get to a waiting recovery.
             received = outgoing.recoveries.recv_many(&mut requests, RECOVERY_BATCH) => {
                 if received == 0 {
                     return "the recovery queue closed".into();
@@ -323,6 +316,15 @@ async fn serve(
                     node.unavailable(request);
                 }
                 if let Err(error) = result {
+                    return error.to_string();
+                }
+            }
+            received = outgoing.publishes.recv_many(&mut batch, BATCH) => {
+                if received == 0 {
+                    return "the publish queue closed".into();
+                }
+                let scripts = scripts.as_ref();
+                if let Err(error) = publish(&mut connection, node, scripts, &mut batch, &mut envelope).await {
                     return error.to_string();
                 }
             }
@@ -351,7 +353,9 @@ async fn load_scripts(
 }
 
 /// Sends a batch of local publishes as one pipeline: a PUBLISH each, or with the history in
-/// Redis, the history script. On failure the batch is dropped and counted.
+/// Redis, the history script. A connection failure drops the batch (counted) and returns the
+/// error; a command Redis refused drops that message (counted) and the connection stays, except
+/// when the scripts are gone from Redis (reconnecting loads them again).
 async fn publish(
     connection: &mut MultiplexedConnection,
     node: &Node,
@@ -378,26 +382,53 @@ async fn publish(
                     .arg(&envelope[..])
                     .arg(payload)
                     .arg(settings.size)
-                    .arg(ttl_ms(settings))
-                    .ignore();
+                    .arg(ttl_ms(settings));
             }
             _ => {
                 node.link.envelope(outbound, envelope);
-                pipe.cmd("PUBLISH").arg(channel(&outbound.topic)).arg(&envelope[..]).ignore();
+                pipe.cmd("PUBLISH").arg(channel(&outbound.topic)).arg(&envelope[..]);
             }
         }
     }
-    let result = pipe.exec_async(connection).await;
+    // Each reply is looked at: a script can fail for one topic (a key of another type in its
+    // place) while the connection is fine.
+    pipe.ignore_errors();
+    let result: redis::RedisResult<Vec<Value>> = pipe.query_async(connection).await;
     let sent = batch.len() as u64;
     // The bytes bound covers the batch until Redis has it.
     for outbound in batch.drain(..) {
         node.link.dequeued(&outbound);
     }
-    match result {
-        Ok(()) => add(&node.link.stats.published, sent),
-        Err(_) => node.link.stats.dropped(BrokerDrop::Disconnected, sent),
+    let replies = match result {
+        Ok(replies) => replies,
+        Err(error) => {
+            node.link.stats.dropped(BrokerDrop::Disconnected, sent);
+            return Err(error);
+        }
+    };
+    let mut failed = 0;
+    let mut lost_scripts = false;
+    for reply in &replies {
+        if let Value::ServerError(error) = reply {
+            failed += 1;
+            lost_scripts |= error.code() == "NOSCRIPT";
+            tracing::debug!(error = ?error, "a publish failed in Redis");
+        }
     }
-    result
+    add(&node.link.stats.published, sent - failed);
+    // Not confirmed: counted as for a connection lost before Redis confirmed them.
+    node.link.stats.dropped(BrokerDrop::Disconnected, failed);
+    if lost_scripts {
+        // SCRIPT FLUSH (or a failover to a server without them): reconnecting loads them again.
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
+            "the history scripts are gone",
+        )));
+    }
+    if failed > 0 {
+        tracing::warn!(failed, "publishes failed in Redis (a ringgate:{{topic}} key of another type?)");
+    }
+    Ok(())
 }
 
 /// Brings the connection's subscriptions in line with the hub's presence (every topic when
