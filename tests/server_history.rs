@@ -363,8 +363,9 @@ fn without_history_since_is_answered_unavailable_then_the_live_stream() {
     assert!(!scrape(&server).has("ringgate_history_messages"), "no history, no history metrics");
 }
 
-/// With a --broker the history is not kept (in-process only for now; NATS core has none at all):
-/// `?since=` is answered `unavailable`, then the live stream, from this node and the others.
+/// With a --broker and no --history-size (or with NATS, which keeps no history at all): `?since=` is
+/// answered `unavailable`, then the live stream, from this node and the others. The history in
+/// Redis is tested in `server_cluster_history.rs`.
 fn with_a_broker_since_is_answered_unavailable_then_the_live_stream(kind: Kind) {
     if broker::skipped() {
         return;

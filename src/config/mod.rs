@@ -146,18 +146,21 @@ pub struct Config {
 
     /// Messages kept per topic, so that a subscriber reconnecting with `?since=EPOCH:OFFSET` gets
     /// what it missed before the live stream (see the README, "History and recovery"). 0: no
-    /// history (`?since=` is answered "unavailable"). In-process only: not with --broker.
+    /// history (`?since=` is answered "unavailable"). With `--broker redis://` the history is kept in
+    /// Redis (a stream per topic, shared by the nodes); NATS keeps none.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub history_size: usize,
 
     /// How long a kept message stays in the history; 0s: until --history-size newer ones push it
     /// out. A topic whose messages all expired is dropped (its next message starts a new epoch).
+    /// In Redis, a topic's whole history expires this long after its last message.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub history_ttl: Duration,
 
     /// Topics with a history at once, at most: a new topic past it pushes out the history of the
     /// topic published to least recently (its next message starts a new epoch). With
-    /// --history-size, bounds what the history holds: topics x size messages.
+    /// --history-size, bounds what the history holds: topics x size messages. In process only
+    /// (Redis holds as many topics as its memory policy lets it).
     #[arg(long, value_name = "N", default_value_t = crate::gateway::history::DEFAULT_HISTORY_TOPICS)]
     pub history_topics: usize,
 
@@ -622,10 +625,10 @@ impl Config {
         if !self.history_ttl.is_zero() && self.history_size == 0 {
             return fail("--history-ttl needs a --history-size".into());
         }
-        if self.broker.is_some() && (self.history_size > 0 || self.positions) {
+        if matches!(self.broker, Some(BrokerUrl::Nats(_))) && (self.history_size > 0 || self.positions) {
             return fail(
-                "--history-size and --positions are in-process only for now: drop them, or drop --broker \
-                 (with a --broker, ?since= is answered \"unavailable\")"
+                "--history-size and --positions need the in-process broker or --broker redis://: NATS \
+                 keeps no history (with nats://, ?since= is answered \"unavailable\")"
                     .into(),
             );
         }
@@ -970,7 +973,9 @@ mod tests {
         assert!(parse(&["--history-size", "5", "--history-topics", "0"]).validate().is_err());
         assert_eq!(parse(&["--history-topics", "3"]).history_settings().max_topics, 3);
         let with_broker = parse(&["--history-size", "10", "--broker", "nats://127.0.0.1:4222"]);
-        assert!(with_broker.validate().is_err(), "in-process only");
+        assert!(with_broker.validate().is_err(), "NATS keeps no history");
+        let with_redis = parse(&["--history-size", "10", "--broker", "redis://127.0.0.1:6379"]);
+        assert!(with_redis.validate().is_ok(), "Redis keeps it");
         let file = "[pubsub]\nhistory_size = 50\nhistory_ttl = \"2m\"\npositions = true\n";
         let config = load(&["--history-size", "7"], file).expect("valid");
         assert_eq!(

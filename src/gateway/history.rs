@@ -21,6 +21,9 @@
 //! none and has not been published to for the TTL) is dropped, and its next message starts a new
 //! epoch.
 //!
+//! With `--broker redis://` the history is kept in Redis instead (see `gateway::cluster::redis`):
+//! this module then gives it its positions, outcomes, counters and messages, not its storage.
+//!
 //! Must never: block on anything but a topic's short lock; copy a payload per subscriber; hold a
 //! topic's lock while waking a worker.
 
@@ -107,7 +110,8 @@ pub enum Outcome {
     /// The history no longer holds the message after the asked position (too many since, or
     /// expired), or the asked offset is ahead of the topic.
     TooOld,
-    /// This node keeps no history (no `--history-size`, or a `--broker`).
+    /// This node keeps no history (no `--history-size`, or `--broker nats://`), or the history in
+    /// Redis could not be read, or the live stream could not be held while it was.
     Unavailable,
 }
 
@@ -438,8 +442,9 @@ impl Drop for History {
     }
 }
 
-/// A new epoch: random, never 0 (0 means "no history" in the first message).
-fn new_epoch() -> u64 {
+/// A new epoch: random, never 0 (0 means "no history" in the first message). Also the epoch the
+/// Redis scripts give a topic that has none.
+pub fn new_epoch() -> u64 {
     loop {
         let epoch = getrandom::u64().unwrap_or_else(|_| {
             use std::hash::{BuildHasher, Hasher};
@@ -494,7 +499,7 @@ pub fn encode_frame(kind: MessageKind, payload: &[u8], position: Option<Position
 /// `{"ringgate":"recovery","recovered":true|false,"reason":"…","epoch":"…","offset":N,"replayed":K}`.
 /// `epoch:offset` is where the live stream continues (every later message has a higher offset);
 /// `replayed` is the number of missed messages that follow before the live ones; `reason` is
-/// `recovered`, `epoch_changed`, `too_old` or `unavailable` (no history on this node: epoch
+/// `recovered`, `epoch_changed`, `too_old` or `unavailable` (no history to read on this node: epoch
 /// `0000000000000000`, offset 0).
 pub fn recovery_frame(recovery: &Recovery) -> Bytes {
     let text = format!(

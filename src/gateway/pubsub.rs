@@ -38,6 +38,14 @@
 //! that asks `?since=` is subscribed first, then reads the history, and skips the live frames at
 //! or below what it read ([`Broker::subscribe_since`]).
 //!
+//! History in Redis (`--broker redis://` with `--history-size` or `--positions`, see
+//! `gateway::cluster`): a publish goes to the broker thread instead of the local subscribers and
+//! comes back, with its offset, like a message from another node. A subscriber that asks
+//! `?since=` is subscribed, marked recovering, and its request goes to the broker thread; until
+//! the answer comes back through the worker's hand-off channel, the live frames for it are held
+//! (at most [`RECOVERY_HOLD_FRAMES`] and `max_backpressure` bytes, shared `Bytes`), then those at
+//! or below the replay's end are skipped and the rest queued after the replay.
+//!
 //! Must never: block, await, or copy a payload per subscriber; hold a lock while notifying.
 
 use std::cell::{Cell, RefCell};
@@ -51,9 +59,9 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
-use super::cluster::Link;
+use super::cluster::{Link, envelope};
 use super::compression::Compressor;
-use super::history::{History, Position, Recovery, encode_frame, recovery_frame};
+use super::history::{History, HistoryStats, Outcome, Position, Recovery, encode_frame, recovery_frame};
 use crate::metrics::{WorkerStats, add};
 use crate::proto::deflate::{MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 use crate::proto::frame::{Decoded, FrameHeader};
@@ -82,7 +90,27 @@ pub struct Delivery {
     /// A subscriber of the receiving worker not to queue it for (the publisher, handing a message
     /// to its own worker's subscribers in offset order); `None` on every other worker.
     pub exclude: Option<u64>,
+    /// Not a message but the answer to a recovery read from the history in the broker (the
+    /// frame is then empty).
+    pub recovered: Option<Box<Recovered>>,
 }
+
+/// The answer to a recovery (`?since=`) read from the history in the broker, for a subscriber of
+/// the receiving worker.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The recovering subscriber's id on its worker.
+    pub subscriber: u64,
+    /// What it missed, and where the live stream continues.
+    pub recovery: Recovery,
+}
+
+/// Live frames held, at most, for a subscriber whose recovery is being read from the broker
+/// (also bounded by `max_backpressure` bytes; the frames are shared, each entry costs 48 bytes);
+/// past it the recovery fails unless every frame not held is in the replay. Room for 2 s of
+/// 2,000 messages a second on the topic: a read takes a round trip, but a loaded node may take
+/// much longer to see its answer.
+pub const RECOVERY_HOLD_FRAMES: usize = 4096;
 
 /// Bytes of frames handed to one worker and not yet queued on its subscribers, at most (a frame
 /// is counted once however many subscribers it is for).
@@ -162,10 +190,17 @@ impl Hub {
         self.presence.read().map_or_else(|_| Vec::new(), |map| map.keys().cloned().collect())
     }
 
-    /// Hands a frame that came from another node to every worker with subscribers on `topic`, once
-    /// each, within each worker's hand-off bound. Returns the subscribers that missed it (on
-    /// workers without room).
-    pub fn deliver_remote(&self, topic: &str, frame: Bytes) -> usize {
+    /// Hands a frame that came from the broker to every worker with subscribers on `topic`, once
+    /// each, within each worker's hand-off bound. `at` is its position (history in the broker;
+    /// offset 0 without), `exclude` the worker and id of a subscriber not to queue it for (the
+    /// one that published it). Returns the subscribers that missed it (on workers without room).
+    pub fn deliver_remote(
+        &self,
+        topic: &str,
+        frame: Bytes,
+        at: Position,
+        exclude: Option<(usize, u64)>,
+    ) -> usize {
         let mut missed = 0;
         if let Ok(presence) = self.presence.read()
             && let Some((topic, counts)) = presence.get_key_value(topic)
@@ -173,11 +208,13 @@ impl Hub {
             for (worker, count) in counts.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
+                    let exclude = exclude.and_then(|(w, id)| (w == worker).then_some(id));
                     let delivery = Delivery {
                         topic: Arc::clone(topic),
                         frame: frame.clone(),
-                        at: NOWHERE,
-                        exclude: None,
+                        at,
+                        exclude,
+                        recovered: None,
                     };
                     if !self.hand_off(worker, delivery) {
                         missed += count;
@@ -186,6 +223,26 @@ impl Hub {
             }
         }
         missed
+    }
+
+    /// Hands the answer to a recovery read from the broker to `worker`, for its subscriber
+    /// `subscriber` (outside the hand-off bound, which counts frames of live messages: the
+    /// number of recoveries waiting is bounded by `cluster::MAX_RECOVERIES`).
+    pub fn hand_recovery(&self, worker: usize, topic: Arc<str>, subscriber: u64, recovery: Recovery) {
+        let recovered = Some(Box::new(Recovered { subscriber, recovery }));
+        let delivery = Delivery { topic, frame: Bytes::new(), at: NOWHERE, exclude: None, recovered };
+        self.hand_off(worker, delivery);
+    }
+
+    /// Subscribers on `topic` across this node's workers.
+    fn present_subscribers(&self, topic: &str) -> usize {
+        self.presence
+            .read()
+            .ok()
+            .and_then(|map| {
+                map.get(topic).map(|counts| counts.iter().map(|c| c.load(Ordering::Relaxed)).sum())
+            })
+            .unwrap_or(0)
     }
 
     /// Hands `delivery` to `worker` if its hand-off bound has room for the frame, and wakes it.
@@ -292,6 +349,11 @@ impl Hub {
 /// No position: a frame without history, or a subscriber that skips nothing.
 const NOWHERE: Position = Position { epoch: 0, offset: 0 };
 
+/// The recovery of a node that cannot read a history: `unavailable`, live stream only.
+fn unavailable() -> Recovery {
+    Recovery { outcome: Outcome::Unavailable, live_after: NOWHERE, replay: Vec::new() }
+}
+
 /// Whether a live frame at `at` is one a recovering subscriber already had (or did not ask for).
 fn skipped(at: Position, skip_through: Position) -> bool {
     at.offset != 0 && at.epoch == skip_through.epoch && at.offset <= skip_through.offset
@@ -323,6 +385,9 @@ pub struct Subscriber {
     /// subscriber had them from the history (or did not ask for them). Offset 0: every frame. The
     /// epoch matters: a topic whose history was dropped starts again at offset 1 in a new epoch.
     skip_through: Cell<Position>,
+    /// Its recovery is being read from the broker: live frames for it are held by its broker
+    /// (see [`RECOVERY_HOLD_FRAMES`]), not queued.
+    recovering: Cell<bool>,
 }
 
 impl Subscriber {
@@ -397,6 +462,20 @@ pub struct Broker {
     /// Owners of subscribers that got frames (or were closed as slow) since the io layer last
     /// looked: each is told once until it takes its queue.
     ready: RefCell<Vec<u64>>,
+    /// Subscribers whose recovery is being read from the broker, by id (empty without history
+    /// in the broker).
+    recovering: RefCell<HashMap<u64, Held>>,
+}
+
+/// What a worker holds for a subscriber while its recovery is read from the broker.
+struct Held {
+    subscriber: Rc<Subscriber>,
+    /// Live frames that came meanwhile, with their positions.
+    frames: VecDeque<(Position, Bytes)>,
+    bytes: usize,
+    /// The position of the last live frame that found no room (frames come in offset order, so
+    /// it is the highest): the recovery holds unless it is past the replay's end.
+    lost: Option<Position>,
 }
 
 /// A connection's membership of a topic; unsubscribes when dropped, so that no path out of a
@@ -446,6 +525,7 @@ impl Broker {
             stats: settings.stats,
             compressor,
             ready: RefCell::default(),
+            recovering: RefCell::default(),
         }
     }
 
@@ -486,6 +566,7 @@ impl Broker {
             notified: Cell::new(false),
             shared_window: shared_window.map_or(0, |bits| bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS)),
             skip_through: Cell::new(NOWHERE),
+            recovering: Cell::new(false),
         });
         subscribers.push(Rc::clone(&subscriber));
         self.stats.subscriber_added();
@@ -501,14 +582,34 @@ impl Broker {
             return self.publish_in_order(history, topic, kind, payload, exclude);
         }
         let frame = encode_frame(kind, payload, None);
+        let link = self.hub.cluster.get();
+        if let Some(link) = link.filter(|link| link.history().is_some()) {
+            // The history is in the broker: the message comes back with its offset, to this
+            // node's subscribers too.
+            let origin = exclude.map_or(0, |id| envelope::origin(self.worker, id));
+            if link.publish_in_order(topic, &frame, origin) {
+                return self.hub.present_subscribers(topic).saturating_sub(usize::from(exclude.is_some()));
+            }
+            // Not taken (broker away, queue full; counted): delivered here, without a position
+            // (with `--positions`, in the envelope at offset 0: kept nowhere, not to ask for).
+            let positions = link.history().is_some_and(|history| history.positions);
+            let frame = if positions { encode_frame(kind, payload, Some(NOWHERE)) } else { frame };
+            return self.fan_out_now(topic, &frame, exclude);
+        }
+        let reached = self.fan_out_now(topic, &frame, exclude);
+        // Other nodes get it through the broker (its subscribers here have it already).
+        if let Some(link) = link {
+            link.publish(topic, &frame);
+        }
+        reached
+    }
+
+    /// Queues `frame` on this worker's subscribers and hands it to the others, without a position.
+    fn fan_out_now(&self, topic: &str, frame: &Bytes, exclude: Option<u64>) -> usize {
         let mut woken = Vec::new();
-        let reached = self.fan_out(topic, &frame, exclude, NOWHERE, &mut woken);
+        let reached = self.fan_out(topic, frame, exclude, NOWHERE, &mut woken);
         for worker in woken {
             self.hub.wake(worker);
-        }
-        // Other nodes get it through the broker (its subscribers here have it already).
-        if let Some(link) = self.hub.cluster.get() {
-            link.publish(topic, &frame);
         }
         reached
     }
@@ -567,7 +668,13 @@ impl Broker {
                     count = count.saturating_sub(usize::from(exclude.is_some()));
                 }
                 if (!own || in_order) && count > 0 {
-                    let delivery = Delivery { topic: Arc::clone(topic), frame: frame.clone(), at, exclude };
+                    let delivery = Delivery {
+                        topic: Arc::clone(topic),
+                        frame: frame.clone(),
+                        at,
+                        exclude,
+                        recovered: None,
+                    };
                     if self.hub.hand_off_quietly(worker, delivery) {
                         reached += count;
                         woken.push(worker);
@@ -585,8 +692,10 @@ impl Broker {
     /// messages it missed, then the live ones, with no gap and no duplicate. It is subscribed (and
     /// in the hub's presence) before the history is read under the topic's lock, so every message
     /// after what it read is handed to it live; those at or below, still on their way to this
-    /// worker, are skipped for it. Without history it is told `unavailable` and gets the live
-    /// stream.
+    /// worker, are skipped for it. With the history in the broker the read is the broker thread's
+    /// and its answer comes back through this worker's hand-off channel ([`Broker::deliver`]);
+    /// meanwhile the live frames for it are held. Without history it is told `unavailable` and
+    /// gets the live stream.
     pub fn subscribe_since(
         self: &Rc<Self>,
         topic: &str,
@@ -595,17 +704,30 @@ impl Broker {
         since: Position,
     ) -> Subscription {
         let subscription = self.subscribe(topic, owner, shared_window);
-        let recovery = match self.hub.history.get() {
-            Some(history) => history.recover(topic, since),
-            None => Recovery {
-                outcome: super::history::Outcome::Unavailable,
-                live_after: NOWHERE,
-                replay: Vec::new(),
-            },
+        let recovery = match (self.hub.history.get(), self.hub.cluster.get()) {
+            (Some(history), _) => history.recover(topic, since),
+            (None, Some(link)) if link.history().is_some() => {
+                let subscriber = &subscription.subscriber;
+                subscriber.recovering.set(true);
+                let held =
+                    Held { subscriber: Rc::clone(subscriber), frames: VecDeque::new(), bytes: 0, lost: None };
+                self.recovering.borrow_mut().insert(subscriber.id, held);
+                if !link.recover(&subscriber.topic, since, self.worker, subscriber.id) {
+                    self.recovered(subscriber.id, unavailable());
+                }
+                return subscription;
+            }
+            _ => unavailable(),
         };
-        let subscriber = &subscription.subscriber;
+        self.start_recovered(&subscription.subscriber, &recovery);
+        subscription
+    }
+
+    /// Queues the recovery message and the replay at the head of `subscriber`'s queue, and skips
+    /// the live frames at or below the replay's end from here on.
+    fn start_recovered(&self, subscriber: &Subscriber, recovery: &Recovery) {
         subscriber.skip_through.set(recovery.live_after);
-        let first = recovery_frame(&recovery);
+        let first = recovery_frame(recovery);
         let mut queued = 0;
         {
             let mut queue = subscriber.queue.borrow_mut();
@@ -618,12 +740,87 @@ impl Broker {
         self.stats.queue_bytes_add(queued as u64);
         add(&self.stats.delivered, recovery.replay.len() as u64);
         self.notify(subscriber);
-        subscription
     }
 
-    /// Queues a frame handed over from another worker on this worker's subscribers.
+    /// The counters of the history in the broker (recoveries read by the broker thread).
+    fn broker_history_stats(&self) -> Option<&HistoryStats> {
+        self.hub.cluster.get().filter(|link| link.history().is_some()).map(|link| link.history_stats())
+    }
+
+    /// The recovery of subscriber `id` was read from the broker (or could not be): queues the
+    /// recovery message and the replay, then the live frames held meanwhile that are past the
+    /// replay's end. If a live frame past it found no room while held, the recovery failed: the
+    /// subscriber is told `unavailable` and continues with the live stream after that frame.
+    fn recovered(&self, id: u64, mut recovery: Recovery) {
+        let Some(held) = self.recovering.borrow_mut().remove(&id) else { return }; // it left
+        let subscriber = held.subscriber;
+        subscriber.recovering.set(false);
+        if let Some(lost) = held.lost.filter(|&lost| !skipped(lost, recovery.live_after)) {
+            recovery = Recovery { outcome: Outcome::Unavailable, live_after: lost, replay: Vec::new() };
+        }
+        if let Some(stats) = self.broker_history_stats() {
+            stats.recovered(recovery.outcome);
+            add(&stats.replayed, recovery.replay.len() as u64);
+        }
+        if subscriber.slow.get() {
+            return;
+        }
+        self.start_recovered(&subscriber, &recovery);
+        let mut delivered = 0;
+        let mut queued_bytes = 0;
+        for (at, frame) in held.frames {
+            if skipped(at, recovery.live_after) {
+                continue;
+            }
+            if subscriber.pending_bytes() + frame.len() > self.max_backpressure {
+                match self.policy {
+                    SlowConsumerPolicy::Close => {
+                        self.close_slow(&subscriber);
+                        break;
+                    }
+                    SlowConsumerPolicy::Drop => {
+                        add(&self.stats.slow_consumer_drops, 1);
+                        continue;
+                    }
+                }
+            }
+            subscriber.queued_bytes.set(subscriber.queued_bytes.get() + frame.len());
+            queued_bytes += frame.len() as u64;
+            subscriber.queue.borrow_mut().push_back(frame);
+            delivered += 1;
+        }
+        add(&self.stats.delivered, delivered);
+        self.stats.queue_bytes_add(queued_bytes);
+    }
+
+    /// A live frame for a subscriber whose recovery is being read: held, within bounds.
+    fn hold(&self, subscriber: &Subscriber, at: Position, frame: &Bytes) {
+        let mut recovering = self.recovering.borrow_mut();
+        let Some(held) = recovering.get_mut(&subscriber.id) else { return };
+        if held.lost.is_some()
+            || held.frames.len() >= RECOVERY_HOLD_FRAMES
+            || held.bytes + frame.len() > self.max_backpressure
+        {
+            held.lost = Some(at);
+            return;
+        }
+        held.bytes += frame.len();
+        held.frames.push_back((at, frame.clone()));
+    }
+
+    /// Queues a frame handed over from another worker (or the broker) on this worker's
+    /// subscribers, or hands a recovery's answer to its subscriber.
     pub fn deliver(&self, delivery: &Delivery) {
-        self.deliver_local(&delivery.topic, &delivery.frame, delivery.exclude, delivery.at);
+        if let Some(recovered) = &delivery.recovered {
+            let recovery = Recovery {
+                outcome: recovered.recovery.outcome,
+                live_after: recovered.recovery.live_after,
+                replay: recovered.recovery.replay.clone(),
+            };
+            self.recovered(recovered.subscriber, recovery);
+        } else {
+            self.deliver_local(&delivery.topic, &delivery.frame, delivery.exclude, delivery.at);
+        }
         self.hub.handed_over(self.worker, delivery.frame.len());
     }
 
@@ -651,6 +848,10 @@ impl Broker {
                     continue;
                 }
                 let frame = forms.for_window(subscriber.shared_window, &self.compressor);
+                if subscriber.recovering.get() {
+                    self.hold(subscriber, at, frame);
+                    continue;
+                }
                 if subscriber.pending_bytes() + frame.len() > self.max_backpressure {
                     match self.policy {
                         SlowConsumerPolicy::Close => too_slow.push(Rc::clone(subscriber)),
@@ -689,6 +890,9 @@ impl Broker {
     }
 
     fn unsubscribe(&self, subscriber: &Rc<Subscriber>) {
+        if subscriber.recovering.replace(false) {
+            self.recovering.borrow_mut().remove(&subscriber.id);
+        }
         if !subscriber.slow.get() {
             self.remove_from_topic(subscriber);
         }
@@ -1205,6 +1409,129 @@ mod tests {
         }
         assert_eq!(history.stats().recoveries(Outcome::Recovered), connects);
         assert!(last.offset > 2 * PER_PUBLISHER, "worker 2's own publishes are in the count");
+    }
+
+    /// A hub whose history is in the broker (a Redis link, connected, never started: the tests
+    /// answer the recoveries themselves, as the broker thread would).
+    fn with_history_in_the_broker(hub: &Arc<Hub>) -> Arc<Link> {
+        let url = crate::gateway::cluster::BrokerUrl::parse("redis://127.0.0.1:6379").expect("valid");
+        let (link, outgoing) = Link::new(url);
+        std::mem::forget(outgoing); // keeps the queues open
+        let settings =
+            HistorySettings { size: 100, ttl: std::time::Duration::ZERO, positions: true, max_topics: 16 };
+        link.set_history(settings);
+        link.stats().set_connected(true);
+        hub.set_cluster(Arc::clone(&link));
+        link
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { epoch: 0xe, offset }
+    }
+
+    fn positioned(offset: u64) -> Bytes {
+        encode_frame(MessageKind::Binary, &offset.to_be_bytes(), Some(at(offset)))
+    }
+
+    #[test]
+    fn live_frames_held_during_a_broker_recovery_are_skipped_up_to_the_replay_and_queued_after() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        let sub = broker.subscribe_since("t", 0, None, at(2));
+        assert!(!sub.subscriber().has_queued(), "nothing before the recovery message");
+        // Messages 3 and 4 came before the read (they are in its replay), 5 after.
+        for offset in 3..=5 {
+            hub.deliver_remote("t", positioned(offset), at(offset), None);
+        }
+        deliver_all();
+        assert!(!sub.subscriber().has_queued(), "held, not queued");
+        let recovery = Recovery {
+            outcome: Outcome::Recovered,
+            live_after: at(4),
+            replay: vec![positioned(3), positioned(4)],
+        };
+        hub.hand_recovery(0, Arc::from("t"), sub.subscriber.id, recovery);
+        hub.deliver_remote("t", positioned(6), at(6), None);
+        deliver_all();
+        let got: Vec<(bool, Position)> = drain(sub.subscriber()).iter().map(position_of).collect();
+        assert_eq!(
+            got,
+            [(true, at(4)), (false, at(3)), (false, at(4)), (false, at(5)), (false, at(6))],
+            "the recovery message, the replay, then 5 held and 6 live: 3 and 4 held, skipped"
+        );
+        assert_eq!(link.history_stats().recoveries(Outcome::Recovered), 1);
+        assert_eq!(link.history_stats().replayed.load(Ordering::Relaxed), 2);
+        assert!(broker.recovering.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_recovery_whose_held_frames_overflowed_past_the_replay_is_unavailable_and_continues_live() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let frame_len = positioned(1).len();
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 3 * frame_len);
+        let deliver_all = || {
+            while let Ok(delivery) = receivers[0].try_recv() {
+                broker.deliver(&delivery);
+            }
+        };
+        let sub = broker.subscribe_since("t", 0, None, at(0));
+        for offset in 1..=5 {
+            hub.deliver_remote("t", positioned(offset), at(offset), None);
+        }
+        deliver_all();
+        // The read saw only 1 and 2: 4 and 5 found no room, so its replay cannot be joined.
+        let recovery = Recovery {
+            outcome: Outcome::Recovered,
+            live_after: at(2),
+            replay: vec![positioned(1), positioned(2)],
+        };
+        hub.hand_recovery(0, Arc::from("t"), sub.subscriber.id, recovery);
+        deliver_all();
+        let frames = drain(sub.subscriber());
+        assert_eq!(frames.len(), 1, "the recovery message alone: 1 to 3 held, at or below the loss");
+        let (_, payload) = split_frame(&frames[0]);
+        let first: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
+        assert_eq!(
+            (first["recovered"].as_bool(), first["reason"].as_str()),
+            (Some(false), Some("unavailable"))
+        );
+        assert_eq!(first["offset"].as_u64(), Some(5), "live after the last frame lost");
+        hub.deliver_remote("t", positioned(6), at(6), None);
+        deliver_all();
+        let rest: Vec<Position> = drain(sub.subscriber()).iter().map(|f| position_of(f).1).collect();
+        assert_eq!(rest, [at(6)]);
+        assert_eq!(link.history_stats().recoveries(Outcome::Unavailable), 1);
+    }
+
+    #[test]
+    fn a_broker_recovery_that_cannot_be_asked_is_unavailable_at_once_and_one_that_left_is_forgotten() {
+        let (hub, receivers) = Hub::new(1);
+        let link = with_history_in_the_broker(&hub);
+        let broker = broker(0, &hub, SlowConsumerPolicy::Close, 1 << 20);
+        let gone = broker.subscribe_since("t", 0, None, at(1));
+        let id = gone.subscriber.id;
+        drop(gone);
+        assert!(broker.recovering.borrow().is_empty(), "forgotten when it leaves");
+        hub.hand_recovery(0, Arc::from("t"), id, unavailable());
+        while let Ok(delivery) = receivers[0].try_recv() {
+            broker.deliver(&delivery); // an answer for no one: ignored
+        }
+        link.stats().set_connected(false);
+        let sub = broker.subscribe_since("t", 0, None, at(1));
+        let frames = drain(sub.subscriber());
+        assert_eq!(frames.len(), 1, "the recovery message, at once");
+        assert_eq!(link.history_stats().recoveries(Outcome::Unavailable), 1);
+        // Publishes stay local while the broker is away, in the envelope at offset 0.
+        let other = broker.subscribe("t", 0, None);
+        broker.publish("t", MessageKind::Binary, b"x", None);
+        assert_eq!(drain(other.subscriber()).iter().map(|f| position_of(f).1).collect::<Vec<_>>(), [NOWHERE]);
     }
 
     #[test]

@@ -116,6 +116,9 @@ impl Endpoints for WorkerContext {
             // Frees what expired on idle topics, so the gauges say what is held.
             history.sweep();
             crate::metrics::render_history(out, history.stats());
+        } else if let Some(link) = self.cluster.as_ref().filter(|link| link.history().is_some()) {
+            // The history is in Redis: what it holds is Redis's to count; recoveries are ours.
+            crate::metrics::render_history(out, link.history_stats());
         }
     }
 

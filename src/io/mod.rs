@@ -228,7 +228,7 @@ pub fn run(config: &Config) -> Result<(), StartError> {
     let stats: Arc<[Arc<WorkerStats>]> = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (hub, deliveries) = Hub::new(workers);
     let history = config.history_settings();
-    if history.enabled() {
+    if history.enabled() && config.broker.is_none() {
         hub.set_history(Arc::new(crate::gateway::history::History::new(history)));
     }
     let cluster = start_broker(config, &hub)?;
@@ -453,6 +453,11 @@ fn reload_certificates(listener_tls: &[Option<Arc<TlsTerminator>>]) {
 fn start_broker(config: &Config, hub: &Arc<Hub>) -> Result<Option<Arc<Link>>, StartError> {
     let Some(url) = &config.broker else { return Ok(None) };
     let (link, outgoing) = Link::new(url.clone());
+    let history = config.history_settings();
+    if history.enabled() {
+        // Only Redis takes a history (the configuration refuses it with NATS).
+        link.set_history(history);
+    }
     hub.set_cluster(Arc::clone(&link));
     cluster::start(Arc::clone(&link), outgoing, Arc::clone(hub), config.broker_optional)
         .map_err(StartError::Broker)?;

@@ -573,7 +573,8 @@ pub fn render_broker(out: &mut String, stats: &super::BrokerStats, engine: &'sta
 }
 
 /// Renders the topic history's families, for a node started with `--history-size` or
-/// `--positions` (nothing without: a node that keeps no history has nothing to count).
+/// `--positions` (nothing without: a node that keeps no history has nothing to count). With the
+/// history in Redis the held-messages gauges and evictions stay 0: Redis holds it.
 pub fn render_history(out: &mut String, stats: &crate::gateway::history::HistoryStats) {
     use Kind::{Counter, Gauge};
     family(
@@ -597,7 +598,8 @@ pub fn render_history(out: &mut String, stats: &crate::gateway::history::History
         "ringgate_history_recoveries_total",
         Counter,
         "Subscribers that asked ?since=, by outcome: recovered (replayed), epoch_changed, too_old \
-         (no longer held, or ahead), unavailable (no history on this node).",
+         (no longer held, or ahead), unavailable (no history on this node, or the history in Redis \
+         could not be read).",
     );
     for outcome in crate::gateway::history::Outcome::ALL {
         recoveries.sample(&[("outcome", outcome.label())], stats.recoveries(outcome));

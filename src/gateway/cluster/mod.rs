@@ -21,8 +21,19 @@
 //! - **Nothing is unbounded, nothing blocks a worker.** The queue to the broker thread is bounded in
 //!   messages and in bytes; a publish that finds it full, or the broker disconnected, is delivered
 //!   locally and counted as a drop (`ringgate_broker_drops_total{reason}`), never buffered for
-//!   later. History and replay (`?since=`) are a later part of issue 16: the envelope's sequence
-//!   field is where its offset will go.
+//!   later.
+//! - **History in Redis** (`--broker redis://` with `--history-size` or `--positions`): the
+//!   contract above changes in one place. A publish is not delivered locally at once: the broker
+//!   thread runs one Lua script that assigns the topic's next offset, keeps the message in the
+//!   topic's stream and publishes a version-2 [`envelope`] (epoch and offset in it) to the
+//!   channel, atomically; every node, the publishing one included, delivers what comes back from
+//!   the channel, in the order Redis assigned the offsets, so a message has the same offset
+//!   everywhere and a recovery's replay joins the live stream without gap or duplicate. The
+//!   price: a node's own subscribers get its publishes one Redis round trip later. With Redis
+//!   away (or the queue full) a publish is delivered locally without a position, kept nowhere,
+//!   and counted as a drop, as without history. A recovery (`?since=`) is a request to the broker
+//!   thread (bounded, see [`Link::recover`]), answered through the worker's hand-off channel; see
+//!   `redis.rs` for why nothing is lost or doubled in between. NATS keeps no history.
 //! - **Faults.** The broker unreachable at start is an error naming the fix (unless
 //!   `--broker-optional`); lost while running, local delivery goes on, `/healthz` answers
 //!   `degraded`, `ringgate_broker_connected` is 0, and the engine reconnects with back-off and
@@ -40,20 +51,21 @@ mod redis;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use super::history::{HistorySettings, HistoryStats, Outcome, Position, Recovery, encode_frame};
 use super::pubsub::{Hub, split_frame};
 use crate::metrics::{BrokerDrop, BrokerStats, add};
-use crate::proto::frame::{MAX_HEADER_LEN, write_frame};
 use envelope::Envelope;
 
 /// Which cross-node broker a node uses, from `--broker URL`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum BrokerUrl {
-    /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub (no history).
+    /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub, and the history with
+    /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`).
     Redis(String),
     /// `nats://HOST:PORT`: NATS core pub/sub (no history).
     Nats(String),
@@ -123,6 +135,9 @@ impl fmt::Debug for BrokerUrl {
 pub const QUEUE_MESSAGES: usize = 16 * 1024;
 /// Bytes of frames that may wait in the queue to the broker thread, at most.
 pub const QUEUE_BYTES: usize = 64 << 20;
+/// Recoveries (`?since=`) that may wait for the broker thread at once, at most; past it a
+/// recovering subscriber is told `unavailable` at once and gets the live stream.
+pub const MAX_RECOVERIES: usize = 1024;
 /// Topics whose presence changed that the link remembers one by one; past it, the engine compares
 /// every topic (one full reconciliation instead of an ever-growing list).
 const MAX_CHANGES: usize = 4096;
@@ -133,6 +148,20 @@ const MAX_CHANGES: usize = 4096;
 pub struct Outbound {
     topic: Arc<str>,
     frame: Bytes,
+    /// With history in the broker: the publishing subscriber ([`envelope::origin`], 0 for none),
+    /// and the message goes through the history script as a version-2 envelope; `None`: a plain
+    /// version-1 PUBLISH.
+    origin: Option<u64>,
+}
+
+/// A subscriber that asked `?since=` on a node whose history is in the broker: what to read,
+/// and where the answer goes.
+#[derive(Debug)]
+pub struct RecoveryRequest {
+    topic: Arc<str>,
+    since: Position,
+    worker: usize,
+    subscriber: u64,
 }
 
 /// Presence changes the engine has not looked at yet.
@@ -157,10 +186,18 @@ pub struct Link {
     queue_limit_bytes: usize,
     /// Messages sent to the broker so far: the envelope's sequence.
     sequence: AtomicU64,
+    /// The history kept in the broker (Redis only), if any: set before the broker thread starts.
+    history: OnceLock<HistorySettings>,
+    /// Counts the recoveries and replays of the history kept in the broker.
+    history_stats: HistoryStats,
+    recoveries: tokio::sync::mpsc::Sender<RecoveryRequest>,
 }
 
-/// The broker thread's end of the queue of local publishes.
-pub struct Outgoing(tokio::sync::mpsc::Receiver<Outbound>);
+/// The broker thread's end of the queues from the workers: local publishes, and recoveries.
+pub struct Outgoing {
+    publishes: tokio::sync::mpsc::Receiver<Outbound>,
+    recoveries: tokio::sync::mpsc::Receiver<RecoveryRequest>,
+}
 
 impl Link {
     /// A link for `url` with the default queue bounds, and the broker thread's end of its queue.
@@ -171,6 +208,7 @@ impl Link {
     /// A link whose queue holds at most `messages` messages and `bytes` bytes of frames.
     pub fn with_bounds(url: BrokerUrl, messages: usize, bytes: usize) -> (Arc<Link>, Outgoing) {
         let (tx, rx) = tokio::sync::mpsc::channel(messages.max(1));
+        let (recoveries_tx, recoveries_rx) = tokio::sync::mpsc::channel(MAX_RECOVERIES);
         let mut seed = [0u8; 8];
         // A clock-derived id if the kernel's generator is unavailable: ids need to differ, not to be secret.
         let node = match getrandom::fill(&mut seed) {
@@ -192,8 +230,28 @@ impl Link {
             queued_bytes: AtomicUsize::new(0),
             queue_limit_bytes: bytes,
             sequence: AtomicU64::new(0),
+            history: OnceLock::new(),
+            history_stats: HistoryStats::default(),
+            recoveries: recoveries_tx,
         };
-        (Arc::new(link), Outgoing(rx))
+        (Arc::new(link), Outgoing { publishes: rx, recoveries: recoveries_rx })
+    }
+
+    /// Keeps the topics' history in the broker as `settings` say (Redis only): set once, before
+    /// the broker thread starts.
+    pub fn set_history(&self, settings: HistorySettings) {
+        let _ = self.history.set(settings);
+    }
+
+    /// The history kept in the broker, if any.
+    pub fn history(&self) -> Option<HistorySettings> {
+        self.history.get().copied()
+    }
+
+    /// The counters of the history kept in the broker (recoveries and replays; what Redis holds
+    /// is Redis's to count).
+    pub fn history_stats(&self) -> &HistoryStats {
+        &self.history_stats
     }
 
     /// The broker's counters.
@@ -215,9 +273,22 @@ impl Link {
     /// A worker published `frame` on `topic` (and delivered it locally): queue it for the broker.
     /// Never waits: with the broker away or the queue full, the message stays local and is counted.
     pub fn publish(&self, topic: &str, frame: &Bytes) {
+        self.enqueue(topic, frame, None);
+    }
+
+    /// A worker published `frame` on `topic` with the history in the broker (`origin`: the
+    /// publishing subscriber, see [`envelope::origin`]): queue it for the history script, which
+    /// assigns its offset and sends it back to every node, this one included. Returns false when
+    /// it could not be queued (counted as a drop): the caller then delivers it locally, without
+    /// a position.
+    pub fn publish_in_order(&self, topic: &str, frame: &Bytes, origin: u64) -> bool {
+        self.enqueue(topic, frame, Some(origin))
+    }
+
+    fn enqueue(&self, topic: &str, frame: &Bytes, origin: Option<u64>) -> bool {
         if !self.stats.is_connected() {
             self.stats.dropped(BrokerDrop::Disconnected, 1);
-            return;
+            return false;
         }
         let len = frame.len();
         let reserved = self
@@ -228,13 +299,29 @@ impl Link {
             .is_ok();
         if !reserved {
             self.stats.dropped(BrokerDrop::QueueFull, 1);
-            return;
+            return false;
         }
-        let outbound = Outbound { topic: Arc::from(topic), frame: frame.clone() };
+        let outbound = Outbound { topic: Arc::from(topic), frame: frame.clone(), origin };
         if self.outgoing.try_send(outbound).is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.stats.dropped(BrokerDrop::QueueFull, 1);
+            return false;
         }
+        true
+    }
+
+    /// Subscriber `subscriber` of `worker`, subscribed to `topic` (and in the hub's presence),
+    /// last saw `since`: asks the broker thread to read what it missed once the node is
+    /// subscribed to the topic's channel. The answer comes back through the worker's hand-off
+    /// channel ([`Hub::hand_recovery`]), always, within the broker's response timeout. Returns
+    /// false when the request cannot be taken (no history in the broker, broker away, or
+    /// [`MAX_RECOVERIES`] waiting): the caller answers `unavailable` itself.
+    pub fn recover(&self, topic: &Arc<str>, since: Position, worker: usize, subscriber: u64) -> bool {
+        if self.history.get().is_none() || !self.stats.is_connected() {
+            return false;
+        }
+        let request = RecoveryRequest { topic: Arc::clone(topic), since, worker, subscriber };
+        self.recoveries.try_send(request).is_ok()
     }
 
     /// The hub saw `topic` appear on the node (its first subscriber) or disappear (its last):
@@ -273,7 +360,7 @@ impl Link {
     fn envelope(&self, outbound: &Outbound, out: &mut Vec<u8>) {
         let (kind, payload) = split_frame(&outbound.frame);
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-        Envelope { node: self.node, sequence, kind, payload }.encode(out);
+        Envelope { node: self.node, sequence, position: None, kind, payload }.encode(out);
     }
 }
 
@@ -323,24 +410,60 @@ impl Node {
         plan
     }
 
-    /// A message arrived from the broker on `topic`: unless this node published it, encode it
-    /// once and hand it to every worker with subscribers (bounded and counted).
+    /// A message arrived from the broker on `topic`: unless this node published it (and delivered
+    /// it then), encode it once and hand it to every worker with subscribers (bounded and
+    /// counted). A version-2 envelope (history in the broker) is delivered whoever published it,
+    /// with its position, except to the subscriber that published it.
     fn receive(&self, topic: &str, message: &[u8]) {
         let stats = &self.link.stats;
         let Some(envelope) = Envelope::decode(message) else {
             stats.dropped(BrokerDrop::Malformed, 1);
             return;
         };
-        if envelope.node == self.link.node {
-            return; // Delivered locally when it was published.
-        }
+        let own = envelope.node == self.link.node;
+        let (at, exclude) = match envelope.position {
+            None if own => return, // Delivered locally when it was published.
+            None => (Position { epoch: 0, offset: 0 }, None),
+            Some(at) => (at, own.then(|| envelope::origin_parts(envelope.sequence)).flatten()),
+        };
         add(&stats.received, 1);
-        let mut frame = BytesMut::with_capacity(MAX_HEADER_LEN + envelope.payload.len());
-        write_frame(&mut frame, envelope.kind.opcode(), envelope.payload, None);
-        let missed = self.hub.deliver_remote(topic, frame.freeze());
+        let frame = self.frame(&envelope);
+        let missed = self.hub.deliver_remote(topic, frame, at, exclude);
         if missed > 0 {
             stats.dropped(BrokerDrop::Handoff, missed as u64);
         }
+    }
+
+    /// The frame subscribers get for `envelope`: with its position when `--positions` asks.
+    fn frame(&self, envelope: &Envelope<'_>) -> Bytes {
+        let positions = self.link.history().is_some_and(|h| h.positions);
+        encode_frame(envelope.kind, envelope.payload, envelope.position.filter(|_| positions))
+    }
+
+    /// Hands the outcome of `request` to its subscriber's worker (the frames replayed are
+    /// envelopes from the topic's stream), counting it.
+    fn answer(&self, request: RecoveryRequest, outcome: Outcome, live_after: Position, replay: &[&[u8]]) {
+        let mut frames = Vec::with_capacity(replay.len());
+        let mut outcome = outcome;
+        for message in replay {
+            match Envelope::decode(message) {
+                Some(envelope) => frames.push(self.frame(&envelope)),
+                None => {
+                    // Not ours: the replay would have a hole; say so rather than skip it.
+                    self.link.stats.dropped(BrokerDrop::Malformed, 1);
+                    outcome = Outcome::Unavailable;
+                    frames.clear();
+                    break;
+                }
+            }
+        }
+        let recovery = Recovery { outcome, live_after, replay: frames };
+        self.hub.hand_recovery(request.worker, request.topic, request.subscriber, recovery);
+    }
+
+    /// Answers `request` with `unavailable`: the history could not be read.
+    fn unavailable(&self, request: RecoveryRequest) {
+        self.answer(request, Outcome::Unavailable, Position { epoch: 0, offset: 0 }, &[]);
     }
 
     /// The connection is up and subscribed to every present topic: publishes go to the broker from
@@ -364,11 +487,14 @@ impl Node {
         self.link.stats.set_connected(false);
         self.link.stats.set_subscribed_topics(0);
         let mut dropped = 0;
-        while let Ok(outbound) = outgoing.0.try_recv() {
+        while let Ok(outbound) = outgoing.publishes.try_recv() {
             self.link.dequeued(&outbound);
             dropped += 1;
         }
         self.link.stats.dropped(BrokerDrop::Disconnected, dropped);
+        while let Ok(request) = outgoing.recoveries.try_recv() {
+            self.unavailable(request);
+        }
     }
 }
 
@@ -550,13 +676,20 @@ mod tests {
         hub.add_presence("t", 1);
 
         let mut own = Vec::new();
-        Envelope { node: link.node, sequence: 1, kind: MessageKind::Text, payload: b"mine" }.encode(&mut own);
+        Envelope { node: link.node, sequence: 1, position: None, kind: MessageKind::Text, payload: b"mine" }
+            .encode(&mut own);
         node.receive("t", &own);
         assert!(deliveries[1].try_recv().is_err(), "delivered locally when published");
 
         let mut other = Vec::new();
-        Envelope { node: link.node ^ 1, sequence: 1, kind: MessageKind::Text, payload: b"hi" }
-            .encode(&mut other);
+        Envelope {
+            node: link.node ^ 1,
+            sequence: 1,
+            position: None,
+            kind: MessageKind::Text,
+            payload: b"hi",
+        }
+        .encode(&mut other);
         node.receive("t", &other);
         let delivery = deliveries[1].try_recv().expect("handed to the worker with a subscriber");
         assert_eq!(&delivery.frame[..], &[0x81, 2, b'h', b'i']);
@@ -565,6 +698,32 @@ mod tests {
 
         node.receive("t", b"not an envelope");
         assert_eq!(link.stats.drops(BrokerDrop::Malformed), 1);
+    }
+
+    #[test]
+    fn with_the_history_in_the_broker_own_messages_come_back_with_their_position_except_to_their_publisher() {
+        let (hub, deliveries) = Hub::new(2);
+        let (link, _rx) = Link::new(redis_url());
+        link.set_history(HistorySettings { size: 10, ttl: Duration::ZERO, positions: true, max_topics: 1 });
+        let node = Node { link: Arc::clone(&link), hub: Arc::clone(&hub) };
+        hub.add_presence("t", 0);
+        hub.add_presence("t", 1);
+        let at = Position { epoch: 0xab, offset: 3 };
+        let mut own = Vec::new();
+        let envelope = Envelope {
+            node: link.node,
+            sequence: envelope::origin(1, 7),
+            position: Some(at),
+            kind: MessageKind::Binary,
+            payload: b"mine",
+        };
+        envelope.encode(&mut own);
+        node.receive("t", &own);
+        let here = deliveries[0].try_recv().expect("delivered on this node too");
+        let there = deliveries[1].try_recv().expect("and on the publisher's worker");
+        assert_eq!((here.at, here.exclude), (at, None));
+        assert_eq!((there.at, there.exclude), (at, Some(7)), "not to the subscriber that published it");
+        assert_eq!(&here.frame[2..18], &[0, 0, 0, 0, 0, 0, 0, 0xab, 0, 0, 0, 0, 0, 0, 0, 3], "--positions");
     }
 
     #[test]
@@ -578,7 +737,7 @@ mod tests {
             link.publish("t", &frame);
         }
         assert_eq!(link.stats.drops(BrokerDrop::QueueFull), 1, "12 bytes hold two 5-byte frames");
-        let first = rx.0.try_recv().expect("queued");
+        let first = rx.publishes.try_recv().expect("queued");
         link.dequeued(&first);
         link.publish("t", &frame);
         assert_eq!(link.stats.drops(BrokerDrop::QueueFull), 1, "room came back");

@@ -167,7 +167,7 @@ async fn serve(
                 }
             }
             () = node.link.wake.notified() => {}
-            received = outgoing.0.recv_many(&mut batch, BATCH) => {
+            received = outgoing.publishes.recv_many(&mut batch, BATCH) => {
                 if received == 0 {
                     return;
                 }

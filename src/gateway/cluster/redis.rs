@@ -18,6 +18,31 @@
 //! message. SUBSCRIBE and UNSUBSCRIBE go one channel per command (pipelined): with several
 //! channels a command gets several replies, which a multiplexed connection would take for the
 //! replies of the next commands.
+//!
+//! History (`--history-size N`, `--positions`): topic `T` has a hash `ringgate:{T}:meta` (`epoch`,
+//! 16 hex digits; `top`, the last offset) and a stream `ringgate:{T}:log` whose entry ids are
+//! `0-OFFSET`, each holding the version-2 envelope as published. The `{T}` hash tag puts both
+//! keys of a topic in one Redis Cluster slot, so each script touches one slot. A publish is one
+//! script ([`PUBLISH_SCRIPT`], run with EVALSHA after SCRIPT LOAD on every connection, so a
+//! restarted Redis gets it again): it makes the epoch if the topic has none (the caller's random
+//! one; the stream of a previous epoch is deleted), increments `top`, completes the envelope with
+//! epoch and offset, XADDs it with an exact `MAXLEN N` (exact, not `~`: `--history-size` means
+//! the same as in process, at the cost of trimming work Redis could batch), PEXPIREs both keys
+//! by `--history-ttl` (the whole history expires that long after its last message, as
+//! Centrifugo's history TTL does; the next message then starts a new epoch), and PUBLISHes it:
+//! atomically, so the order on the channel is the order of the offsets. Without `--history-size`
+//! (`--positions` alone) nothing is XADDed: offsets only.
+//!
+//! A recovery is read by [`READ_SCRIPT`] (epoch, `top`, and the stream from the asked offset on,
+//! in one step) only once the node's SUBSCRIBE to the topic's channel has been answered, on the
+//! same connection. Redis runs commands one at a time and writes replies and channel messages to
+//! a connection in the order they happen, so every message at or below the `top` read reaches
+//! us before the read's reply, and every message above it after: together they are the whole
+//! topic, each once. The worker holds the live frames for the recovering subscriber until the
+//! answer comes, then skips those at or below `top` (they are in the replay) and queues the rest
+//! after the replay. The holding is needed, not only the skipping: redis-rs's reader may hand
+//! the workers messages that came after the reply before this task, woken by the reply, hands
+//! the answer over (seen in tests under load). No gap, no duplicate, and no wait on a worker.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -27,7 +52,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
-use super::{Backoff, Node, Outbound, Outgoing, Subscribed};
+use super::{Backoff, Node, Outbound, Outgoing, RecoveryRequest, Subscribed, envelope};
+use crate::gateway::history::{HistorySettings, Outcome, Position, new_epoch};
 use crate::metrics::{BrokerDrop, add};
 
 /// Prefix of the Redis channel of each topic.
@@ -40,6 +66,100 @@ const SUBSCRIBE_BATCH: usize = 512;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time Redis gets to answer a command before the connection is taken for lost.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Recoveries read in one pipeline, at most.
+const RECOVERY_BATCH: usize = 64;
+
+/// Assigns a topic's next offset, keeps the message and publishes it, atomically (see the module
+/// docs). KEYS: meta, log. ARGV: channel, epoch for a new history (16 hex digits), the envelope's
+/// 20-byte head, payload, size, TTL in milliseconds (0: none). Returns the offset.
+pub const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
+local bytes = {}
+for i = 1, 16, 2 do
+  bytes[#bytes + 1] = string.char(tonumber(string.sub(epoch, i, i + 1), 16))
+end
+local low = {}
+local n = offset
+for i = 8, 1, -1 do
+  low[i] = string.char(n % 256)
+  n = math.floor(n / 256)
+end
+local message = ARGV[3] .. table.concat(bytes) .. table.concat(low) .. ARGV[4]
+local size = tonumber(ARGV[5])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, '0-' .. string.format('%d', offset), 'e', message)
+end
+local ttl = tonumber(ARGV[6])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if size > 0 then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+redis.call('PUBLISH', ARGV[1], message)
+return offset
+"#;
+
+/// Reads what a subscriber that last saw `EPOCH:OFFSET` missed (see the module docs). KEYS: meta,
+/// log. ARGV: epoch for a new history, TTL in milliseconds, asked epoch (16 hex digits), asked
+/// offset. Returns `{epoch, top, reason, {envelope, ...}}`, reason as in `Outcome::label`.
+pub const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+end
+if epoch ~= ARGV[3] then
+  return {epoch, top, 'epoch_changed', {}}
+end
+local since = tonumber(ARGV[4])
+if since > top then
+  return {epoch, top, 'too_old', {}}
+end
+if since == top then
+  return {epoch, top, 'recovered', {}}
+end
+local first = '0-' .. string.format('%d', since + 1)
+local entries = redis.call('XRANGE', KEYS[2], first, '+')
+if #entries == 0 or entries[1][1] ~= first then
+  return {epoch, top, 'too_old', {}}
+end
+local replay = {}
+for i, entry in ipairs(entries) do
+  replay[i] = entry[2][2]
+end
+return {epoch, top, 'recovered', replay}
+"#;
+
+/// The SHA1s of the two scripts, as SCRIPT LOAD answered on this connection.
+struct Scripts {
+    publish: String,
+    read: String,
+}
+
+/// The keys of `topic`'s history: its meta hash and its stream.
+fn history_keys(topic: &str) -> [String; 2] {
+    [format!("{CHANNEL_PREFIX}{{{topic}}}:meta"), format!("{CHANNEL_PREFIX}{{{topic}}}:log")]
+}
+
+/// A TTL in milliseconds for PEXPIRE (0: none).
+fn ttl_ms(settings: &HistorySettings) -> u64 {
+    u64::try_from(settings.ttl.as_millis()).unwrap_or(u64::MAX).max(u64::from(!settings.ttl.is_zero()))
+}
 
 /// Checks a `redis://` URL as redis-rs reads it.
 pub(super) fn check_url(url: &str) -> Result<(), String> {
@@ -156,8 +276,13 @@ async fn serve(
     if let Err(error) = reconcile(&mut connection, node, &mut subscribed, true).await {
         return error.to_string();
     }
+    let scripts = match load_scripts(&mut connection, node).await {
+        Ok(scripts) => scripts,
+        Err(error) => return error.to_string(),
+    };
     node.connected(first, shown);
     let mut batch: Vec<Outbound> = Vec::with_capacity(BATCH);
+    let mut requests: Vec<RecoveryRequest> = Vec::with_capacity(RECOVERY_BATCH);
     let mut envelope = Vec::new();
     loop {
         if node.link.has_changes()
@@ -169,11 +294,37 @@ async fn serve(
             biased;
             () = lost.notified() => return "the connection closed".into(),
             () = node.link.wake.notified() => {}
-            received = outgoing.0.recv_many(&mut batch, BATCH) => {
+            // Before the publishes: under a steady stream of publishes their queue is never
+            // empty, and a biased select would never get to a waiting recovery.
+            received = outgoing.recoveries.recv_many(&mut requests, RECOVERY_BATCH) => {
+                if received == 0 {
+                    return "the recovery queue closed".into();
+                }
+                // The recovering subscribers' topics must be subscribed (and answered) first.
+                let result = if node.link.has_changes() {
+                    reconcile(&mut connection, node, &mut subscribed, false).await
+                } else {
+                    Ok(())
+                };
+                let result = match (result, scripts.as_ref()) {
+                    (Ok(()), Some(scripts)) => {
+                        recover(&mut connection, node, scripts, &subscribed, &mut requests).await
+                    }
+                    (result, _) => result,
+                };
+                for request in requests.drain(..) {
+                    node.unavailable(request);
+                }
+                if let Err(error) = result {
+                    return error.to_string();
+                }
+            }
+            received = outgoing.publishes.recv_many(&mut batch, BATCH) => {
                 if received == 0 {
                     return "the publish queue closed".into();
                 }
-                if let Err(error) = publish(&mut connection, node, &mut batch, &mut envelope).await {
+                let scripts = scripts.as_ref();
+                if let Err(error) = publish(&mut connection, node, scripts, &mut batch, &mut envelope).await {
                     return error.to_string();
                 }
             }
@@ -181,30 +332,103 @@ async fn serve(
     }
 }
 
-/// Sends a batch of local publishes as one pipeline. On failure the batch is dropped and counted.
+/// Loads the history scripts when the node keeps its history in Redis.
+async fn load_scripts(
+    connection: &mut MultiplexedConnection,
+    node: &Node,
+) -> redis::RedisResult<Option<Scripts>> {
+    if node.link.history().is_none() {
+        return Ok(None);
+    }
+    let (publish, read): (String, String) = redis::pipe()
+        .cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(PUBLISH_SCRIPT)
+        .cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(READ_SCRIPT)
+        .query_async(connection)
+        .await?;
+    Ok(Some(Scripts { publish, read }))
+}
+
+/// Sends a batch of local publishes as one pipeline: a PUBLISH each, or with the history in
+/// Redis, the history script. A connection failure drops the batch (counted) and returns the
+/// error; a command Redis refused drops that message (counted) and the connection stays, except
+/// when the scripts are gone from Redis (reconnecting loads them again).
 async fn publish(
     connection: &mut MultiplexedConnection,
     node: &Node,
+    scripts: Option<&Scripts>,
     batch: &mut Vec<Outbound>,
     envelope: &mut Vec<u8>,
 ) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
+    let history = node.link.history();
     for outbound in batch.iter() {
         envelope.clear();
-        node.link.envelope(outbound, envelope);
-        pipe.cmd("PUBLISH").arg(channel(&outbound.topic)).arg(&envelope[..]).ignore();
+        match (outbound.origin, scripts, &history) {
+            (Some(origin), Some(scripts), Some(settings)) => {
+                let (kind, payload) = crate::gateway::pubsub::split_frame(&outbound.frame);
+                envelope::head(node.link.node, origin, kind, envelope);
+                let [meta, log] = history_keys(&outbound.topic);
+                pipe.cmd("EVALSHA")
+                    .arg(&scripts.publish)
+                    .arg(2)
+                    .arg(meta)
+                    .arg(log)
+                    .arg(channel(&outbound.topic))
+                    .arg(format!("{:016x}", new_epoch()))
+                    .arg(&envelope[..])
+                    .arg(payload)
+                    .arg(settings.size)
+                    .arg(ttl_ms(settings));
+            }
+            _ => {
+                node.link.envelope(outbound, envelope);
+                pipe.cmd("PUBLISH").arg(channel(&outbound.topic)).arg(&envelope[..]);
+            }
+        }
     }
-    let result = pipe.exec_async(connection).await;
+    // Each reply is looked at: a script can fail for one topic (a key of another type in its
+    // place) while the connection is fine.
+    pipe.ignore_errors();
+    let result: redis::RedisResult<Vec<Value>> = pipe.query_async(connection).await;
     let sent = batch.len() as u64;
     // The bytes bound covers the batch until Redis has it.
     for outbound in batch.drain(..) {
         node.link.dequeued(&outbound);
     }
-    match result {
-        Ok(()) => add(&node.link.stats.published, sent),
-        Err(_) => node.link.stats.dropped(BrokerDrop::Disconnected, sent),
+    let replies = match result {
+        Ok(replies) => replies,
+        Err(error) => {
+            node.link.stats.dropped(BrokerDrop::Disconnected, sent);
+            return Err(error);
+        }
+    };
+    let mut failed = 0;
+    let mut lost_scripts = false;
+    for reply in &replies {
+        if let Value::ServerError(error) = reply {
+            failed += 1;
+            lost_scripts |= error.code() == "NOSCRIPT";
+            tracing::debug!(error = ?error, "a publish failed in Redis");
+        }
     }
-    result
+    add(&node.link.stats.published, sent - failed);
+    // Not confirmed: counted as for a connection lost before Redis confirmed them.
+    node.link.stats.dropped(BrokerDrop::Disconnected, failed);
+    if lost_scripts {
+        // SCRIPT FLUSH (or a failover to a server without them): reconnecting loads them again.
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
+            "the history scripts are gone",
+        )));
+    }
+    if failed > 0 {
+        tracing::warn!(failed, "publishes failed in Redis (a ringgate:{{topic}} key of another type?)");
+    }
+    Ok(())
 }
 
 /// Brings the connection's subscriptions in line with the hub's presence (every topic when
@@ -236,4 +460,127 @@ async fn reconcile(
     }
     node.link.stats.set_subscribed_topics(subscribed.0.len());
     Ok(())
+}
+
+/// Reads the recoveries in `requests` (one script each, pipelined) and hands each answer to its
+/// subscriber's worker; a request whose topic is not subscribed (its subscriber left) or whose
+/// read failed is answered `unavailable` by the caller, with what is left in `requests`.
+async fn recover(
+    connection: &mut MultiplexedConnection,
+    node: &Node,
+    scripts: &Scripts,
+    subscribed: &Subscribed,
+    requests: &mut Vec<RecoveryRequest>,
+) -> redis::RedisResult<()> {
+    let Some(settings) = node.link.history() else { return Ok(()) };
+    let (ready, rest): (Vec<_>, Vec<_>) =
+        requests.drain(..).partition(|request| subscribed.0.contains(&request.topic));
+    requests.extend(rest);
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for request in &ready {
+        let [meta, log] = history_keys(&request.topic);
+        pipe.cmd("EVALSHA")
+            .arg(&scripts.read)
+            .arg(2)
+            .arg(meta)
+            .arg(log)
+            .arg(format!("{:016x}", new_epoch()))
+            .arg(ttl_ms(&settings))
+            .arg(format!("{:016x}", request.since.epoch))
+            .arg(request.since.offset);
+    }
+    let answers: Vec<Value> = match pipe.query_async(connection).await {
+        Ok(answers) => answers,
+        Err(error) => {
+            requests.extend(ready);
+            return Err(error);
+        }
+    };
+    let mut answers = answers.into_iter();
+    for request in ready {
+        match answers.next().as_ref().and_then(read_answer) {
+            Some((outcome, live_after, replay)) => node.answer(request, outcome, live_after, &replay),
+            None => {
+                tracing::debug!(topic = %request.topic, "a history read failed: recovery unavailable");
+                node.unavailable(request);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads [`READ_SCRIPT`]'s answer: the outcome, the position the live stream continues after,
+/// and the envelopes to replay. `None` for anything else (an error, a foreign shape).
+fn read_answer(value: &Value) -> Option<(Outcome, Position, Vec<&[u8]>)> {
+    let Value::Array(parts) = value else { return None };
+    let [epoch, top, reason, replay] = &parts[..] else { return None };
+    fn text(value: &Value) -> Option<&str> {
+        match value {
+            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+            Value::SimpleString(text) => Some(text.as_str()),
+            _ => None,
+        }
+    }
+    let epoch = u64::from_str_radix(text(epoch)?, 16).ok()?;
+    let Value::Int(top) = top else { return None };
+    let outcome = match text(reason)? {
+        "recovered" => Outcome::Recovered,
+        "epoch_changed" => Outcome::EpochChanged,
+        "too_old" => Outcome::TooOld,
+        _ => return None,
+    };
+    let Value::Array(replay) = replay else { return None };
+    let replay = replay
+        .iter()
+        .map(|entry| match entry {
+            Value::BulkString(bytes) => Some(&bytes[..]),
+            _ => None,
+        })
+        .collect::<Option<Vec<&[u8]>>>()?;
+    Some((outcome, Position { epoch, offset: u64::try_from(*top).ok()? }, replay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keys_share_the_topics_hash_tag_and_never_collide() {
+        assert_eq!(
+            history_keys("news"),
+            ["ringgate:{news}:meta".to_string(), "ringgate:{news}:log".to_string()]
+        );
+        let [meta, log] = history_keys("a}:log");
+        assert_ne!(meta, history_keys("a")[1]);
+        assert_ne!(log, history_keys("a")[1]);
+    }
+
+    #[test]
+    fn the_read_scripts_answer_is_read_and_anything_else_refused() {
+        let answer = Value::Array(vec![
+            Value::BulkString(b"00000000000000ab".to_vec()),
+            Value::Int(9),
+            Value::BulkString(b"recovered".to_vec()),
+            Value::Array(vec![Value::BulkString(b"e1".to_vec()), Value::BulkString(b"e2".to_vec())]),
+        ]);
+        let (outcome, at, replay) = read_answer(&answer).expect("valid");
+        assert_eq!((outcome, at), (Outcome::Recovered, Position { epoch: 0xab, offset: 9 }));
+        assert_eq!(replay, [&b"e1"[..], &b"e2"[..]]);
+        let Value::Array(mut parts) = answer else { unreachable!() };
+        parts[2] = Value::BulkString(b"who knows".to_vec());
+        assert!(read_answer(&Value::Array(parts)).is_none());
+        assert!(read_answer(&Value::Int(1)).is_none());
+    }
+
+    #[test]
+    fn a_ttl_below_a_millisecond_is_not_taken_for_none() {
+        let settings = |ttl| HistorySettings { size: 1, ttl, positions: false, max_topics: 1 };
+        assert_eq!(ttl_ms(&settings(Duration::ZERO)), 0);
+        assert_eq!(ttl_ms(&settings(Duration::from_micros(10))), 1);
+        assert_eq!(ttl_ms(&settings(Duration::from_secs(2))), 2000);
+    }
 }
