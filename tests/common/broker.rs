@@ -99,19 +99,36 @@ pub struct Broker {
 
 impl Broker {
     /// Starts a broker of `kind` on a free loopback port and waits until it answers.
+    /// A port found free may be taken before the server binds it (by another test's server): then
+    /// the server exits, and another port is tried.
     pub fn start(kind: Kind) -> Broker {
-        Broker::start_on(kind, free_port())
+        let mut tries = 0;
+        loop {
+            let mut broker = Broker::new(kind, free_port());
+            match broker.try_restart() {
+                Ok(()) => return broker,
+                Err(error) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("{error}; trying another port");
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
     }
 
     /// Starts a broker of `kind` on `port` and waits until it answers.
     pub fn start_on(kind: Kind, port: u16) -> Broker {
+        let mut broker = Broker::new(kind, port);
+        broker.restart();
+        broker
+    }
+
+    fn new(kind: Kind, port: u16) -> Broker {
         static DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ringgate-{}-{}-{n}", kind.name(), std::process::id()));
         std::fs::create_dir_all(&dir).expect("broker temp dir");
-        let mut broker = Broker { kind, port, dir, child: None };
-        broker.restart();
-        broker
+        Broker { kind, port, dir, child: None }
     }
 
     /// The `--broker` URL.
@@ -134,6 +151,13 @@ impl Broker {
 
     /// Starts it again (after [`Broker::kill`]) on the same port, and waits until it answers.
     pub fn restart(&mut self) {
+        if let Err(error) = self.try_restart() {
+            panic!("{error}");
+        }
+    }
+
+    /// [`Broker::restart`], saying why the server did not come up instead of panicking.
+    fn try_restart(&mut self) -> Result<(), String> {
         self.kill();
         let port = self.port.to_string();
         let mut command = Command::new(binary(self.kind));
@@ -154,7 +178,7 @@ impl Broker {
                 "--loglevel",
                 "warning",
             ]),
-            Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port]),
+            Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port, "-n", &self.name()]),
         };
         command.current_dir(&self.dir);
         let log = std::fs::File::create(self.dir.join("server.log")).expect("broker log");
@@ -165,45 +189,75 @@ impl Broker {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.kind.name()));
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    /// The name a NATS server is started with, which its `INFO` shows: how we know it is ours.
+    fn name(&self) -> String {
+        let dir = self.dir.file_name().map(|name| name.to_string_lossy().into_owned());
+        format!("{}-{}", dir.unwrap_or_default(), self.port)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if self.answers(addr) {
-                return;
-            }
+            // Whether ours exited first: another server on the port answers too, but is not ours.
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("{} exited with {status}: {}", self.kind.name(), self.log());
+                self.child = None;
+                return Err(format!(
+                    "{} on port {} exited with {status}: {}",
+                    self.kind.name(),
+                    self.port,
+                    self.log()
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not answer within {READY_TIMEOUT:?}: {}",
-                self.kind.name(),
-                self.log()
-            );
+            if self.answers(addr) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not answer within {READY_TIMEOUT:?}: {}",
+                    self.kind.name(),
+                    self.log()
+                ));
+            }
             thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Whether the server answers its protocol's greeting (`PING` for Redis, `INFO` for NATS).
+    /// Whether our server answers on the port: Redis' `INFO server` names its process id, and
+    /// NATS' greeting names the server by the name it was started with.
     fn answers(&self, addr: SocketAddr) -> bool {
         let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut answer = [0u8; 64];
-        match self.kind {
-            Kind::Redis => {
-                stream.write_all(b"PING\r\n").is_ok()
-                    && stream.read(&mut answer).is_ok_and(|n| answer[..n].starts_with(b"+PONG"))
-            }
-            Kind::Nats => stream.read(&mut answer).is_ok_and(|n| answer[..n].starts_with(b"INFO")),
+        let Some(pid) = self.child.as_ref().map(Child::id) else { return false };
+        let ours = match self.kind {
+            Kind::Redis => format!("process_id:{pid}\r\n"),
+            Kind::Nats => format!("\"server_name\":\"{}\"", self.name()),
+        };
+        if self.kind == Kind::Redis && stream.write_all(b"INFO server\r\n").is_err() {
+            return false;
         }
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while answer.len() < 64 * 1024 {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+            if answer.windows(ours.len()).any(|w| w == ours.as_bytes()) {
+                return true;
+            }
+            if answer.ends_with(b"\r\n\r\n") || (self.kind == Kind::Nats && answer.ends_with(b"\r\n")) {
+                return false;
+            }
+        }
+        false
     }
 
     /// Publishes `payload` on the broker channel of `topic` as a foreign client would (not a
