@@ -28,6 +28,8 @@
 # the soft `ulimit -n` is raised to the hard limit. Uses the release binaries in
 # ${CARGO_TARGET_DIR:-target}/release (build them first: cargo build --release -p ringgate -p
 # loadtest --bins), or BIN=DIR. Loopback only; everything it starts is stopped on exit.
+# NODE_FLAGS: more ringgate flags for every node of both variants (word-split), e.g.
+# NODE_FLAGS="--history-size 100" to measure with the history (in Redis for the cluster).
 # Results: one table on stdout; every run's JSON and logs under target/cluster/ (OUT=DIR).
 #
 # usage: scripts/cluster.sh [--rounds N] [--subs N] [--rate R] [--size BYTES] [--duration SECS] [--warmup SECS]
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$duration" -ge 2 ] || { echo "$(basename "$0"): --duration must be at least 2 (seconds)" >&2; exit 2; }
+read -r -a node_flags <<<"${NODE_FLAGS:-}"
 server_cpu=${SERVER_CPU:-0}
 node1_cpu=${NODE1_CPU:-$server_cpu}
 redis_cpu=${REDIS_CPU:-$server_cpu}
@@ -116,12 +119,12 @@ run_one() {
   if [ "$variant" = cluster ]; then
     start_redis "$dir"
     broker=(--broker "redis://127.0.0.1:$redis_port")
-    start_pinned "$server_cpu" "$dir/node0" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers" "${broker[@]}"
+    start_pinned "$server_cpu" "$dir/node0" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers" "${broker[@]}" "${node_flags[@]}"
     pids+=("$server_pid"); node_pids+=("$server_pid"); nodes+=("$server_addr")
-    start_pinned "$node1_cpu" "$dir/node1" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers" "${broker[@]}"
+    start_pinned "$node1_cpu" "$dir/node1" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers" "${broker[@]}" "${node_flags[@]}"
     pids+=("$server_pid"); node_pids+=("$server_pid"); nodes+=("$server_addr")
   else
-    start_pinned "$server_cpu" "$dir/node0" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers"
+    start_pinned "$server_cpu" "$dir/node0" "$bin/ringgate" --listen 127.0.0.1:0 --workers "$workers" "${node_flags[@]}"
     pids+=("$server_pid"); node_pids+=("$server_pid"); nodes+=("$server_addr")
   fi
   for addr in "${nodes[@]}"; do urls+=("ws://$addr/pubsub"); done
