@@ -341,6 +341,46 @@ fn redis_unreachable_at_start_stops_the_start_unless_optional() {
     an_unreachable_broker_stops_the_start_unless_optional(Kind::Redis);
 }
 
+/// `rediss://`: the broker link over TLS, to a redis-server whose certificate comes from a private
+/// CA. With `--broker-ca` naming that CA, messages cross nodes as over `redis://`; without it the
+/// system's roots do not know the CA, and the start stops, saying why.
+#[test]
+fn a_rediss_broker_with_a_private_ca_carries_messages_across_nodes() {
+    if broker::skipped() {
+        return;
+    }
+    let dir = common::tls::temp_dir("rediss");
+    let ca = common::tls::TestCa::new("ringgate test Redis CA");
+    let ca_path = ca.write_pem(&dir);
+    let leaf = ca.leaf(&dir, "redis", &["127.0.0.1"]);
+    let broker = Broker::start_redis_tls(&leaf.cert_path, &leaf.key_path, &ca_path);
+    let url = broker.tls_url();
+    let ca_flag = ca_path.to_str().expect("a UTF-8 path");
+    let (a, b) = (node(&url, &["--broker-ca", ca_flag]), node(&url, &["--broker-ca", ca_flag]));
+    let mut on_b = Client::connect(b.addr(), "/pubsub/t");
+    wait_subscribed(&b, 1.0);
+    publish(&mut HttpConn::connect(a.addr()), "t", "over TLS");
+    assert_eq!(next_text(&mut on_b), "over TLS");
+    assert_eq!(metric(&b, "ringgate_broker_received_total"), 1.0);
+    assert_eq!(health(&a), (200, "ok\n".into()));
+
+    let args = ["--listen", "127.0.0.1:0", "--workers", "1", "--broker", &url];
+    let (status, stderr) = run_to_exit(&args, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the broker at rediss://")
+            && stderr.contains("UnknownIssuer")
+            && stderr.contains("--broker-ca FILE"),
+        "{stderr}"
+    );
+    let not_a_ca = dir.join("empty.pem");
+    std::fs::write(&not_a_ca, "not a certificate\n").expect("write");
+    let args = [&args[..], &["--broker-ca", not_a_ca.to_str().expect("UTF-8")]].concat();
+    let (status, stderr) = run_to_exit(&args, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("empty.pem") && stderr.contains("--broker-ca"), "{stderr}");
+}
+
 /// Every broker counter family is checked above with its exact change (queue_full and handoff
 /// drops, which need a node pushed past its bounds, in the unit tests of `gateway::cluster`).
 #[test]

@@ -158,6 +158,7 @@ struct HttpSection {
 struct BrokerSection {
     url: Option<Broker>,
     optional: Option<bool>,
+    ca: Option<PathBuf>,
 }
 
 /// A broker URL, `redis://HOST:PORT` or `nats://HOST:PORT`.
@@ -362,6 +363,7 @@ impl FileConfig {
         take!("positions", pubsub.positions, config.positions);
         take!("broker", broker.url.map(|b| Some(b.0)), config.broker);
         take!("broker_optional", broker.optional, config.broker_optional);
+        take!("broker_ca", broker.ca.map(Some), config.broker_ca);
         take!("compression", compression.mode, config.compression);
         take!("compression_level", compression.level, config.compression_level);
         take!("compression_min_size", compression.min_size.map(|s| s.0), config.compression_min_size);

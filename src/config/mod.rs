@@ -326,6 +326,12 @@ pub struct Config {
     #[arg(long)]
     pub broker_optional: bool,
 
+    /// PEM file of the CA certificates a `rediss://` --broker's certificate must chain to, in place
+    /// of the system's roots (a self-hosted Redis with a private CA). The certificate must cover
+    /// the URL's host.
+    #[arg(long, value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive like `ringgate=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
@@ -611,6 +617,9 @@ impl Config {
         }
         if self.broker_optional && self.broker.is_none() {
             return fail("--broker-optional needs a --broker URL".into());
+        }
+        if self.broker_ca.is_some() && !self.broker.as_ref().is_some_and(BrokerUrl::is_tls) {
+            return fail("--broker-ca is for a TLS broker: give a rediss:// --broker URL".into());
         }
         if self.history_size > crate::gateway::history::MAX_HISTORY_SIZE {
             return fail(format!(
@@ -959,6 +968,12 @@ mod tests {
         assert!(config.broker_optional);
         let message = invalid(load(&[], "[broker]\n\nurl = \"kafka://127.0.0.1:1\"\n"));
         assert!(message.contains("url") && message.contains("line 3"), "{message}");
+        let file = "[broker]\nurl = \"rediss://redis.example:6380\"\nca = \"/etc/ringgate/redis-ca.pem\"\n";
+        let config = load(&[], file).expect("valid");
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.broker_ca, Some(PathBuf::from("/etc/ringgate/redis-ca.pem")));
+        let plain = parse(&["--broker", "redis://127.0.0.1:6379", "--broker-ca", "ca.pem"]);
+        assert!(plain.validate().is_err_and(|e| e.0.contains("rediss://")), "a CA for a plain broker");
     }
 
     #[test]

@@ -453,6 +453,16 @@ fn reload_certificates(listener_tls: &[Option<Arc<TlsTerminator>>]) {
 fn start_broker(config: &Config, hub: &Arc<Hub>) -> Result<Option<Arc<Link>>, StartError> {
     let Some(url) = &config.broker else { return Ok(None) };
     let (link, outgoing) = Link::new(url.clone());
+    if url.is_tls() {
+        // redis-rs builds its TLS configuration with the process's default provider: aws-lc-rs,
+        // as everywhere else in the gateway (an error only says one is installed already).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    if let Some(path) = &config.broker_ca {
+        let reason =
+            |reason: String| CertError { path: path.clone(), reason: format!("--broker-ca: {reason}") };
+        link.set_ca(read_ca(path).map_err(|error| StartError::Tls(reason(error)))?);
+    }
     let history = config.history_settings();
     if history.enabled() {
         // Only Redis takes a history (the configuration refuses it with NATS).
@@ -462,6 +472,20 @@ fn start_broker(config: &Config, hub: &Arc<Hub>) -> Result<Option<Arc<Link>>, St
     cluster::start(Arc::clone(&link), outgoing, Arc::clone(hub), config.broker_optional)
         .map_err(StartError::Broker)?;
     Ok(Some(link))
+}
+
+/// Reads `--broker-ca`: a PEM file with at least one certificate that parses.
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|error| error.to_string())?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| error.to_string())?;
+    if certificates.is_empty() {
+        return Err("no CERTIFICATE block in the file".into());
+    }
+    Ok(pem)
 }
 
 /// What all workers share, handed to each worker's context.

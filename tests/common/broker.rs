@@ -95,6 +95,16 @@ pub struct Broker {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Redis only: a TLS port besides the plain one, and its certificate files.
+    tls: Option<TlsPort>,
+}
+
+/// A TLS listener of a Redis server: its port and the files it serves.
+struct TlsPort {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 impl Broker {
@@ -128,7 +138,24 @@ impl Broker {
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ringgate-{}-{}-{n}", kind.name(), std::process::id()));
         std::fs::create_dir_all(&dir).expect("broker temp dir");
-        Broker { kind, port, dir, child: None }
+        Broker { kind, port, dir, child: None, tls: None }
+    }
+
+    /// Starts a Redis server that also listens on TLS, with `cert` and `key` (PEM) for clients
+    /// that trust `ca`, on a free port besides its plain one (which the readiness check uses).
+    pub fn start_redis_tls(cert: &Path, key: &Path, ca: &Path) -> Broker {
+        let mut broker = Broker::new(Kind::Redis, free_port());
+        let files =
+            |port| TlsPort { port, cert: cert.to_path_buf(), key: key.to_path_buf(), ca: ca.to_path_buf() };
+        broker.tls = Some(files(free_port()));
+        broker.restart();
+        broker
+    }
+
+    /// The `rediss://` URL of a server started by [`Broker::start_redis_tls`].
+    pub fn tls_url(&self) -> String {
+        let port = self.tls.as_ref().expect("a TLS port").port;
+        format!("rediss://127.0.0.1:{port}")
     }
 
     /// The `--broker` URL.
@@ -180,6 +207,11 @@ impl Broker {
             ]),
             Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port, "-n", &self.name()]),
         };
+        if let Some(tls) = &self.tls {
+            command.arg("--tls-port").arg(tls.port.to_string());
+            command.arg("--tls-cert-file").arg(&tls.cert).arg("--tls-key-file").arg(&tls.key);
+            command.arg("--tls-ca-cert-file").arg(&tls.ca).args(["--tls-auth-clients", "no"]);
+        }
         command.current_dir(&self.dir);
         let log = std::fs::File::create(self.dir.join("server.log")).expect("broker log");
         let child = command

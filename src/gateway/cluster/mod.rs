@@ -65,7 +65,9 @@ use envelope::Envelope;
 #[derive(Clone, PartialEq, Eq)]
 pub enum BrokerUrl {
     /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub, and the history with
-    /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`).
+    /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`); `rediss://` for
+    /// the same over TLS (managed Redis services encrypt in transit; the password is then not on
+    /// the wire in clear).
     Redis(String),
     /// `nats://HOST:PORT`: NATS core pub/sub (no history).
     Nats(String),
@@ -84,15 +86,20 @@ impl BrokerUrl {
             return Err(format!("broker URL '{text}' names no host (like redis://127.0.0.1:6379)"));
         }
         match scheme {
-            "redis" => redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string())),
+            "redis" | "rediss" => redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string())),
             "nats" => nats::check_url(text).map(|()| BrokerUrl::Nats(text.to_string())),
-            "rediss" | "tls" => {
-                Err(format!("'{text}': TLS to the broker is not supported yet; use redis:// or nats://"))
-            }
+            "tls" => Err(format!(
+                "'{text}': TLS to NATS is not supported yet; use nats:// (or rediss:// for Redis)"
+            )),
             other => Err(format!(
                 "unknown broker '{other}://' in '{text}' (use redis://HOST:PORT or nats://HOST:PORT)"
             )),
         }
+    }
+
+    /// Whether the connection to the broker is TLS (`rediss://`): `--broker-ca` applies to it.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, BrokerUrl::Redis(url) if url.starts_with("rediss://"))
     }
 
     /// The engine's name: the `engine` label of `ringgate_broker_connected`.
@@ -188,6 +195,9 @@ pub struct Link {
     sequence: AtomicU64,
     /// The history kept in the broker (Redis only), if any: set before the broker thread starts.
     history: OnceLock<HistorySettings>,
+    /// `--broker-ca`: the PEM certificates a `rediss://` broker's certificate must chain to, in
+    /// place of the system's roots; set before the broker thread starts.
+    ca_pem: OnceLock<Vec<u8>>,
     /// Counts the recoveries and replays of the history kept in the broker.
     history_stats: HistoryStats,
     recoveries: tokio::sync::mpsc::Sender<RecoveryRequest>,
@@ -231,6 +241,7 @@ impl Link {
             queue_limit_bytes: bytes,
             sequence: AtomicU64::new(0),
             history: OnceLock::new(),
+            ca_pem: OnceLock::new(),
             history_stats: HistoryStats::default(),
             recoveries: recoveries_tx,
         };
@@ -246,6 +257,17 @@ impl Link {
     /// The history kept in the broker, if any.
     pub fn history(&self) -> Option<HistorySettings> {
         self.history.get().copied()
+    }
+
+    /// Trusts only the CA certificates in `pem` for a `rediss://` broker (`--broker-ca`): a
+    /// private CA, as a self-hosted Redis with TLS has. Set once, before the broker thread starts.
+    pub fn set_ca(&self, pem: Vec<u8>) {
+        let _ = self.ca_pem.set(pem);
+    }
+
+    /// The CA certificates set by [`Link::set_ca`], if any.
+    fn ca(&self) -> Option<&[u8]> {
+        self.ca_pem.get().map(Vec::as_slice)
     }
 
     /// The counters of the history kept in the broker (recoveries and replays; what Redis holds
@@ -544,7 +566,13 @@ impl fmt::Display for BrokerError {
             "cannot reach the broker at {}: {} (start it, fix --broker, or pass --broker-optional to \
              start without it, delivering locally and reconnecting in the background)",
             self.url, self.cause
-        )
+        )?;
+        if self.url.starts_with("rediss://") {
+            f.write_str(
+                "; a rediss:// server's certificate must chain to the system's roots, or to --broker-ca FILE",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -613,10 +641,12 @@ mod tests {
     fn broker_urls_are_checked_and_never_print_a_password() {
         assert_eq!(redis_url().engine(), "redis");
         assert_eq!(BrokerUrl::parse("nats://127.0.0.1:4222").map(|u| u.engine()), Ok("nats"));
-        for bad in ["127.0.0.1:6379", "redis://", "redis://:6379", "kafka://h:1", "rediss://h:1", "http://h"]
-        {
+        for bad in ["127.0.0.1:6379", "redis://", "redis://:6379", "kafka://h:1", "tls://h:1", "http://h"] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
+        let tls = BrokerUrl::parse("rediss://user:s3cret@redis.example:6380").expect("valid");
+        assert!(tls.is_tls() && !redis_url().is_tls());
+        assert_eq!((tls.engine(), tls.to_string().as_str()), ("redis", "rediss://***@redis.example:6380"));
         let secret = BrokerUrl::parse("redis://user:s3cret@127.0.0.1:6379/2").expect("valid");
         assert_eq!(secret.to_string(), "redis://***@127.0.0.1:6379/2");
         assert!(!format!("{secret:?}").contains("s3cret"));

@@ -177,6 +177,18 @@ fn resp3(url: &str) -> String {
     format!("{url}{separator}protocol=resp3")
 }
 
+/// The client for `url`: with `ca` (PEM, `--broker-ca`), a `rediss://` server's certificate
+/// must chain to those certificates only; without, to the system's roots.
+fn client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match ca {
+        Some(ca) => redis::Client::build_with_tls(
+            resp3(url),
+            redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) },
+        ),
+        None => redis::Client::open(resp3(url)),
+    }
+}
+
 fn channel(topic: &str) -> String {
     format!("{CHANNEL_PREFIX}{topic}")
 }
@@ -189,7 +201,7 @@ pub(super) async fn run(
     mut outgoing: Outgoing,
     first: mpsc::Sender<Result<(), String>>,
 ) {
-    let client = match redis::Client::open(resp3(&url)) {
+    let client = match client(&url, node.link.ca()) {
         Ok(client) => client,
         Err(error) => {
             let _ = first.send(Err(error.to_string()));
