@@ -26,6 +26,17 @@ fn tls_gateway(cert: &std::path::Path, key: &std::path::Path) -> (Gateway, Strin
     (gateway, base)
 }
 
+/// A TLS gateway whose certificate, for `names`, comes from a CA of the test's own: the gateway,
+/// its `wss://` base URL, and the CA's PEM file for `--ca`.
+fn gateway_with_test_ca(test: &str, names: &[&str]) -> (Gateway, String, std::path::PathBuf) {
+    let dir = temp_dir(test);
+    let ca = TestCa::new("loadtest test CA");
+    let leaf = ca.leaf(&dir, "server", names);
+    let ca_pem = ca.write(&dir, "ca");
+    let (gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    (gateway, base, ca_pem)
+}
+
 /// Asserts a clean run of `conns` connections, each with a full TLS 1.3 handshake counted.
 fn assert_clean_tls(run: &Run, conns: f64, trust: &str) {
     assert!(run.output.status.success(), "stdout:\n{}\nstderr:\n{}", run.stdout(), run.stderr());
@@ -58,11 +69,7 @@ fn assert_clean_tls(run: &Run, conns: f64, trust: &str) {
 
 #[test]
 fn echo_over_wss_trusting_a_test_ca_on_both_io_backends() {
-    let dir = temp_dir("echo");
-    let ca = TestCa::new("loadtest test CA");
-    let leaf = ca.leaf(&dir, "server", &["127.0.0.1", "localhost"]);
-    let ca_pem = ca.write(&dir, "ca");
-    let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    let (_gateway, base, ca_pem) = gateway_with_test_ca("echo", &["127.0.0.1", "localhost"]);
     let url = format!("{base}/echo");
     for io in ["uring", "epoll"] {
         let run = run_loadtest(
@@ -93,11 +100,7 @@ fn echo_over_wss_trusting_a_test_ca_on_both_io_backends() {
 #[test]
 fn open_loop_with_a_large_payload_crosses_records() {
     // 40 KiB messages: each crosses three TLS records each way, and reads end mid-record.
-    let dir = temp_dir("large");
-    let ca = TestCa::new("loadtest test CA");
-    let leaf = ca.leaf(&dir, "server", &["127.0.0.1"]);
-    let ca_pem = ca.write(&dir, "ca");
-    let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    let (_gateway, base, ca_pem) = gateway_with_test_ca("large", &["127.0.0.1"]);
     let run = run_loadtest(
         "wss-large",
         &[
@@ -127,11 +130,7 @@ fn open_loop_with_a_large_payload_crosses_records() {
 
 #[test]
 fn connect_mode_over_wss_counts_handshakes_with_tls_in_their_latency() {
-    let dir = temp_dir("connect");
-    let ca = TestCa::new("loadtest test CA");
-    let leaf = ca.leaf(&dir, "server", &["127.0.0.1"]);
-    let ca_pem = ca.write(&dir, "ca");
-    let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    let (_gateway, base, ca_pem) = gateway_with_test_ca("connect", &["127.0.0.1"]);
     let run = run_loadtest(
         "wss-connect",
         &[
@@ -250,11 +249,7 @@ fn handshake_failures_are_named_a_plain_port_and_a_wrong_name() {
     let url = format!("{}/echo", plain.base.replacen("ws://", "wss://", 1));
     assert_all_fail("wss-plain-port", &url, &["--insecure"], "not_tls");
     // A certificate from the trusted CA, but for another name than the URL's host.
-    let dir = temp_dir("name");
-    let ca = TestCa::new("loadtest test CA");
-    let leaf = ca.leaf(&dir, "server", &["gateway.test"]);
-    let ca_pem = ca.write(&dir, "ca");
-    let (_gateway, base) = tls_gateway(&leaf.cert, &leaf.key);
+    let (_gateway, base, ca_pem) = gateway_with_test_ca("name", &["gateway.test"]);
     assert_all_fail(
         "wss-name",
         &format!("{base}/echo"),
