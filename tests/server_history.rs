@@ -8,77 +8,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::broker::{self, Broker, Kind};
 use common::prom;
+use common::recovery::{Position, nowhere, read_text, subscribe_since};
 use common::server::Server;
 use common::wire::{self, BINARY, Client, HttpConn, TEXT};
-
-/// A position: a topic's epoch (as the server prints it, 16 hex digits) and an offset.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Position {
-    epoch: String,
-    offset: u64,
-}
-
-impl Position {
-    fn query(&self) -> String {
-        format!("{}:{}", self.epoch, self.offset)
-    }
-}
-
-/// The recovery message every `?since=` subscriber gets first.
-#[derive(Debug)]
-struct RecoveryMessage {
-    recovered: bool,
-    reason: String,
-    at: Position,
-    replayed: u64,
-}
-
-fn json(frame: &wire::Frame) -> serde_json::Value {
-    assert_eq!(frame.opcode, TEXT, "a text frame: {}", wire::summary(frame));
-    serde_json::from_slice(&frame.payload).unwrap_or_else(|e| panic!("JSON ({e}): {}", wire::summary(frame)))
-}
-
-fn read_recovery(client: &mut Client) -> RecoveryMessage {
-    let value = json(&client.read_frame());
-    assert_eq!(value["ringgate"], "recovery", "{value}");
-    let fields: Vec<&str> = value.as_object().expect("object").keys().map(String::as_str).collect();
-    assert_eq!(fields.len(), 6, "{value}");
-    RecoveryMessage {
-        recovered: value["recovered"].as_bool().expect("recovered"),
-        reason: value["reason"].as_str().expect("reason").to_owned(),
-        at: Position {
-            epoch: value["epoch"].as_str().expect("epoch").to_owned(),
-            offset: value["offset"].as_u64().expect("offset"),
-        },
-        replayed: value["replayed"].as_u64().expect("replayed"),
-    }
-}
-
-/// A text message in the positions envelope: its position and its original text.
-fn read_text(client: &mut Client) -> (Position, String) {
-    let value = json(&client.read_frame());
-    let position = Position {
-        epoch: value["epoch"].as_str().expect("epoch").to_owned(),
-        offset: value["offset"].as_u64().expect("offset"),
-    };
-    (position, value["data"].as_str().expect("data").to_owned())
-}
-
-fn subscribe_since(addr: SocketAddr, topic: &str, since: &Position) -> (Client, RecoveryMessage) {
-    let mut client = Client::connect(addr, &format!("/pubsub/{topic}?since={}", since.query()));
-    let recovery = read_recovery(&mut client);
-    (client, recovery)
-}
-
-fn nowhere() -> Position {
-    Position { epoch: "0".into(), offset: 0 }
-}
 
 fn publish(http: &mut HttpConn, topic: &str, text: &str) -> i64 {
     http.publish(&format!("/publish/{topic}"), Some("text/plain"), text.as_bytes()).subscribers

@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod prom;
+pub mod recovery;
 pub mod server;
 pub mod tls;
 pub mod wire;
