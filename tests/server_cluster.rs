@@ -443,3 +443,80 @@ fn a_node_without_a_broker_has_no_broker_metrics_and_is_simply_ok() {
     assert_eq!(health(&server), (200, "ok\n".into()));
     assert!(!scrape(&server).has("ringgate_broker_connected"));
 }
+
+/// A Redis Cluster (`--broker redis+cluster://`, sharded pub/sub): two nodes seeded with
+/// different masters (one node's first seed is dead: the next one is used), three topics whose
+/// slots are on three different masters, a subscriber and a publisher per topic on each node:
+/// every message exactly once per subscriber, in each publisher's order. Each topic's
+/// subscription lives on the master owning the slot of its history keys, and nowhere else (no
+/// plain SUBSCRIBE anywhere): this fails if the channel were not `ringgate:{T}` in the keys'
+/// slot, or if the node used SUBSCRIBE.
+#[test]
+fn redis_cluster_delivers_every_message_once_in_order_through_each_topics_shard() {
+    if broker::skipped() {
+        return;
+    }
+    let cluster = broker::RedisCluster::start();
+    let seed = |node: usize| format!("127.0.0.1:{}", cluster.port(node));
+    let dead = format!("127.0.0.1:{}", broker::free_port());
+    let url_a = format!("redis+cluster://{dead},{}", seed(0));
+    let url_b = format!("redis+cluster://{},{}", seed(1), seed(2));
+    let (a, b) = (node(&url_a, &[]), node(&url_b, &[]));
+    let topics = cluster.topic_per_master();
+    let mut subscribers: Vec<(String, Client)> = Vec::new();
+    let mut publishers: Vec<(String, Client, Client)> = Vec::new();
+    for (topic, _) in &topics {
+        for (name, server) in [("A", &a), ("B", &b)] {
+            let path = format!("/pubsub/{topic}");
+            subscribers
+                .push((format!("subscriber to {topic} on {name}"), Client::connect(server.addr(), &path)));
+        }
+        let path = format!("/pubsub/{topic}");
+        publishers.push((topic.clone(), Client::connect(a.addr(), &path), Client::connect(b.addr(), &path)));
+    }
+    wait_subscribed(&a, topics.len() as f64);
+    wait_subscribed(&b, topics.len() as f64);
+    for (topic, master) in &topics {
+        let channel = format!("ringgate:{{{topic}}}");
+        for node in 0..topics.len() {
+            let expected = if node == *master { 2 } else { 0 };
+            assert_eq!(cluster.shard_subscribers(node, &channel), expected, "{channel} on master {node}");
+            assert_eq!(cluster.plain_channels(node).trim(), "", "no plain SUBSCRIBE on master {node}");
+        }
+    }
+
+    const COUNT: usize = 100;
+    for i in 0..COUNT {
+        for (_, on_a, on_b) in &mut publishers {
+            on_a.send(TEXT, format!("a:{i}").as_bytes());
+            on_b.send(TEXT, format!("b:{i}").as_bytes());
+        }
+    }
+    for (who, client) in &mut subscribers {
+        let counts = expect_in_order(client, 2 * COUNT, who);
+        assert_eq!(counts, BTreeMap::from([("a".into(), COUNT), ("b".into(), COUNT)]), "{who}");
+    }
+    for (topic, on_a, on_b) in &mut publishers {
+        assert_eq!(expect_in_order(on_a, COUNT, topic).get("b"), Some(&COUNT), "{topic}: publisher on A");
+        assert_eq!(expect_in_order(on_b, COUNT, topic).get("a"), Some(&COUNT), "{topic}: publisher on B");
+    }
+    for (who, client) in &mut subscribers {
+        expect_silence(client, who);
+    }
+    let sent = (COUNT * topics.len()) as f64;
+    for server in [&a, &b] {
+        assert_eq!(metric(server, "ringgate_broker_published_total"), sent);
+        assert_eq!(metric(server, "ringgate_broker_received_total"), sent);
+        assert_eq!(metric(server, "ringgate_broker_drops_total"), 0.0);
+        assert_eq!(metric(server, "ringgate_broker_reconnects_total"), 0.0);
+        assert_eq!(health(server), (200, "ok\n".into()));
+    }
+
+    // The last subscribers leaving unsubscribe the nodes from the shard channels.
+    drop((subscribers, publishers));
+    wait_subscribed(&a, 0.0);
+    wait_subscribed(&b, 0.0);
+    for (topic, master) in &topics {
+        assert_eq!(cluster.shard_subscribers(*master, &format!("ringgate:{{{topic}}}")), 0);
+    }
+}

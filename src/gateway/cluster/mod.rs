@@ -67,7 +67,11 @@ pub enum BrokerUrl {
     /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub, and the history with
     /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`); `rediss://` for
     /// the same over TLS (managed Redis services encrypt in transit; the password is then not on
-    /// the wire in clear).
+    /// the wire in clear). `redis+cluster://[user:password@]HOST:PORT[,HOST:PORT...]`: a Redis
+    /// Cluster, through any of the seed nodes listed (one down does not stop the start), with
+    /// sharded pub/sub (SSUBSCRIBE, SPUBLISH: a message goes to the shard owning the topic's
+    /// slot, not to every node of the cluster as PUBLISH does); asked for explicitly, not
+    /// detected, so that a node never changes its channel names because of how a server is set.
     Redis(String),
     /// `nats://HOST:PORT`: NATS core pub/sub (no history).
     Nats(String),
@@ -86,13 +90,20 @@ impl BrokerUrl {
             return Err(format!("broker URL '{text}' names no host (like redis://127.0.0.1:6379)"));
         }
         match scheme {
-            "redis" | "rediss" => redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string())),
+            "redis" | "rediss" | "redis+cluster" => {
+                redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string()))
+            }
+            "rediss+cluster" => Err(format!(
+                "'{text}': TLS to a Redis Cluster is not supported yet; use redis+cluster:// \
+                 (or rediss:// to one server)"
+            )),
             "nats" => nats::check_url(text).map(|()| BrokerUrl::Nats(text.to_string())),
             "tls" => Err(format!(
                 "'{text}': TLS to NATS is not supported yet; use nats:// (or rediss:// for Redis)"
             )),
             other => Err(format!(
-                "unknown broker '{other}://' in '{text}' (use redis://HOST:PORT or nats://HOST:PORT)"
+                "unknown broker '{other}://' in '{text}' (use redis://HOST:PORT, \
+                 redis+cluster://HOST:PORT[,HOST:PORT...] or nats://HOST:PORT)"
             )),
         }
     }

@@ -44,12 +44,15 @@
 //! the workers messages that came after the reply before this task, woken by the reply, hands
 //! the answer over (seen in tests under load). No gap, no duplicate, and no wait on a worker.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
 use super::{Backoff, Node, Outbound, Outgoing, RecoveryRequest, Subscribed, envelope};
@@ -71,7 +74,8 @@ const RECOVERY_BATCH: usize = 64;
 
 /// Assigns a topic's next offset, keeps the message and publishes it, atomically (see the module
 /// docs). KEYS: meta, log. ARGV: channel, epoch for a new history (16 hex digits), the envelope's
-/// 20-byte head, payload, size, TTL in milliseconds (0: none). Returns the offset.
+/// 20-byte head, payload, size, TTL in milliseconds (0: none), `PUBLISH` or `SPUBLISH` (a Redis
+/// Cluster: the channel is in the keys' slot, which a script may only touch). Returns the offset.
 pub const PUBLISH_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -102,7 +106,7 @@ if ttl > 0 then
     redis.call('PEXPIRE', KEYS[2], ttl)
   end
 end
-redis.call('PUBLISH', ARGV[1], message)
+redis.call(ARGV[7], ARGV[1], message)
 return offset
 "#;
 
@@ -161,14 +165,137 @@ fn ttl_ms(settings: &HistorySettings) -> u64 {
     u64::try_from(settings.ttl.as_millis()).unwrap_or(u64::MAX).max(u64::from(!settings.ttl.is_zero()))
 }
 
-/// Checks a `redis://` URL as redis-rs reads it.
+/// The scheme of a Redis Cluster's seed list (`redis+cluster://HOST:PORT[,HOST:PORT...]`).
+pub(super) const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Where the engine's commands go: one Redis server, or a Redis Cluster spoken to with sharded
+/// pub/sub. The few things that differ are here; everything else is one code path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// One server: channel `ringgate:T`, SUBSCRIBE and PUBLISH, one pipeline per batch.
+    Server,
+    /// A Redis Cluster: shard channel `ringgate:{T}` (in the slot of the history's keys, which a
+    /// script may only touch), SSUBSCRIBE and SPUBLISH, one pipeline per topic.
+    Cluster,
+}
+
+impl Mode {
+    /// The channel of `topic`.
+    fn channel(self, topic: &str) -> String {
+        match self {
+            Mode::Server => format!("{CHANNEL_PREFIX}{topic}"),
+            Mode::Cluster => format!("{CHANNEL_PREFIX}{{{topic}}}"),
+        }
+    }
+
+    /// The topic of a channel this mode names, if it is one.
+    fn topic(self, channel: &[u8]) -> Option<&[u8]> {
+        let rest = channel.strip_prefix(CHANNEL_PREFIX.as_bytes())?;
+        match self {
+            Mode::Server => Some(rest),
+            Mode::Cluster => rest.strip_prefix(b"{")?.strip_suffix(b"}"),
+        }
+    }
+
+    /// The command that subscribes (`true`) or unsubscribes a channel.
+    fn subscribe_command(self, subscribe: bool) -> &'static str {
+        match (self, subscribe) {
+            (Mode::Server, true) => "SUBSCRIBE",
+            (Mode::Server, false) => "UNSUBSCRIBE",
+            (Mode::Cluster, true) => "SSUBSCRIBE",
+            (Mode::Cluster, false) => "SUNSUBSCRIBE",
+        }
+    }
+
+    /// The command that publishes on a channel.
+    fn publish_command(self) -> &'static str {
+        match self {
+            Mode::Server => "PUBLISH",
+            Mode::Cluster => "SPUBLISH",
+        }
+    }
+}
+
+/// A connection to one server or to a cluster: one type, so that serving, publishing and
+/// recovering are written once. Both kinds are cheap handles (cloned per concurrent pipeline).
+#[derive(Clone)]
+enum Connection {
+    Server(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    fn mode(&self) -> Mode {
+        match self {
+            Connection::Server(_) => Mode::Server,
+            Connection::Cluster(_) => Mode::Cluster,
+        }
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Connection::Server(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Server(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Server(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// What the engine connects to, made once from the URL.
+enum Target {
+    Server(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// The seed nodes of a `redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]` URL, each as
+/// a `redis://` URL with the credentials; `None` for another scheme.
+fn cluster_seeds(url: &str) -> Option<Result<Vec<String>, String>> {
+    let rest = url.strip_prefix(CLUSTER_SCHEME)?;
+    if rest.contains(['/', '?']) {
+        return Some(Err(format!(
+            "broker URL '{url}': a cluster's URL lists seed nodes only \
+             (redis+cluster://HOST:PORT[,HOST:PORT...]; no database, no options)"
+        )));
+    }
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let seeds: Vec<String> = hosts.split(',').map(|host| format!("redis://{credentials}{host}")).collect();
+    if let Some(host) = hosts.split(',').find(|host| host.is_empty() || host.starts_with(':')) {
+        return Some(Err(format!("broker URL '{url}': a seed node without a host ('{host}')")));
+    }
+    Some(Ok(seeds))
+}
+
+/// Checks a `redis://` or `redis+cluster://` URL as redis-rs reads it.
 pub(super) fn check_url(url: &str) -> Result<(), String> {
     if url.contains("protocol=") {
         return Err(format!(
             "broker URL '{url}': ringgate chooses the protocol (RESP3) itself; drop protocol="
         ));
     }
-    redis::Client::open(resp3(url)).map(drop).map_err(|error| format!("broker URL '{url}': {error}"))
+    target(url, None).map(drop).map_err(|error| format!("broker URL '{url}': {error}"))
 }
 
 /// The URL asking for RESP3, which lets one connection subscribe and publish.
@@ -178,19 +305,25 @@ fn resp3(url: &str) -> String {
 }
 
 /// The client for `url`: with `ca` (PEM, `--broker-ca`), a `rediss://` server's certificate
-/// must chain to those certificates only; without, to the system's roots.
-fn client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
-    match ca {
+/// must chain to those certificates only; without, to the system's roots. A cluster's client
+/// asks RESP3 (sharded pub/sub on the connections that also carry the commands) and is told of
+/// every seed: one that is down does not stop the start.
+fn target(url: &str, ca: Option<&[u8]>) -> Result<Target, String> {
+    if let Some(seeds) = cluster_seeds(url) {
+        let client = ClusterClientBuilder::new(seeds?)
+            .use_protocol(ProtocolVersion::RESP3)
+            .build()
+            .map_err(|error| error.to_string())?;
+        return Ok(Target::Cluster(client));
+    }
+    let client = match ca {
         Some(ca) => redis::Client::build_with_tls(
             resp3(url),
             redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) },
         ),
         None => redis::Client::open(resp3(url)),
-    }
-}
-
-fn channel(topic: &str) -> String {
-    format!("{CHANNEL_PREFIX}{topic}")
+    };
+    client.map(Target::Server).map_err(|error| error.to_string())
 }
 
 /// Connects, serves until the connection is lost, and reconnects with back-off, forever. The first
@@ -201,10 +334,10 @@ pub(super) async fn run(
     mut outgoing: Outgoing,
     first: mpsc::Sender<Result<(), String>>,
 ) {
-    let client = match client(&url, node.link.ca()) {
-        Ok(client) => client,
+    let target = match target(&url, node.link.ca()) {
+        Ok(target) => target,
         Err(error) => {
-            let _ = first.send(Err(error.to_string()));
+            let _ = first.send(Err(error));
             return;
         }
     };
@@ -213,7 +346,7 @@ pub(super) async fn run(
     let mut backoff = Backoff::new(node.link.node);
     loop {
         let lost = Arc::new(Notify::new());
-        match connect(&client, &node, &lost).await {
+        match connect(&target, &node, &lost).await {
             Ok(connection) => {
                 backoff.reset();
                 let why = serve(connection, &node, &mut outgoing, &lost, &mut first, &shown).await;
@@ -235,34 +368,50 @@ pub(super) async fn run(
     }
 }
 
-async fn connect(
-    client: &redis::Client,
-    node: &Node,
-    lost: &Arc<Notify>,
-) -> redis::RedisResult<MultiplexedConnection> {
+/// Connects to the server, or to every master of the cluster (through the first seed that
+/// answers), with pushes going to [`on_push`]. In a cluster, any node's connection closing counts
+/// as the whole connection lost: the engine starts over and subscribes every topic again, as
+/// with one server, rather than trust what the library restores behind its back.
+async fn connect(target: &Target, node: &Node, lost: &Arc<Notify>) -> redis::RedisResult<Connection> {
     let pushes = node.clone();
     let lost = Arc::clone(lost);
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_push_sender(move |push: PushInfo| -> Result<(), std::convert::Infallible> {
-            on_push(&pushes, &lost, push);
-            Ok(())
-        });
-    let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
-    // The handshake may not touch the server (RESP3's HELLO does, but be sure it answers).
+    let mode = match target {
+        Target::Server(_) => Mode::Server,
+        Target::Cluster(_) => Mode::Cluster,
+    };
+    let sender = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
+        on_push(&pushes, &lost, mode, push);
+        Ok(())
+    };
+    let mut connection = match target {
+        Target::Server(client) => {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_push_sender(sender);
+            Connection::Server(client.get_multiplexed_async_connection_with_config(&config).await?)
+        }
+        Target::Cluster(client) => {
+            let config = ClusterConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(RESPONSE_TIMEOUT)
+                .set_push_sender(sender);
+            Connection::Cluster(client.get_async_connection_with_config(config).await?)
+        }
+    };
+    // The handshake may not touch the server (RESP3's HELLO does, but be sure it answers; in a
+    // cluster, every master does).
     redis::cmd("PING").exec_async(&mut connection).await?;
     Ok(connection)
 }
 
 /// A push from Redis: a message on a subscribed channel, or the library telling us the connection
 /// is gone. Runs inside redis-rs's reader: must not block (it hands off or drops, never waits).
-fn on_push(node: &Node, lost: &Notify, push: PushInfo) {
+fn on_push(node: &Node, lost: &Notify, mode: Mode, push: PushInfo) {
     match push.kind {
-        PushKind::Message => match &push.data[..] {
+        PushKind::Message | PushKind::SMessage => match &push.data[..] {
             [Value::BulkString(channel), Value::BulkString(message)] => {
-                let topic = channel.strip_prefix(CHANNEL_PREFIX.as_bytes()).map(std::str::from_utf8);
-                match topic {
+                match mode.topic(channel).map(std::str::from_utf8) {
                     Some(Ok(topic)) => node.receive(topic, message),
                     _ => node.link.stats.dropped(BrokerDrop::Malformed, 1),
                 }
@@ -274,10 +423,10 @@ fn on_push(node: &Node, lost: &Notify, push: PushInfo) {
     }
 }
 
-/// Subscribes every present topic (then the node counts as connected), then follows presence changes and sends local publishes until
-/// the connection fails; returns why.
+/// Subscribes every present topic (then the node counts as connected), then follows presence
+/// changes and sends local publishes until the connection fails; returns why.
 async fn serve(
-    mut connection: MultiplexedConnection,
+    mut connection: Connection,
     node: &Node,
     outgoing: &mut Outgoing,
     lost: &Notify,
@@ -344,68 +493,107 @@ async fn serve(
     }
 }
 
-/// Loads the history scripts when the node keeps its history in Redis.
-async fn load_scripts(
-    connection: &mut MultiplexedConnection,
-    node: &Node,
-) -> redis::RedisResult<Option<Scripts>> {
+/// Loads the history scripts when the node keeps its history in Redis (one command each: in a
+/// cluster, SCRIPT LOAD goes to every node, which a pipeline would not).
+async fn load_scripts(connection: &mut Connection, node: &Node) -> redis::RedisResult<Option<Scripts>> {
     if node.link.history().is_none() {
         return Ok(None);
     }
-    let (publish, read): (String, String) = redis::pipe()
-        .cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(PUBLISH_SCRIPT)
-        .cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(READ_SCRIPT)
-        .query_async(connection)
-        .await?;
+    let load = |script: &'static str| {
+        let mut connection = connection.clone();
+        async move { redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async::<String>(&mut connection).await }
+    };
+    let publish = load(PUBLISH_SCRIPT).await?;
+    let read = load(READ_SCRIPT).await?;
     Ok(Some(Scripts { publish, read }))
 }
 
-/// Sends a batch of local publishes as one pipeline: a PUBLISH each, or with the history in
-/// Redis, the history script. A connection failure drops the batch (counted) and returns the
-/// error; a command Redis refused drops that message (counted) and the connection stays, except
-/// when the scripts are gone from Redis (reconnecting loads them again).
+/// Sends `commands`, each with the topic whose slot its keys and channel are in, pipelined, and
+/// returns one reply each, in order (a command Redis refused: a `ServerError` in its place). On
+/// one server, one pipeline. In a cluster a pipeline must stay in one slot: one pipeline per
+/// topic, all in flight at once; a topic's commands keep their order, which is all that
+/// per-publisher order needs (a publisher's messages to one topic).
+async fn query(
+    connection: &mut Connection,
+    commands: Vec<(Arc<str>, redis::Cmd)>,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut groups: Vec<(Arc<str>, redis::Pipeline, Vec<usize>)> = Vec::new();
+    let mut by_topic: HashMap<Arc<str>, usize> = HashMap::new();
+    for (index, (topic, command)) in commands.into_iter().enumerate() {
+        let group = match connection.mode() {
+            Mode::Server => 0,
+            Mode::Cluster => *by_topic.entry(Arc::clone(&topic)).or_insert(groups.len()),
+        };
+        if group == groups.len() {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            groups.push((topic, pipe, Vec::new()));
+        }
+        groups[group].1.add_command(command);
+        groups[group].2.push(index);
+    }
+    let count = groups.iter().map(|(_, _, indexes)| indexes.len()).sum();
+    let sent = groups.iter().map(|(_, pipe, _)| {
+        let mut connection = connection.clone();
+        async move { pipe.query_async::<Vec<Value>>(&mut connection).await }
+    });
+    let answers = futures_util::future::try_join_all(sent).await?;
+    let mut replies = vec![Value::Nil; count];
+    for ((_, _, indexes), answer) in groups.iter().zip(answers) {
+        for (index, reply) in indexes.iter().zip(answer) {
+            replies[*index] = reply;
+        }
+    }
+    Ok(replies)
+}
+
+/// Sends a batch of local publishes (see [`query`]): a PUBLISH (SPUBLISH) each, or with the
+/// history in Redis, the history script. A connection failure drops the batch (counted) and
+/// returns the error; a command Redis refused drops that message (counted) and the connection
+/// stays, except when the scripts are gone from Redis (reconnecting loads them again).
 async fn publish(
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
     node: &Node,
     scripts: Option<&Scripts>,
     batch: &mut Vec<Outbound>,
     envelope: &mut Vec<u8>,
 ) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
+    let mode = connection.mode();
     let history = node.link.history();
+    let mut commands = Vec::with_capacity(batch.len());
     for outbound in batch.iter() {
         envelope.clear();
+        let mut command;
         match (outbound.origin, scripts, &history) {
             (Some(origin), Some(scripts), Some(settings)) => {
                 let (kind, payload) = crate::gateway::pubsub::split_frame(&outbound.frame);
                 envelope::head(node.link.node, origin, kind, envelope);
                 let [meta, log] = history_keys(&outbound.topic);
-                pipe.cmd("EVALSHA")
+                command = redis::cmd("EVALSHA");
+                command
                     .arg(&scripts.publish)
                     .arg(2)
                     .arg(meta)
                     .arg(log)
-                    .arg(channel(&outbound.topic))
+                    .arg(mode.channel(&outbound.topic))
                     .arg(format!("{:016x}", new_epoch()))
                     .arg(&envelope[..])
                     .arg(payload)
                     .arg(settings.size)
-                    .arg(ttl_ms(settings));
+                    .arg(ttl_ms(settings))
+                    .arg(mode.publish_command());
             }
             _ => {
                 node.link.envelope(outbound, envelope);
-                pipe.cmd("PUBLISH").arg(channel(&outbound.topic)).arg(&envelope[..]);
+                command = redis::cmd(mode.publish_command());
+                command.arg(mode.channel(&outbound.topic)).arg(&envelope[..]);
             }
         }
+        commands.push((Arc::clone(&outbound.topic), command));
     }
     // Each reply is looked at: a script can fail for one topic (a key of another type in its
     // place) while the connection is fine.
-    pipe.ignore_errors();
-    let result: redis::RedisResult<Vec<Value>> = pipe.query_async(connection).await;
+    let result = query(connection, commands).await;
     let sent = batch.len() as u64;
     // The bytes bound covers the batch until Redis has it.
     for outbound in batch.drain(..) {
@@ -444,23 +632,30 @@ async fn publish(
 }
 
 /// Brings the connection's subscriptions in line with the hub's presence (every topic when
-/// `everything`, else those that changed).
+/// `everything`, else those that changed). One channel per command: with several channels a
+/// command gets several replies, which a multiplexed connection would take for the replies of
+/// the next commands (and in a cluster, the channels of one command must share a slot).
 async fn reconcile(
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
     node: &Node,
     subscribed: &mut Subscribed,
     everything: bool,
 ) -> redis::RedisResult<()> {
     let plan = node.plan(subscribed, everything);
-    for (command, topics, subscribe) in
-        [("SUBSCRIBE", &plan.subscribe, true), ("UNSUBSCRIBE", &plan.unsubscribe, false)]
-    {
+    let mode = connection.mode();
+    for (topics, subscribe) in [(&plan.subscribe, true), (&plan.unsubscribe, false)] {
         for chunk in topics.chunks(SUBSCRIBE_BATCH) {
-            let mut pipe = redis::pipe();
-            for topic in chunk {
-                pipe.cmd(command).arg(channel(topic)).ignore();
+            let commands = chunk.iter().map(|topic| {
+                let mut command = redis::cmd(mode.subscribe_command(subscribe));
+                command.arg(mode.channel(topic));
+                (Arc::clone(topic), command)
+            });
+            let replies = query(connection, commands.collect()).await?;
+            if let Some(Value::ServerError(error)) =
+                replies.iter().find(|r| matches!(r, Value::ServerError(_)))
+            {
+                return Err(error.clone().into());
             }
-            pipe.exec_async(connection).await?;
             for topic in chunk {
                 if subscribe {
                     subscribed.0.insert(Arc::clone(topic));
@@ -474,11 +669,13 @@ async fn reconcile(
     Ok(())
 }
 
-/// Reads the recoveries in `requests` (one script each, pipelined) and hands each answer to its
-/// subscriber's worker; a request whose topic is not subscribed (its subscriber left) or whose
-/// read failed is answered `unavailable` by the caller, with what is left in `requests`.
+/// Reads the recoveries in `requests` (one script each, see [`query`]) and hands each answer to
+/// its subscriber's worker; a request whose topic is not subscribed (its subscriber left) or
+/// whose read failed is answered `unavailable` by the caller, with what is left in `requests`.
+/// In a cluster the read goes to the slot's master, on the connection that carries the topic's
+/// SSUBSCRIBE: the order argument of the module docs holds per node.
 async fn recover(
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
     node: &Node,
     scripts: &Scripts,
     subscribed: &Subscribed,
@@ -491,11 +688,10 @@ async fn recover(
     if ready.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for request in &ready {
+    let commands = ready.iter().map(|request| {
         let [meta, log] = history_keys(&request.topic);
-        pipe.cmd("EVALSHA")
+        let mut command = redis::cmd("EVALSHA");
+        command
             .arg(&scripts.read)
             .arg(2)
             .arg(meta)
@@ -504,8 +700,9 @@ async fn recover(
             .arg(ttl_ms(&settings))
             .arg(format!("{:016x}", request.since.epoch))
             .arg(request.since.offset);
-    }
-    let answers: Vec<Value> = match pipe.query_async(connection).await {
+        (Arc::clone(&request.topic), command)
+    });
+    let answers = match query(connection, commands.collect()).await {
         Ok(answers) => answers,
         Err(error) => {
             requests.extend(ready);
