@@ -457,11 +457,9 @@ fn redis_cluster_delivers_every_message_once_in_order_through_each_topics_shard(
         return;
     }
     let cluster = broker::RedisCluster::start();
-    let seed = |node: usize| format!("127.0.0.1:{}", cluster.port(node));
     let dead = format!("127.0.0.1:{}", broker::free_port());
-    let url_a = format!("redis+cluster://{dead},{}", seed(0));
-    let url_b = format!("redis+cluster://{},{}", seed(1), seed(2));
-    let (a, b) = (node(&url_a, &[]), node(&url_b, &[]));
+    let a = node(&cluster.url(&[&dead], &[0]), &[]);
+    let b = node(&cluster.url(&[], &[1, 2]), &[]);
     let topics = cluster.topic_per_master();
     let mut subscribers: Vec<(String, Client)> = Vec::new();
     let mut publishers: Vec<(String, Client, Client)> = Vec::new();

@@ -403,9 +403,7 @@ fn in_a_redis_cluster_a_subscriber_that_reconnects_gets_exactly_what_it_missed_o
         return;
     }
     let cluster = broker::RedisCluster::start();
-    let seed = |node: usize| format!("127.0.0.1:{}", cluster.port(node));
-    let url_a = format!("redis+cluster://{}", seed(0));
-    let url_b = format!("redis+cluster://{},{}", seed(1), seed(2));
+    let (url_a, url_b) = (cluster.url(&[], &[0]), cluster.url(&[], &[1, 2]));
     let history = ["--positions", "--history-size", "1000"];
     let a = Server::start(&[&["--broker", url_a.as_str()][..], &history].concat());
     let b = Server::start(&[&["--broker", url_b.as_str()][..], &history].concat());

@@ -135,9 +135,16 @@ impl Broker {
     /// A port found free may be taken before the server binds it (by another test's server): then
     /// the server exits, and another port is tried.
     pub fn start(kind: Kind) -> Broker {
+        Broker::start_fresh(kind, false)
+    }
+
+    /// [`Broker::start`], as a node of a Redis Cluster when `cluster` (on a port whose bus port is
+    /// free too).
+    fn start_fresh(kind: Kind, cluster: bool) -> Broker {
         let mut tries = 0;
         loop {
-            let mut broker = Broker::new(kind, free_port());
+            let mut broker = Broker::new(kind, if cluster { free_cluster_port() } else { free_port() });
+            broker.cluster = cluster;
             match broker.try_restart() {
                 Ok(()) => return broker,
                 Err(error) if tries < 5 => {
@@ -380,23 +387,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts three masters and joins them into a cluster, the 16384 slots split between them.
     pub fn start() -> RedisCluster {
-        let nodes: Vec<Broker> = (0..3)
-            .map(|_| {
-                let mut tries = 0;
-                loop {
-                    let mut node = Broker::new(Kind::Redis, free_cluster_port());
-                    node.cluster = true;
-                    match node.try_restart() {
-                        Ok(()) => break node,
-                        Err(error) if tries < 5 => {
-                            tries += 1;
-                            eprintln!("{error}; trying another port");
-                        }
-                        Err(error) => panic!("{error}"),
-                    }
-                }
-            })
-            .collect();
+        let nodes = (0..3).map(|_| Broker::start_fresh(Kind::Redis, true)).collect();
         let cluster = RedisCluster { nodes };
         let mut create = Command::new(binary(Tool::RedisCli));
         create.arg("--cluster").arg("create");
@@ -431,6 +422,13 @@ impl RedisCluster {
     /// The master `node`'s port.
     pub fn port(&self, node: usize) -> u16 {
         self.nodes[node].port
+    }
+
+    /// The `--broker` URL seeded with `seeds` (`host:port`, before the masters `nodes`).
+    pub fn url(&self, seeds: &[&str], nodes: &[usize]) -> String {
+        let masters = nodes.iter().map(|&node| format!("127.0.0.1:{}", self.port(node)));
+        let all: Vec<String> = seeds.iter().map(|seed| seed.to_string()).chain(masters).collect();
+        format!("redis+cluster://{}", all.join(","))
     }
 
     /// Runs a command on master `node` with `redis-cli` and returns what it printed.

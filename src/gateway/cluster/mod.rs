@@ -1,5 +1,5 @@
-//! Pub/sub across gateway nodes: a node's link to a cross-node broker (`--broker redis://HOST:PORT`
-//! or `nats://HOST:PORT`); without `--broker` the in-process [`Hub`] alone is the broker, as before.
+//! Pub/sub across gateway nodes: a node's link to a cross-node broker (`--broker redis://HOST:PORT`,
+//! `redis+cluster://HOST:PORT,...` or `nats://HOST:PORT`); without `--broker` the in-process [`Hub`] alone is the broker, as before.
 //!
 //! The contract, whatever the engine:
 //! - **Subscriptions follow presence.** A node subscribes to a topic's broker channel when the
@@ -658,6 +658,13 @@ mod tests {
         let tls = BrokerUrl::parse("rediss://user:s3cret@redis.example:6380").expect("valid");
         assert!(tls.is_tls() && !redis_url().is_tls());
         assert_eq!((tls.engine(), tls.to_string().as_str()), ("redis", "rediss://***@redis.example:6380"));
+        let cluster =
+            BrokerUrl::parse("redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2:7000").expect("valid");
+        assert_eq!(
+            (cluster.engine(), cluster.is_tls(), cluster.to_string().as_str()),
+            ("redis", false, "redis+cluster://***@10.0.0.1:7000,10.0.0.2:7000")
+        );
+        assert!(BrokerUrl::parse("rediss+cluster://10.0.0.1:7000").is_err(), "not supported yet");
         let secret = BrokerUrl::parse("redis://user:s3cret@127.0.0.1:6379/2").expect("valid");
         assert_eq!(secret.to_string(), "redis://***@127.0.0.1:6379/2");
         assert!(!format!("{secret:?}").contains("s3cret"));

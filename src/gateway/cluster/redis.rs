@@ -1,4 +1,6 @@
-//! The Redis engine (`--broker redis://HOST:PORT`): topic `T` is the Redis channel `ringgate:T`.
+//! The Redis engine (`--broker redis://HOST:PORT`): topic `T` is the Redis channel `ringgate:T`;
+//! with `--broker redis+cluster://HOST:PORT[,HOST:PORT...]`, a Redis Cluster with sharded
+//! pub/sub, the shard channel `ringgate:{T}` (see "Redis Cluster" below).
 //!
 //! Why redis-rs, async, on the broker thread's current-thread tokio runtime (and not fred, nor the
 //! synchronous client): one RESP3 `MultiplexedConnection` carries SUBSCRIBE, UNSUBSCRIBE and
@@ -43,6 +45,24 @@
 //! after the replay. The holding is needed, not only the skipping: redis-rs's reader may hand
 //! the workers messages that came after the reply before this task, woken by the reply, hands
 //! the answer over (seen in tests under load). No gap, no duplicate, and no wait on a worker.
+//!
+//! Redis Cluster: a plain PUBLISH in a cluster is copied to every node over the cluster bus;
+//! sharded pub/sub (Redis 7: SSUBSCRIBE, SPUBLISH) sends a message only to the shard owning the
+//! channel's slot. The engine is the same code with a [`Mode`] for what differs (channel name and
+//! commands) and a [`Connection`] that is either redis-rs's `MultiplexedConnection` or its
+//! cluster-async `ClusterConnection` (RESP3, the same push sender: one connection per master
+//! carries SSUBSCRIBE and commands together, as with one server). Topic `T`'s shard channel is
+//! `ringgate:{T}`: the `{T}` hash tag is the one of the history's keys, so the channel is in
+//! their slot, which a script must keep to (the history script's SPUBLISH fails otherwise), and
+//! the recovery's ordering argument above holds: the read goes to the slot's master on the
+//! connection that carries the topic's SSUBSCRIBE. (A topic starting with `}` has an empty hash
+//! tag: its channel and keys then hash whole, apart; not handled.) A pipeline may not cross
+//! slots: [`query`] sends one pipeline per topic, all in flight at once, each topic's commands in
+//! order, which keeps per-publisher order. The mode is asked for by the URL, never detected:
+//! channel names must agree between nodes. redis-rs's cluster client restores SSUBSCRIBEs itself
+//! after a reconnect or a topology refresh; the engine does not rely on it: any master's
+//! connection closing (a `Disconnection` push) counts as the whole connection lost, and the next
+//! connection subscribes every present topic again, as with one server.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -766,6 +786,52 @@ mod tests {
         let [meta, log] = history_keys("a}:log");
         assert_ne!(meta, history_keys("a")[1]);
         assert_ne!(log, history_keys("a")[1]);
+    }
+
+    /// A key's hash tag as Redis Cluster reads it: what decides its slot.
+    fn hash_tag(key: &str) -> &str {
+        if let Some(open) = key.find('{')
+            && let Some(close) = key[open + 1..].find('}')
+            && close > 0
+        {
+            return &key[open + 1..open + 1 + close];
+        }
+        key
+    }
+
+    #[test]
+    fn a_clusters_shard_channel_is_in_the_slot_of_the_topics_keys() {
+        for topic in ["news", "a}b", "a{b}c", "{x}", "é"] {
+            let channel = Mode::Cluster.channel(topic);
+            for key in history_keys(topic) {
+                assert_eq!(hash_tag(&channel), hash_tag(&key), "{topic}: {channel} and {key}");
+            }
+            assert_eq!(Mode::Cluster.topic(channel.as_bytes()), Some(topic.as_bytes()));
+            assert_eq!(Mode::Server.topic(Mode::Server.channel(topic).as_bytes()), Some(topic.as_bytes()));
+        }
+        assert_eq!(Mode::Server.channel("news"), "ringgate:news", "unchanged for one server");
+        assert_eq!(Mode::Cluster.topic(b"ringgate:news"), None, "not a shard channel of ours");
+        assert_eq!(Mode::Cluster.topic(b"other:{news}"), None);
+    }
+
+    #[test]
+    fn a_clusters_url_lists_seeds_that_share_the_credentials() {
+        assert_eq!(cluster_seeds("redis://h:1"), None, "one server");
+        assert_eq!(
+            cluster_seeds("redis+cluster://u:p@h1:7000,h2:7001"),
+            Some(Ok(vec!["redis://u:p@h1:7000".to_string(), "redis://u:p@h2:7001".to_string()]))
+        );
+        assert_eq!(cluster_seeds("redis+cluster://h1:7000"), Some(Ok(vec!["redis://h1:7000".to_string()])));
+        for bad in [
+            "redis+cluster://h1:7000,",
+            "redis+cluster://h1:7000,:7001",
+            "redis+cluster://h:1/2",
+            "redis+cluster://h:1?x=1",
+        ] {
+            assert!(matches!(cluster_seeds(bad), Some(Err(_))), "{bad}");
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").is_ok());
     }
 
     #[test]
