@@ -518,3 +518,47 @@ fn redis_cluster_delivers_every_message_once_in_order_through_each_topics_shard(
         assert_eq!(cluster.shard_subscribers(*master, &format!("ringgate:{{{topic}}}")), 0);
     }
 }
+
+/// A Redis Cluster's master lost while running (the one owning the topic's slot): both nodes
+/// report it (`/healthz` degraded, `ringgate_broker_connected` 0) and deliver locally; the master
+/// back (same port, same slots), both reconnect, subscribe again, and messages cross again,
+/// without restarting the gateways.
+#[test]
+fn redis_cluster_a_master_lost_degrades_the_nodes_and_back_they_reconnect() {
+    if broker::skipped() {
+        return;
+    }
+    let mut cluster = broker::RedisCluster::start();
+    let (topic, master) = cluster.topic_per_master().swap_remove(0);
+    let a = node(&cluster.url(&[], &[0, 1, 2]), &[]);
+    let b = node(&cluster.url(&[], &[2, 1, 0]), &[]);
+    let path = format!("/pubsub/{topic}");
+    let (mut on_a, mut on_b) = (Client::connect(a.addr(), &path), Client::connect(b.addr(), &path));
+    wait_subscribed(&a, 1.0);
+    wait_subscribed(&b, 1.0);
+    let mut http = HttpConn::connect(a.addr());
+    publish(&mut http, &topic, "before");
+    assert_eq!((next_text(&mut on_a), next_text(&mut on_b)), ("before".into(), "before".into()));
+
+    cluster.kill(master);
+    for server in [&a, &b] {
+        let deadline = Instant::now() + SETTLE;
+        while health(server) != (200, "degraded\n".into()) {
+            assert!(Instant::now() < deadline, "the node reports the cluster lost: {}", server.stderr());
+            thread::sleep(Duration::from_millis(25));
+        }
+        assert_eq!(metric(server, "ringgate_broker_connected"), 0.0);
+    }
+    publish(&mut http, &topic, "during");
+    assert_eq!(next_text(&mut on_a), "during", "local delivery goes on");
+
+    cluster.restart(master);
+    for server in [&a, &b] {
+        wait_subscribed(server, 1.0);
+        assert_eq!(health(server), (200, "ok\n".into()));
+        assert!(metric(server, "ringgate_broker_reconnects_total") >= 1.0);
+    }
+    publish(&mut http, &topic, "after");
+    assert_eq!(next_text(&mut on_a), "after");
+    assert_eq!(next_text(&mut on_b), "after", "B never got \"during\", and gets what follows");
+}

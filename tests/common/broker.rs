@@ -405,18 +405,35 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every master says `cluster_state:ok`.
+    fn wait_ok(&self) {
         let deadline = Instant::now() + READY_TIMEOUT;
-        for node in 0..cluster.nodes.len() {
-            while !cluster.command(node, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+        for node in 0..self.nodes.len() {
+            while !self.command(node, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
                 assert!(
                     Instant::now() < deadline,
                     "the cluster is not ok: {}",
-                    cluster.command(node, &["CLUSTER", "INFO"])
+                    self.command(node, &["CLUSTER", "INFO"])
                 );
                 thread::sleep(Duration::from_millis(50));
             }
         }
-        cluster
+    }
+
+    /// Kills master `node` (SIGKILL); with no replicas, the cluster is down until it is back.
+    pub fn kill(&mut self, node: usize) {
+        self.nodes[node].kill();
+    }
+
+    /// Starts master `node` again on its port, from its `nodes.conf` (same id, same slots), and
+    /// waits until the cluster is ok again.
+    pub fn restart(&mut self, node: usize) {
+        self.nodes[node].restart();
+        self.wait_ok();
     }
 
     /// The master `node`'s port.
