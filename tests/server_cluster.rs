@@ -562,3 +562,36 @@ fn redis_cluster_a_master_lost_degrades_the_nodes_and_back_they_reconnect() {
     assert_eq!(next_text(&mut on_a), "after");
     assert_eq!(next_text(&mut on_b), "after", "B never got \"during\", and gets what follows");
 }
+
+/// A Redis Cluster slot moved while a topic in it has subscribers (the end of a resharding): the
+/// old master unsubscribes the shard channel (SUNSUBSCRIBE push); the nodes take it as a lost
+/// connection, subscribe again on the new master, and messages cross again. Without handling
+/// that push the nodes would stay subscribed nowhere, reporting all is well.
+#[test]
+fn redis_cluster_a_topics_slot_moved_to_another_master_is_subscribed_there() {
+    if broker::skipped() {
+        return;
+    }
+    let cluster = broker::RedisCluster::start();
+    let (topic, master) = cluster.topic_per_master().swap_remove(0);
+    let a = node(&cluster.url(&[], &[0]), &[]);
+    let b = node(&cluster.url(&[], &[1]), &[]);
+    let path = format!("/pubsub/{topic}");
+    let (mut on_a, mut on_b) = (Client::connect(a.addr(), &path), Client::connect(b.addr(), &path));
+    wait_subscribed(&a, 1.0);
+    wait_subscribed(&b, 1.0);
+    let channel = format!("ringgate:{{{topic}}}");
+    let to = (master + 1) % 3;
+    cluster.move_slot(&channel, to);
+    wait_until("both nodes subscribed on the slot's new master", || {
+        cluster.shard_subscribers(to, &channel) == 2
+    });
+    for server in [&a, &b] {
+        wait_subscribed(server, 1.0);
+    }
+    let mut http = HttpConn::connect(a.addr());
+    publish(&mut http, &topic, "after the move");
+    assert_eq!(next_text(&mut on_a), "after the move");
+    assert_eq!(next_text(&mut on_b), "after the move");
+    assert_eq!(cluster.shard_subscribers(master, &channel), 0, "nothing left on the old master");
+}

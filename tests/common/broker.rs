@@ -496,6 +496,19 @@ impl RedisCluster {
         topics
     }
 
+    /// Moves the slot of `key` (holding no keys) to master `to`, as the last step of a
+    /// resharding does: `CLUSTER SETSLOT slot NODE id` on the new owner, then on the others.
+    pub fn move_slot(&self, key: &str, to: usize) {
+        let slot = self.command(0, &["CLUSTER", "KEYSLOT", key]).trim().to_string();
+        let id = self.command(to, &["CLUSTER", "MYID"]).trim().to_string();
+        let order = std::iter::once(to).chain((0..self.nodes.len()).filter(|&node| node != to));
+        for node in order {
+            let answer = self.command(node, &["CLUSTER", "SETSLOT", &slot, "NODE", &id]);
+            assert_eq!(answer.trim(), "OK", "CLUSTER SETSLOT {slot} NODE {id} on master {node}");
+        }
+        assert_eq!(self.owner(key), to);
+    }
+
     /// How many subscribers the shard channel `channel` has on master `node`
     /// (`PUBSUB SHARDNUMSUB`).
     pub fn shard_subscribers(&self, node: usize, channel: &str) -> u64 {

@@ -69,7 +69,10 @@
 //! resubscription can keep this thread busy, so the push marks the node degraded itself rather
 //! than wait for this task; and redis-rs connects to the masters it can and sends a missing
 //! one's commands elsewhere, so a connection counts as made only once every master answers a
-//! PING on its own connection ([`every_master_answers`]).
+//! PING on its own connection ([`every_master_answers`]). A slot moved to another master (a
+//! resharding) makes the old one unsubscribe its shard channels (a `SUnsubscribe` push that is
+//! not ours: the topic is still present): taken as a lost connection too, so that the topic is
+//! subscribed on its new master (redis-rs did not do it by itself in the test).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -496,6 +499,22 @@ fn on_push(node: &Node, lost: &Notify, mode: Mode, push: PushInfo) {
             // master is back.
             node.link.stats.set_connected(false);
             lost.notify_one();
+        }
+        // A cluster master unsubscribes a slot's shard channels when the slot moves away from
+        // it. Ours unsubscribe only topics no longer present: one still present was moved, and
+        // starting over subscribes it on its new master.
+        PushKind::SUnsubscribe => {
+            let topic = match push.data.first() {
+                Some(Value::BulkString(channel)) => mode.topic(channel).map(std::str::from_utf8),
+                _ => None,
+            };
+            if let Some(Ok(topic)) = topic
+                && node.hub.is_present(topic)
+            {
+                tracing::info!(topic, "a shard channel was unsubscribed by Redis (its slot moved?)");
+                node.link.stats.set_connected(false);
+                lost.notify_one();
+            }
         }
         _ => {}
     }
