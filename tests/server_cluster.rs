@@ -4,7 +4,10 @@
 //! exactly once, in each publisher's order. The broker killed mid-run: local delivery goes on, and
 //! `/healthz` and `/metrics` say the node is degraded; restarted on the same port: cross-node
 //! delivery comes back without restarting the gateways. Unreachable at start: a clear error,
-//! unless `--broker-optional`.
+//! unless `--broker-optional`. A three-master Redis Cluster (`--broker redis+cluster://`, sharded
+//! pub/sub): the same exactly-once and order across nodes with each topic's subscription on its
+//! slot's master only; a master killed and back; a slot moved to another master; no seed
+//! answering at start.
 //!
 //! The servers come from `scripts/install-brokers.sh` (Debian's packages, installed when missing);
 //! a machine that cannot have them fails these tests, saying why, unless
@@ -594,4 +597,19 @@ fn redis_cluster_a_topics_slot_moved_to_another_master_is_subscribed_there() {
     assert_eq!(next_text(&mut on_a), "after the move");
     assert_eq!(next_text(&mut on_b), "after the move");
     assert_eq!(cluster.shard_subscribers(master, &channel), 0, "nothing left on the old master");
+}
+
+/// A Redis Cluster none of whose seeds answers stops the start, saying how to go on.
+#[test]
+fn redis_cluster_with_no_seed_answering_stops_the_start() {
+    if broker::skipped() {
+        return;
+    }
+    let (one, two) = (broker::free_port(), broker::free_port());
+    let url = format!("redis+cluster://127.0.0.1:{one},127.0.0.1:{two}");
+    let args = ["--listen", "127.0.0.1:0", "--workers", "1", "--broker", &url];
+    let (status, stderr) = run_to_exit(&args, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach the broker at {url}")), "{stderr}");
+    assert!(stderr.contains("--broker-optional"), "{stderr}");
 }

@@ -76,7 +76,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -380,11 +380,11 @@ pub(super) async fn run(
     let mut first = Some(first);
     let mut backoff = Backoff::new(node.link.node);
     loop {
-        let lost = Arc::new(Notify::new());
-        match connect(&target, &node, &lost).await {
+        let watch = Arc::new(Watch::default());
+        match connect(&target, &node, &watch).await {
             Ok(connection) => {
                 backoff.reset();
-                let why = serve(connection, &node, &mut outgoing, &lost, &mut first, &shown).await;
+                let why = serve(connection, &node, &mut outgoing, &watch, &mut first, &shown).await;
                 node.disconnected(&mut outgoing);
                 tracing::warn!(
                     broker = %shown,
@@ -407,15 +407,15 @@ pub(super) async fn run(
 /// answers), with pushes going to [`on_push`]. In a cluster, any node's connection closing counts
 /// as the whole connection lost: the engine starts over and subscribes every topic again, as
 /// with one server, rather than trust what the library restores behind its back.
-async fn connect(target: &Target, node: &Node, lost: &Arc<Notify>) -> redis::RedisResult<Connection> {
+async fn connect(target: &Target, node: &Node, watch: &Arc<Watch>) -> redis::RedisResult<Connection> {
     let pushes = node.clone();
-    let lost = Arc::clone(lost);
+    let watch = Arc::clone(watch);
     let mode = match target {
         Target::Server(_) => Mode::Server,
         Target::Cluster(_) => Mode::Cluster,
     };
     let sender = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
-        on_push(&pushes, &lost, mode, push);
+        on_push(&pushes, &watch, mode, push);
         Ok(())
     };
     let mut connection = match target {
@@ -480,9 +480,44 @@ async fn every_master_answers(connection: &mut ClusterConnection) -> redis::Redi
     Ok(())
 }
 
+/// What the pushes of one connection share with the task serving it.
+#[derive(Default)]
+struct Watch {
+    /// Notified when the connection is lost, or must be made again.
+    lost: Notify,
+    /// Topics whose SUNSUBSCRIBE the engine sent and whose confirmation (a push like Redis's own
+    /// unsubscription of a moved slot) has not come yet, with how many.
+    unsubscribing: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+impl Watch {
+    /// The engine is about to send SUNSUBSCRIBE for `topic`.
+    fn expect_unsubscribe(&self, topic: &Arc<str>) {
+        if let Ok(mut unsubscribing) = self.unsubscribing.lock() {
+            *unsubscribing.entry(Arc::clone(topic)).or_insert(0) += 1;
+        }
+    }
+
+    /// Whether an SUNSUBSCRIBE push for `topic` confirms one the engine sent (taken off the list).
+    fn confirms_ours(&self, topic: &str) -> bool {
+        let Ok(mut unsubscribing) = self.unsubscribing.lock() else { return false };
+        match unsubscribing.get_mut(topic) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                true
+            }
+            Some(_) => {
+                unsubscribing.remove(topic);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A push from Redis: a message on a subscribed channel, or the library telling us the connection
 /// is gone. Runs inside redis-rs's reader: must not block (it hands off or drops, never waits).
-fn on_push(node: &Node, lost: &Notify, mode: Mode, push: PushInfo) {
+fn on_push(node: &Node, watch: &Watch, mode: Mode, push: PushInfo) {
     match push.kind {
         PushKind::Message | PushKind::SMessage => match &push.data[..] {
             [Value::BulkString(channel), Value::BulkString(message)] => {
@@ -498,22 +533,23 @@ fn on_push(node: &Node, lost: &Notify, mode: Mode, push: PushInfo) {
             // redis-rs's own resubscription to a dead master can keep the thread busy until the
             // master is back.
             node.link.stats.set_connected(false);
-            lost.notify_one();
+            watch.lost.notify_one();
         }
         // A cluster master unsubscribes a slot's shard channels when the slot moves away from
-        // it. Ours unsubscribe only topics no longer present: one still present was moved, and
-        // starting over subscribes it on its new master.
+        // it: an SUNSUBSCRIBE push the engine did not ask for (and of a topic still present)
+        // means the slot moved, and starting over subscribes the topic on its new master.
         PushKind::SUnsubscribe => {
             let topic = match push.data.first() {
                 Some(Value::BulkString(channel)) => mode.topic(channel).map(std::str::from_utf8),
                 _ => None,
             };
             if let Some(Ok(topic)) = topic
+                && !watch.confirms_ours(topic)
                 && node.hub.is_present(topic)
             {
                 tracing::info!(topic, "a shard channel was unsubscribed by Redis (its slot moved?)");
                 node.link.stats.set_connected(false);
-                lost.notify_one();
+                watch.lost.notify_one();
             }
         }
         _ => {}
@@ -526,12 +562,12 @@ async fn serve(
     mut connection: Connection,
     node: &Node,
     outgoing: &mut Outgoing,
-    lost: &Notify,
+    watch: &Watch,
     first: &mut Option<mpsc::Sender<Result<(), String>>>,
     shown: &str,
 ) -> String {
     let mut subscribed = Subscribed::default();
-    if let Err(error) = reconcile(&mut connection, node, &mut subscribed, true).await {
+    if let Err(error) = reconcile(&mut connection, node, watch, &mut subscribed, true).await {
         return error.to_string();
     }
     let scripts = match load_scripts(&mut connection, node).await {
@@ -544,13 +580,13 @@ async fn serve(
     let mut envelope = Vec::new();
     loop {
         if node.link.has_changes()
-            && let Err(error) = reconcile(&mut connection, node, &mut subscribed, false).await
+            && let Err(error) = reconcile(&mut connection, node, watch, &mut subscribed, false).await
         {
             return error.to_string();
         }
         tokio::select! {
             biased;
-            () = lost.notified() => return "the connection closed".into(),
+            () = watch.lost.notified() => return "the connection closed".into(),
             () = node.link.wake.notified() => {}
             // Before the publishes: under a steady stream of publishes their queue is never
             // empty, and a biased select would never get to a waiting recovery.
@@ -560,7 +596,7 @@ async fn serve(
                 }
                 // The recovering subscribers' topics must be subscribed (and answered) first.
                 let result = if node.link.has_changes() {
-                    reconcile(&mut connection, node, &mut subscribed, false).await
+                    reconcile(&mut connection, node, watch, &mut subscribed, false).await
                 } else {
                     Ok(())
                 };
@@ -735,6 +771,7 @@ async fn publish(
 async fn reconcile(
     connection: &mut Connection,
     node: &Node,
+    watch: &Watch,
     subscribed: &mut Subscribed,
     everything: bool,
 ) -> redis::RedisResult<()> {
@@ -743,6 +780,9 @@ async fn reconcile(
     for (topics, subscribe) in [(&plan.subscribe, true), (&plan.unsubscribe, false)] {
         for chunk in topics.chunks(SUBSCRIBE_BATCH) {
             let commands = chunk.iter().map(|topic| {
+                if !subscribe && mode == Mode::Cluster {
+                    watch.expect_unsubscribe(topic);
+                }
                 let mut command = redis::cmd(mode.subscribe_command(subscribe));
                 command.arg(mode.channel(topic));
                 (Arc::clone(topic), command)
@@ -909,6 +949,17 @@ mod tests {
             assert!(check_url(bad).is_err(), "{bad}");
         }
         assert!(check_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").is_ok());
+    }
+
+    #[test]
+    fn an_unsubscription_confirms_ours_once_per_sunsubscribe_sent() {
+        let watch = Watch::default();
+        let topic: Arc<str> = Arc::from("t");
+        assert!(!watch.confirms_ours("t"), "Redis's own: a moved slot");
+        watch.expect_unsubscribe(&topic);
+        watch.expect_unsubscribe(&topic);
+        assert!(watch.confirms_ours("t") && watch.confirms_ours("t"));
+        assert!(!watch.confirms_ours("t"), "both confirmed: the next one is Redis's");
     }
 
     #[test]
