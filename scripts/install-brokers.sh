@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install the cross-node brokers the cluster tests run against: Debian's redis-server and
-# nats-server packages, when they are not on PATH already.
+# nats-server packages, when they are not on PATH already, and redis-cli (redis-tools; Debian's
+# redis-server depends on it, other distributions' packages may not), which makes a Redis Cluster.
 #
 # Usage: scripts/install-brokers.sh [redis|nats]...   # default: both; prints NAME=<path> per server
+#                                                       # (and REDIS_CLI=<path> with redis)
 #
 # Idempotent: a server found on PATH (or in /usr/sbin, /usr/bin) is used as it is. Installing
 # needs apt-get and root (or sudo without a password); without them this fails with a message
@@ -66,4 +68,11 @@ for name in "${wanted[@]}"; do
     fi
     upper=$(printf '%s' "$name" | tr '[:lower:]' '[:upper:]')
     printf '%s=%s\n' "$upper" "$path"
+    if [ "$name" = redis ]; then
+        if ! cli=$(find_binary redis-cli); then
+            install_package redis-tools
+            cli=$(find_binary redis-cli) || die "redis-tools installed but redis-cli is not on PATH"
+        fi
+        printf 'REDIS_CLI=%s\n' "$cli"
+    fi
 done

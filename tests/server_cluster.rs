@@ -4,7 +4,10 @@
 //! exactly once, in each publisher's order. The broker killed mid-run: local delivery goes on, and
 //! `/healthz` and `/metrics` say the node is degraded; restarted on the same port: cross-node
 //! delivery comes back without restarting the gateways. Unreachable at start: a clear error,
-//! unless `--broker-optional`.
+//! unless `--broker-optional`. A three-master Redis Cluster (`--broker redis+cluster://`, sharded
+//! pub/sub): the same exactly-once and order across nodes with each topic's subscription on its
+//! slot's master only; a master killed and back; a slot moved to another master; no seed
+//! answering at start.
 //!
 //! The servers come from `scripts/install-brokers.sh` (Debian's packages, installed when missing);
 //! a machine that cannot have them fails these tests, saying why, unless
@@ -442,4 +445,171 @@ fn a_node_without_a_broker_has_no_broker_metrics_and_is_simply_ok() {
     let server = Server::start(&[]);
     assert_eq!(health(&server), (200, "ok\n".into()));
     assert!(!scrape(&server).has("ringgate_broker_connected"));
+}
+
+/// A Redis Cluster (`--broker redis+cluster://`, sharded pub/sub): two nodes seeded with
+/// different masters (one node's first seed is dead: the next one is used), three topics whose
+/// slots are on three different masters, a subscriber and a publisher per topic on each node:
+/// every message exactly once per subscriber, in each publisher's order. Each topic's
+/// subscription lives on the master owning the slot of its history keys, and nowhere else (no
+/// plain SUBSCRIBE anywhere): this fails if the channel were not `ringgate:{T}` in the keys'
+/// slot, or if the node used SUBSCRIBE.
+#[test]
+fn redis_cluster_delivers_every_message_once_in_order_through_each_topics_shard() {
+    if broker::skipped() {
+        return;
+    }
+    let cluster = broker::RedisCluster::start();
+    let dead = format!("127.0.0.1:{}", broker::free_port());
+    let a = node(&cluster.url(&[&dead], &[0]), &[]);
+    let b = node(&cluster.url(&[], &[1, 2]), &[]);
+    let topics = cluster.topic_per_master();
+    let mut subscribers: Vec<(String, Client)> = Vec::new();
+    let mut publishers: Vec<(String, Client, Client)> = Vec::new();
+    for (topic, _) in &topics {
+        for (name, server) in [("A", &a), ("B", &b)] {
+            let path = format!("/pubsub/{topic}");
+            subscribers
+                .push((format!("subscriber to {topic} on {name}"), Client::connect(server.addr(), &path)));
+        }
+        let path = format!("/pubsub/{topic}");
+        publishers.push((topic.clone(), Client::connect(a.addr(), &path), Client::connect(b.addr(), &path)));
+    }
+    wait_subscribed(&a, topics.len() as f64);
+    wait_subscribed(&b, topics.len() as f64);
+    for (topic, master) in &topics {
+        let channel = format!("ringgate:{{{topic}}}");
+        for node in 0..topics.len() {
+            let expected = if node == *master { 2 } else { 0 };
+            assert_eq!(cluster.shard_subscribers(node, &channel), expected, "{channel} on master {node}");
+            assert_eq!(cluster.plain_channels(node).trim(), "", "no plain SUBSCRIBE on master {node}");
+        }
+    }
+
+    const COUNT: usize = 100;
+    for i in 0..COUNT {
+        for (_, on_a, on_b) in &mut publishers {
+            on_a.send(TEXT, format!("a:{i}").as_bytes());
+            on_b.send(TEXT, format!("b:{i}").as_bytes());
+        }
+    }
+    for (who, client) in &mut subscribers {
+        let counts = expect_in_order(client, 2 * COUNT, who);
+        assert_eq!(counts, BTreeMap::from([("a".into(), COUNT), ("b".into(), COUNT)]), "{who}");
+    }
+    for (topic, on_a, on_b) in &mut publishers {
+        assert_eq!(expect_in_order(on_a, COUNT, topic).get("b"), Some(&COUNT), "{topic}: publisher on A");
+        assert_eq!(expect_in_order(on_b, COUNT, topic).get("a"), Some(&COUNT), "{topic}: publisher on B");
+    }
+    for (who, client) in &mut subscribers {
+        expect_silence(client, who);
+    }
+    let sent = (COUNT * topics.len()) as f64;
+    for server in [&a, &b] {
+        assert_eq!(metric(server, "ringgate_broker_published_total"), sent);
+        assert_eq!(metric(server, "ringgate_broker_received_total"), sent);
+        assert_eq!(metric(server, "ringgate_broker_drops_total"), 0.0);
+        assert_eq!(metric(server, "ringgate_broker_reconnects_total"), 0.0);
+        assert_eq!(health(server), (200, "ok\n".into()));
+    }
+
+    // The last subscribers leaving unsubscribe the nodes from the shard channels.
+    drop((subscribers, publishers));
+    wait_subscribed(&a, 0.0);
+    wait_subscribed(&b, 0.0);
+    for (topic, master) in &topics {
+        assert_eq!(cluster.shard_subscribers(*master, &format!("ringgate:{{{topic}}}")), 0);
+    }
+}
+
+/// A Redis Cluster's master lost while running (the one owning the topic's slot): both nodes
+/// report it (`/healthz` degraded, `ringgate_broker_connected` 0) and deliver locally; the master
+/// back (same port, same slots), both reconnect, subscribe again, and messages cross again,
+/// without restarting the gateways.
+#[test]
+fn redis_cluster_a_master_lost_degrades_the_nodes_and_back_they_reconnect() {
+    if broker::skipped() {
+        return;
+    }
+    let mut cluster = broker::RedisCluster::start();
+    let (topic, master) = cluster.topic_per_master().swap_remove(0);
+    let a = node(&cluster.url(&[], &[0, 1, 2]), &[]);
+    let b = node(&cluster.url(&[], &[2, 1, 0]), &[]);
+    let path = format!("/pubsub/{topic}");
+    let (mut on_a, mut on_b) = (Client::connect(a.addr(), &path), Client::connect(b.addr(), &path));
+    wait_subscribed(&a, 1.0);
+    wait_subscribed(&b, 1.0);
+    let mut http = HttpConn::connect(a.addr());
+    publish(&mut http, &topic, "before");
+    assert_eq!((next_text(&mut on_a), next_text(&mut on_b)), ("before".into(), "before".into()));
+
+    cluster.kill(master);
+    for server in [&a, &b] {
+        let deadline = Instant::now() + SETTLE;
+        while health(server) != (200, "degraded\n".into()) {
+            assert!(Instant::now() < deadline, "the node reports the cluster lost: {}", server.stderr());
+            thread::sleep(Duration::from_millis(25));
+        }
+        assert_eq!(metric(server, "ringgate_broker_connected"), 0.0);
+    }
+    publish(&mut http, &topic, "during");
+    assert_eq!(next_text(&mut on_a), "during", "local delivery goes on");
+
+    cluster.restart(master);
+    for server in [&a, &b] {
+        wait_subscribed(server, 1.0);
+        assert_eq!(health(server), (200, "ok\n".into()));
+        assert!(metric(server, "ringgate_broker_reconnects_total") >= 1.0);
+    }
+    publish(&mut http, &topic, "after");
+    assert_eq!(next_text(&mut on_a), "after");
+    assert_eq!(next_text(&mut on_b), "after", "B never got \"during\", and gets what follows");
+}
+
+/// A Redis Cluster slot moved while a topic in it has subscribers (the end of a resharding): the
+/// old master unsubscribes the shard channel (SUNSUBSCRIBE push); the nodes take it as a lost
+/// connection, subscribe again on the new master, and messages cross again. Without handling
+/// that push the nodes would stay subscribed nowhere, reporting all is well.
+#[test]
+fn redis_cluster_a_topics_slot_moved_to_another_master_is_subscribed_there() {
+    if broker::skipped() {
+        return;
+    }
+    let cluster = broker::RedisCluster::start();
+    let (topic, master) = cluster.topic_per_master().swap_remove(0);
+    let a = node(&cluster.url(&[], &[0]), &[]);
+    let b = node(&cluster.url(&[], &[1]), &[]);
+    let path = format!("/pubsub/{topic}");
+    let (mut on_a, mut on_b) = (Client::connect(a.addr(), &path), Client::connect(b.addr(), &path));
+    wait_subscribed(&a, 1.0);
+    wait_subscribed(&b, 1.0);
+    let channel = format!("ringgate:{{{topic}}}");
+    let to = (master + 1) % 3;
+    cluster.move_slot(&channel, to);
+    wait_until("both nodes subscribed on the slot's new master", || {
+        cluster.shard_subscribers(to, &channel) == 2
+    });
+    for server in [&a, &b] {
+        wait_subscribed(server, 1.0);
+    }
+    let mut http = HttpConn::connect(a.addr());
+    publish(&mut http, &topic, "after the move");
+    assert_eq!(next_text(&mut on_a), "after the move");
+    assert_eq!(next_text(&mut on_b), "after the move");
+    assert_eq!(cluster.shard_subscribers(master, &channel), 0, "nothing left on the old master");
+}
+
+/// A Redis Cluster none of whose seeds answers stops the start, saying how to go on.
+#[test]
+fn redis_cluster_with_no_seed_answering_stops_the_start() {
+    if broker::skipped() {
+        return;
+    }
+    let (one, two) = (broker::free_port(), broker::free_port());
+    let url = format!("redis+cluster://127.0.0.1:{one},127.0.0.1:{two}");
+    let args = ["--listen", "127.0.0.1:0", "--workers", "1", "--broker", &url];
+    let (status, stderr) = run_to_exit(&args, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach the broker at {url}")), "{stderr}");
+    assert!(stderr.contains("--broker-optional"), "{stderr}");
 }

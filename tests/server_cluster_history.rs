@@ -8,6 +8,7 @@
 //! reconnecting while messages flow sees every offset exactly once (this one fails if the worker
 //! does not skip the live frames at or below the replay's end); with Redis killed, local
 //! delivery goes on at offset 0 and `?since=` is `unavailable`; Redis restarted empty, a new epoch.
+//! In a three-master Redis Cluster: recovery per shard, topics on every master.
 //!
 //! The Redis server comes from `scripts/install-brokers.sh` (see `tests/common/broker.rs`);
 //! `RINGGATE_SKIP_BROKER_TESTS=1` skips these tests.
@@ -329,4 +330,82 @@ fn with_redis_away_local_delivery_goes_on_at_offset_0_and_a_restarted_redis_star
         (Position { epoch: r.at.epoch.clone(), offset: 1 }, "after".to_string())
     );
     assert_eq!(read_text(&mut client).1, "after");
+}
+
+/// The history in a Redis Cluster (`--broker redis+cluster://`): three topics whose slots are on
+/// three different masters; each publish is the history script with SPUBLISH, on the master of
+/// the topic's slot (it fails there if the shard channel is not in the slot of the topic's keys);
+/// a subscriber that reconnects, to the other node, with its last position gets exactly what it
+/// missed on each topic, in order, then the live stream.
+#[test]
+fn in_a_redis_cluster_a_subscriber_that_reconnects_gets_exactly_what_it_missed_on_each_shard() {
+    if broker::skipped() {
+        return;
+    }
+    let cluster = broker::RedisCluster::start();
+    let (url_a, url_b) = (cluster.url(&[], &[0]), cluster.url(&[], &[1, 2]));
+    let history = ["--positions", "--history-size", "1000"];
+    let a = Server::start(&[&["--broker", url_a.as_str()][..], &history].concat());
+    let b = Server::start(&[&["--broker", url_b.as_str()][..], &history].concat());
+    let topics = cluster.topic_per_master();
+    let mut http = HttpConn::connect(a.addr());
+    const MISSED: usize = 30;
+
+    let mut lasts = Vec::new();
+    let mut watchers = Vec::new();
+    for (topic, _) in &topics {
+        let (mut client, first) = subscribe_since(b.addr(), topic, &nowhere());
+        assert_eq!((first.recovered, first.reason.as_str()), (false, "epoch_changed"), "{topic}");
+        publish(&mut http, topic, "warm-up");
+        let (last, text) = read_text(&mut client);
+        assert_eq!((last.offset, text.as_str()), (1, "warm-up"), "{topic}");
+        assert_eq!(last.epoch, first.at.epoch, "{topic}");
+        lasts.push(last);
+        drop(client);
+        watchers.push(Client::connect(b.addr(), &format!("/pubsub/{topic}")));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while scrape(&b).sum("ringgate_broker_subscribed_topics") != topics.len() as f64 {
+        assert!(std::time::Instant::now() < deadline, "B never subscribed to every topic");
+        thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..MISSED {
+        for (topic, _) in &topics {
+            publish(&mut http, topic, &format!("{topic} missed {i}"));
+        }
+    }
+    // The watchers on B see every message go through the cluster: the replays' sizes are known.
+    for ((topic, _), watcher) in topics.iter().zip(&mut watchers) {
+        for i in 0..MISSED {
+            let (position, text) = read_text(watcher);
+            assert_eq!((position.offset, text), (2 + i as u64, format!("{topic} missed {i}")));
+        }
+    }
+    for ((topic, master), last) in topics.iter().zip(&lasts) {
+        let (mut client, recovery) = subscribe_since(a.addr(), topic, last);
+        let top = Position { epoch: last.epoch.clone(), offset: 1 + MISSED as u64 };
+        assert!(recovery.recovered, "{topic}: {recovery:?}");
+        assert_eq!((recovery.replayed, recovery.at), (MISSED as u64, top), "{topic}");
+        for i in 0..MISSED {
+            let (position, text) = read_text(&mut client);
+            assert_eq!((position.offset, text), (2 + i as u64, format!("{topic} missed {i}")), "{topic}");
+        }
+        let live = format!("{topic} live");
+        publish(&mut http, topic, &live);
+        assert_eq!(
+            read_text(&mut client),
+            (Position { epoch: last.epoch.clone(), offset: 2 + MISSED as u64 }, live)
+        );
+        // The topic's history is on its slot's master.
+        let log = format!("ringgate:{{{topic}}}:log");
+        assert_eq!(cluster.command(*master, &["XLEN", &log]).trim(), (2 + MISSED).to_string(), "{log}");
+    }
+    assert_eq!(recovery_outcomes(&a, "recovered"), topics.len() as f64);
+    assert_eq!(scrape(&a).sum("ringgate_history_replayed_total"), (MISSED * topics.len()) as f64);
+    for server in [&a, &b] {
+        assert_eq!(scrape(server).sum("ringgate_broker_drops_total"), 0.0);
+        // B unsubscribed each topic while its watcher was on its way: the confirmation of that
+        // SUNSUBSCRIBE is not taken for a slot moved (which would make B reconnect).
+        assert_eq!(scrape(server).sum("ringgate_broker_reconnects_total"), 0.0);
+    }
 }

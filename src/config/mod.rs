@@ -313,7 +313,9 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_conn_rate_per_ip: u32,
 
-    /// Cross-node pub/sub: `redis://HOST:PORT` or `nats://HOST:PORT`. A node subscribes to a topic at
+    /// Cross-node pub/sub: `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT...]` (a Redis
+    /// Cluster with sharded pub/sub: a message goes only to the shard owning its topic's slot; any
+    /// seed that answers will do) or `nats://HOST:PORT`. A node subscribes to a topic at
     /// the broker while it has a subscriber on it; every publish goes to the broker once and reaches
     /// the subscribers on every node (exactly once each, in each publisher's order). Local
     /// delivery never waits for the broker and goes on without it. Unset: this process is the

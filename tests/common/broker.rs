@@ -47,10 +47,10 @@ pub fn skipped() -> bool {
     skip
 }
 
-/// The server binary for `kind`, installed by `scripts/install-brokers.sh` if missing (once per
-/// test process).
-fn binary(kind: Kind) -> PathBuf {
-    static PATHS: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+/// The binary of `tool`, installed by `scripts/install-brokers.sh` if missing (once per test
+/// process).
+fn binary(tool: Tool) -> PathBuf {
+    static PATHS: OnceLock<Result<(PathBuf, PathBuf, PathBuf), String>> = OnceLock::new();
     let paths = PATHS.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-brokers.sh");
         let output = Command::new("bash")
@@ -69,24 +69,45 @@ fn binary(kind: Kind) -> PathBuf {
             ));
         }
         let find = |key: &str| {
+            // Exact keys: REDIS= is not REDIS_CLI=.
             stdout
                 .lines()
                 .find_map(|line| line.strip_prefix(key))
                 .map(PathBuf::from)
                 .ok_or_else(|| format!("{} printed no {key} line: {stdout}", script.display()))
         };
-        Ok((find("REDIS=")?, find("NATS=")?))
+        Ok((find("REDIS=")?, find("NATS=")?, find("REDIS_CLI=")?))
     });
-    match (paths, kind) {
-        (Ok((redis, _)), Kind::Redis) => redis.clone(),
-        (Ok((_, nats)), Kind::Nats) => nats.clone(),
-        (Err(error), _) => panic!("no {} server for the broker tests: {error}", kind.name()),
+    match (paths, tool) {
+        (Ok((redis, _, _)), Tool::Server(Kind::Redis)) => redis.clone(),
+        (Ok((_, nats, _)), Tool::Server(Kind::Nats)) => nats.clone(),
+        (Ok((_, _, cli)), Tool::RedisCli) => cli.clone(),
+        (Err(error), _) => panic!("no {tool:?} for the broker tests: {error}"),
     }
+}
+
+/// A program the broker tests run.
+#[derive(Clone, Copy, Debug)]
+enum Tool {
+    Server(Kind),
+    /// `redis-cli`, which creates a Redis Cluster.
+    RedisCli,
 }
 
 /// A free loopback port (bound and released: a small race, acceptable in tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A free loopback port whose cluster bus port (the port + 10000, which Redis Cluster takes too)
+/// exists and is free as well.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running broker, killed when dropped.
@@ -97,6 +118,8 @@ pub struct Broker {
     child: Option<Child>,
     /// Redis only: a TLS port besides the plain one, and its certificate files.
     tls: Option<TlsPort>,
+    /// Redis only: started as a node of a Redis Cluster (see [`RedisCluster`]).
+    cluster: bool,
 }
 
 /// A TLS listener of a Redis server: its port and the files it serves.
@@ -112,9 +135,16 @@ impl Broker {
     /// A port found free may be taken before the server binds it (by another test's server): then
     /// the server exits, and another port is tried.
     pub fn start(kind: Kind) -> Broker {
+        Broker::start_fresh(kind, false)
+    }
+
+    /// [`Broker::start`], as a node of a Redis Cluster when `cluster` (on a port whose bus port is
+    /// free too).
+    fn start_fresh(kind: Kind, cluster: bool) -> Broker {
         let mut tries = 0;
         loop {
-            let mut broker = Broker::new(kind, free_port());
+            let mut broker = Broker::new(kind, if cluster { free_cluster_port() } else { free_port() });
+            broker.cluster = cluster;
             match broker.try_restart() {
                 Ok(()) => return broker,
                 Err(error) if tries < 5 => {
@@ -138,7 +168,7 @@ impl Broker {
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ringgate-{}-{}-{n}", kind.name(), std::process::id()));
         std::fs::create_dir_all(&dir).expect("broker temp dir");
-        Broker { kind, port, dir, child: None, tls: None }
+        Broker { kind, port, dir, child: None, tls: None, cluster: false }
     }
 
     /// Starts a Redis server that also listens on TLS, with `cert` and `key` (PEM) for clients
@@ -187,7 +217,7 @@ impl Broker {
     fn try_restart(&mut self) -> Result<(), String> {
         self.kill();
         let port = self.port.to_string();
-        let mut command = Command::new(binary(self.kind));
+        let mut command = Command::new(binary(Tool::Server(self.kind)));
         match self.kind {
             Kind::Redis => command.args([
                 "--port",
@@ -207,6 +237,11 @@ impl Broker {
             ]),
             Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port, "-n", &self.name()]),
         };
+        if self.cluster {
+            // nodes.conf lands in the node's own directory (the working directory).
+            command.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+            command.args(["--cluster-node-timeout", "2000"]);
+        }
         if let Some(tls) = &self.tls {
             command.arg("--tls-port").arg(tls.port.to_string());
             command.arg("--tls-cert-file").arg(&tls.cert).arg("--tls-key-file").arg(&tls.key);
@@ -339,5 +374,155 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas) on free loopback ports, each a [`Broker`] of
+/// its own; killed when dropped. Made as an operator would: `redis-server --cluster-enabled yes`
+/// three times, then `redis-cli --cluster create`, then waiting for `cluster_state:ok` on each.
+pub struct RedisCluster {
+    nodes: Vec<Broker>,
+}
+
+impl RedisCluster {
+    /// Starts three masters and joins them into a cluster, the 16384 slots split between them.
+    pub fn start() -> RedisCluster {
+        let nodes = (0..3).map(|_| Broker::start_fresh(Kind::Redis, true)).collect();
+        let cluster = RedisCluster { nodes };
+        let mut create = Command::new(binary(Tool::RedisCli));
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every master says `cluster_state:ok`.
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for node in 0..self.nodes.len() {
+            while !self.command(node, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster is not ok: {}",
+                    self.command(node, &["CLUSTER", "INFO"])
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Kills master `node` (SIGKILL); with no replicas, the cluster is down until it is back.
+    pub fn kill(&mut self, node: usize) {
+        self.nodes[node].kill();
+    }
+
+    /// Starts master `node` again on its port, from its `nodes.conf` (same id, same slots), and
+    /// waits until the cluster is ok again.
+    pub fn restart(&mut self, node: usize) {
+        self.nodes[node].restart();
+        self.wait_ok();
+    }
+
+    /// The master `node`'s port.
+    pub fn port(&self, node: usize) -> u16 {
+        self.nodes[node].port
+    }
+
+    /// The `--broker` URL seeded with `seeds` (`host:port`, before the masters `nodes`).
+    pub fn url(&self, seeds: &[&str], nodes: &[usize]) -> String {
+        let masters = nodes.iter().map(|&node| format!("127.0.0.1:{}", self.port(node)));
+        let all: Vec<String> = seeds.iter().map(|seed| seed.to_string()).chain(masters).collect();
+        format!("redis+cluster://{}", all.join(","))
+    }
+
+    /// Runs a command on master `node` with `redis-cli` and returns what it printed.
+    pub fn command(&self, node: usize, args: &[&str]) -> String {
+        let output = Command::new(binary(Tool::RedisCli))
+            .args(["-h", "127.0.0.1", "-p", &self.port(node).to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The master that owns `key`'s slot (by its index), as the cluster says.
+    pub fn owner(&self, key: &str) -> usize {
+        let slot: u16 = self.command(0, &["CLUSTER", "KEYSLOT", key]).trim().parse().expect("a slot");
+        let nodes = self.command(0, &["CLUSTER", "NODES"]);
+        // <id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slot ranges...>
+        let port = nodes
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let owns = fields.iter().skip(8).any(|range| {
+                    let (first, last) = range.split_once('-').unwrap_or((range, range));
+                    matches!((first.parse::<u16>(), last.parse::<u16>()), (Ok(f), Ok(l)) if f <= slot && slot <= l)
+                });
+                let port = fields.get(1)?.split(['@', ',']).next()?.rsplit(':').next()?.parse::<u16>().ok()?;
+                owns.then_some(port)
+            })
+            .unwrap_or_else(|| panic!("no master owns slot {slot}: {nodes}"));
+        self.nodes.iter().position(|node| node.port == port).expect("one of ours")
+    }
+
+    /// One topic per master: `(topic, master)`, the master owning the slot of the topic's history
+    /// keys (`ringgate:{T}:meta`), which is where its shard channel must live too.
+    pub fn topic_per_master(&self) -> Vec<(String, usize)> {
+        let mut topics: Vec<(String, usize)> = Vec::new();
+        for i in 0.. {
+            let topic = format!("t{i}");
+            let owner = self.owner(&format!("ringgate:{{{topic}}}:meta"));
+            if topics.iter().all(|(_, master)| *master != owner) {
+                topics.push((topic, owner));
+            }
+            if topics.len() == self.nodes.len() {
+                break;
+            }
+        }
+        topics
+    }
+
+    /// Moves the slot of `key` (holding no keys) to master `to`, as the last step of a
+    /// resharding does: `CLUSTER SETSLOT slot NODE id` on the new owner, then on the others.
+    pub fn move_slot(&self, key: &str, to: usize) {
+        let slot = self.command(0, &["CLUSTER", "KEYSLOT", key]).trim().to_string();
+        let id = self.command(to, &["CLUSTER", "MYID"]).trim().to_string();
+        let order = std::iter::once(to).chain((0..self.nodes.len()).filter(|&node| node != to));
+        for node in order {
+            let answer = self.command(node, &["CLUSTER", "SETSLOT", &slot, "NODE", &id]);
+            assert_eq!(answer.trim(), "OK", "CLUSTER SETSLOT {slot} NODE {id} on master {node}");
+        }
+        assert_eq!(self.owner(key), to);
+    }
+
+    /// How many subscribers the shard channel `channel` has on master `node`
+    /// (`PUBSUB SHARDNUMSUB`).
+    pub fn shard_subscribers(&self, node: usize, channel: &str) -> u64 {
+        let answer = self.command(node, &["PUBSUB", "SHARDNUMSUB", channel]);
+        let lines: Vec<&str> = answer.lines().collect();
+        assert_eq!(lines.first(), Some(&channel), "PUBSUB SHARDNUMSUB: {answer}");
+        lines
+            .get(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("PUBSUB SHARDNUMSUB: {answer}"))
+    }
+
+    /// The plain (not sharded) channels master `node` has subscribers on (`PUBSUB CHANNELS`).
+    pub fn plain_channels(&self, node: usize) -> String {
+        self.command(node, &["PUBSUB", "CHANNELS"])
     }
 }

@@ -1,5 +1,5 @@
-//! Pub/sub across gateway nodes: a node's link to a cross-node broker (`--broker redis://HOST:PORT`
-//! or `nats://HOST:PORT`); without `--broker` the in-process [`Hub`] alone is the broker, as before.
+//! Pub/sub across gateway nodes: a node's link to a cross-node broker (`--broker redis://HOST:PORT`,
+//! `redis+cluster://HOST:PORT,...` or `nats://HOST:PORT`); without `--broker` the in-process [`Hub`] alone is the broker, as before.
 //!
 //! The contract, whatever the engine:
 //! - **Subscriptions follow presence.** A node subscribes to a topic's broker channel when the
@@ -67,7 +67,11 @@ pub enum BrokerUrl {
     /// `redis://[user:password@]HOST:PORT[/DB]`: Redis pub/sub, and the history with
     /// `--history-size` or `--positions` (streams and scripts, see `redis.rs`); `rediss://` for
     /// the same over TLS (managed Redis services encrypt in transit; the password is then not on
-    /// the wire in clear).
+    /// the wire in clear). `redis+cluster://[user:password@]HOST:PORT[,HOST:PORT...]`: a Redis
+    /// Cluster, through any of the seed nodes listed (one down does not stop the start), with
+    /// sharded pub/sub (SSUBSCRIBE, SPUBLISH: a message goes to the shard owning the topic's
+    /// slot, not to every node of the cluster as PUBLISH does); asked for explicitly, not
+    /// detected, so that a node never changes its channel names because of how a server is set.
     Redis(String),
     /// `nats://HOST:PORT`: NATS core pub/sub (no history).
     Nats(String),
@@ -86,13 +90,20 @@ impl BrokerUrl {
             return Err(format!("broker URL '{text}' names no host (like redis://127.0.0.1:6379)"));
         }
         match scheme {
-            "redis" | "rediss" => redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string())),
+            "redis" | "rediss" | "redis+cluster" => {
+                redis::check_url(text).map(|()| BrokerUrl::Redis(text.to_string()))
+            }
+            "rediss+cluster" => Err(format!(
+                "'{text}': TLS to a Redis Cluster is not supported yet; use redis+cluster:// \
+                 (or rediss:// to one server)"
+            )),
             "nats" => nats::check_url(text).map(|()| BrokerUrl::Nats(text.to_string())),
             "tls" => Err(format!(
                 "'{text}': TLS to NATS is not supported yet; use nats:// (or rediss:// for Redis)"
             )),
             other => Err(format!(
-                "unknown broker '{other}://' in '{text}' (use redis://HOST:PORT or nats://HOST:PORT)"
+                "unknown broker '{other}://' in '{text}' (use redis://HOST:PORT, \
+                 redis+cluster://HOST:PORT[,HOST:PORT...] or nats://HOST:PORT)"
             )),
         }
     }
@@ -647,6 +658,13 @@ mod tests {
         let tls = BrokerUrl::parse("rediss://user:s3cret@redis.example:6380").expect("valid");
         assert!(tls.is_tls() && !redis_url().is_tls());
         assert_eq!((tls.engine(), tls.to_string().as_str()), ("redis", "rediss://***@redis.example:6380"));
+        let cluster =
+            BrokerUrl::parse("redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2:7000").expect("valid");
+        assert_eq!(
+            (cluster.engine(), cluster.is_tls(), cluster.to_string().as_str()),
+            ("redis", false, "redis+cluster://***@10.0.0.1:7000,10.0.0.2:7000")
+        );
+        assert!(BrokerUrl::parse("rediss+cluster://10.0.0.1:7000").is_err(), "not supported yet");
         let secret = BrokerUrl::parse("redis://user:s3cret@127.0.0.1:6379/2").expect("valid");
         assert_eq!(secret.to_string(), "redis://***@127.0.0.1:6379/2");
         assert!(!format!("{secret:?}").contains("s3cret"));
