@@ -95,6 +95,13 @@ pub struct Delivery {
     pub recovered: Option<Box<Recovered>>,
 }
 
+impl Delivery {
+    /// A message for the subscribers of `topic` on the receiving worker (but `exclude`).
+    pub fn message(topic: &Arc<str>, frame: &Bytes, at: Position, exclude: Option<u64>) -> Delivery {
+        Delivery { topic: Arc::clone(topic), frame: frame.clone(), at, exclude, recovered: None }
+    }
+}
+
 /// The answer to a recovery (`?since=`) read from the history in the broker, for a subscriber of
 /// the receiving worker.
 #[derive(Debug)]
@@ -209,13 +216,7 @@ impl Hub {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
                     let exclude = exclude.and_then(|(w, id)| (w == worker).then_some(id));
-                    let delivery = Delivery {
-                        topic: Arc::clone(topic),
-                        frame: frame.clone(),
-                        at,
-                        exclude,
-                        recovered: None,
-                    };
+                    let delivery = Delivery::message(topic, &frame, at, exclude);
                     if !self.hand_off(worker, delivery) {
                         missed += count;
                     }
@@ -668,13 +669,7 @@ impl Broker {
                     count = count.saturating_sub(usize::from(exclude.is_some()));
                 }
                 if (!own || in_order) && count > 0 {
-                    let delivery = Delivery {
-                        topic: Arc::clone(topic),
-                        frame: frame.clone(),
-                        at,
-                        exclude,
-                        recovered: None,
-                    };
+                    let delivery = Delivery::message(topic, frame, at, exclude);
                     if self.hub.hand_off_quietly(worker, delivery) {
                         reached += count;
                         woken.push(worker);
