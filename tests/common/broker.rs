@@ -482,10 +482,15 @@ impl RedisCluster {
     /// One topic per master: `(topic, master)`, the master owning the slot of the topic's history
     /// keys (`ringgate:{T}:meta`), which is where its shard channel must live too.
     pub fn topic_per_master(&self) -> Vec<(String, usize)> {
+        self.topic_per_master_named("t")
+    }
+
+    /// [`RedisCluster::topic_per_master`] with topics named `{prefix}{i}`.
+    pub fn topic_per_master_named(&self, prefix: &str) -> Vec<(String, usize)> {
         let mut topics: Vec<(String, usize)> = Vec::new();
         for i in 0.. {
-            let topic = format!("t{i}");
-            let owner = self.owner(&format!("ringgate:{{{topic}}}:meta"));
+            let topic = format!("{prefix}{i}");
+            let owner = self.owner(&format!("ringgate:{{{}}}:meta", key_tag(&topic)));
             if topics.iter().all(|(_, master)| *master != owner) {
                 topics.push((topic, owner));
             }
@@ -525,4 +530,11 @@ impl RedisCluster {
     pub fn plain_channels(&self, node: usize) -> String {
         self.command(node, &["PUBSUB", "CHANNELS"])
     }
+}
+
+/// A topic as the gateway writes it between the braces of its Redis keys and shard channel (`%`,
+/// `{` and `}` percent-encoded, so that the hash tag is always the whole topic), written here
+/// again from the README's description rather than taken from the gateway.
+pub fn key_tag(topic: &str) -> String {
+    topic.replace('%', "%25").replace('{', "%7B").replace('}', "%7D")
 }

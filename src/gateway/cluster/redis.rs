@@ -21,7 +21,8 @@
 //! channels a command gets several replies, which a multiplexed connection would take for the
 //! replies of the next commands.
 //!
-//! History (`--history-size N`, `--positions`): topic `T` has a hash `ringgate:{T}:meta` (`epoch`,
+//! History (`--history-size N`, `--positions`): topic `T` (written between the braces as [`tag`]
+//! encodes it) has a hash `ringgate:{T}:meta` (`epoch`,
 //! 16 hex digits; `top`, the last offset) and a stream `ringgate:{T}:log` whose entry ids are
 //! `0-OFFSET`, each holding the version-2 envelope as published. The `{T}` hash tag puts both
 //! keys of a topic in one Redis Cluster slot, so each script touches one slot. A publish is one
@@ -74,6 +75,7 @@
 //! not ours: the topic is still present): taken as a lost connection too, so that the topic is
 //! subscribed on its new master (redis-rs did not do it by itself in the test).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::{Mutex, mpsc};
@@ -188,7 +190,56 @@ struct Scripts {
 
 /// The keys of `topic`'s history: its meta hash and its stream.
 fn history_keys(topic: &str) -> [String; 2] {
-    [format!("{CHANNEL_PREFIX}{{{topic}}}:meta"), format!("{CHANNEL_PREFIX}{{{topic}}}:log")]
+    let tag = tag(topic);
+    [format!("{CHANNEL_PREFIX}{{{tag}}}:meta"), format!("{CHANNEL_PREFIX}{{{tag}}}:log")]
+}
+
+/// `topic` as it goes between a key's (or shard channel's) braces: `%`, `{` and `}`
+/// percent-encoded. Redis Cluster hashes what lies between a key's first `{` and the next `}`, and
+/// the whole key when that is empty: a raw topic starting with `}` would put its keys and its
+/// channel in different slots (and a script may only touch one), and one holding a `}` would be
+/// hashed by a part of its name. Encoded, the tag is always the whole topic; `%` is encoded too so
+/// that no two topics share a tag.
+fn tag(topic: &str) -> Cow<'_, str> {
+    if !topic.contains(['%', '{', '}']) {
+        return Cow::Borrowed(topic);
+    }
+    let mut tag = String::with_capacity(topic.len() + 8);
+    for c in topic.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    Cow::Owned(tag)
+}
+
+/// The topic a [`tag`] was made from; `None` if it is not one (a `%` not followed by one of the
+/// three escapes, or a raw brace).
+fn untag(tag: &str) -> Option<Cow<'_, str>> {
+    if tag.contains(['{', '}']) {
+        return None;
+    }
+    if !tag.contains('%') {
+        return Some(Cow::Borrowed(tag));
+    }
+    let mut topic = String::with_capacity(tag.len());
+    let mut rest = tag;
+    while let Some(at) = rest.find('%') {
+        topic.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3)?;
+        topic.push(match escape {
+            "%25" => '%',
+            "%7B" => '{',
+            "%7D" => '}',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    topic.push_str(rest);
+    Some(Cow::Owned(topic))
 }
 
 /// A TTL in milliseconds for PEXPIRE (0: none).
@@ -215,16 +266,16 @@ impl Mode {
     fn channel(self, topic: &str) -> String {
         match self {
             Mode::Server => format!("{CHANNEL_PREFIX}{topic}"),
-            Mode::Cluster => format!("{CHANNEL_PREFIX}{{{topic}}}"),
+            Mode::Cluster => format!("{CHANNEL_PREFIX}{{{}}}", tag(topic)),
         }
     }
 
-    /// The topic of a channel this mode names, if it is one.
-    fn topic(self, channel: &[u8]) -> Option<&[u8]> {
-        let rest = channel.strip_prefix(CHANNEL_PREFIX.as_bytes())?;
+    /// The topic of a channel this mode names, if it is one (and UTF-8, as every topic is).
+    fn topic(self, channel: &[u8]) -> Option<Cow<'_, str>> {
+        let rest = std::str::from_utf8(channel.strip_prefix(CHANNEL_PREFIX.as_bytes())?).ok()?;
         match self {
-            Mode::Server => Some(rest),
-            Mode::Cluster => rest.strip_prefix(b"{")?.strip_suffix(b"}"),
+            Mode::Server => Some(Cow::Borrowed(rest)),
+            Mode::Cluster => untag(rest.strip_prefix('{')?.strip_suffix('}')?),
         }
     }
 
@@ -520,12 +571,10 @@ impl Watch {
 fn on_push(node: &Node, watch: &Watch, mode: Mode, push: PushInfo) {
     match push.kind {
         PushKind::Message | PushKind::SMessage => match &push.data[..] {
-            [Value::BulkString(channel), Value::BulkString(message)] => {
-                match mode.topic(channel).map(std::str::from_utf8) {
-                    Some(Ok(topic)) => node.receive(topic, message),
-                    _ => node.link.stats.dropped(BrokerDrop::Malformed, 1),
-                }
-            }
+            [Value::BulkString(channel), Value::BulkString(message)] => match mode.topic(channel) {
+                Some(topic) => node.receive(&topic, message),
+                None => node.link.stats.dropped(BrokerDrop::Malformed, 1),
+            },
             _ => node.link.stats.dropped(BrokerDrop::Malformed, 1),
         },
         PushKind::Disconnection => {
@@ -540,10 +589,10 @@ fn on_push(node: &Node, watch: &Watch, mode: Mode, push: PushInfo) {
         // means the slot moved, and starting over subscribes the topic on its new master.
         PushKind::SUnsubscribe => {
             let topic = match push.data.first() {
-                Some(Value::BulkString(channel)) => mode.topic(channel).map(std::str::from_utf8),
+                Some(Value::BulkString(channel)) => mode.topic(channel),
                 _ => None,
             };
-            if let Some(Ok(topic)) = topic
+            if let Some(topic) = topic.as_deref()
                 && !watch.confirms_ours(topic)
                 && node.hub.is_present(topic)
             {
@@ -918,14 +967,19 @@ mod tests {
 
     #[test]
     fn a_clusters_shard_channel_is_in_the_slot_of_the_topics_keys() {
-        for topic in ["news", "a}b", "a{b}c", "{x}", "é"] {
+        for topic in ["news", "a}b", "a{b}c", "{x}", "é", "}x", "}", "%7D", "a%b", "%"] {
             let channel = Mode::Cluster.channel(topic);
+            // The tag is the whole (encoded) topic, never empty, never a part of it.
+            assert_eq!(hash_tag(&channel), tag(topic), "{topic}: {channel}");
             for key in history_keys(topic) {
                 assert_eq!(hash_tag(&channel), hash_tag(&key), "{topic}: {channel} and {key}");
             }
-            assert_eq!(Mode::Cluster.topic(channel.as_bytes()), Some(topic.as_bytes()));
-            assert_eq!(Mode::Server.topic(Mode::Server.channel(topic).as_bytes()), Some(topic.as_bytes()));
+            assert_eq!(Mode::Cluster.topic(channel.as_bytes()).as_deref(), Some(topic));
+            assert_eq!(Mode::Server.topic(Mode::Server.channel(topic).as_bytes()).as_deref(), Some(topic));
         }
+        assert_ne!(tag("}"), tag("%7D"), "no two topics share a tag");
+        assert_eq!(untag("a%41"), None, "not an escape of ours");
+        assert_eq!(untag("a%7"), None);
         assert_eq!(Mode::Server.channel("news"), "ringgate:news", "unchanged for one server");
         assert_eq!(Mode::Cluster.topic(b"ringgate:news"), None, "not a shard channel of ours");
         assert_eq!(Mode::Cluster.topic(b"other:{news}"), None);
