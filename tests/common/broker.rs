@@ -52,7 +52,13 @@ pub fn skipped() -> bool {
 fn binary(tool: Tool) -> PathBuf {
     static PATHS: OnceLock<Result<(PathBuf, PathBuf, PathBuf), String>> = OnceLock::new();
     let paths = PATHS.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-brokers.sh");
+        // The repository's root: this crate's directory, or its parent for loadtest, whose tests
+        // include this file too.
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .map(|dir| dir.join("scripts/install-brokers.sh"))
+            .find(|script| script.is_file())
+            .unwrap_or_else(|| panic!("no scripts/install-brokers.sh above {}", env!("CARGO_MANIFEST_DIR")));
         let output = Command::new("bash")
             .arg(&script)
             .stdin(Stdio::null())
